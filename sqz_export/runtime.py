@@ -1,0 +1,139 @@
+"""Reference runtime: the ``SqzLinear`` torch module that stands in for ``nn.Linear``.
+
+This is the numerical reference of the ``sqz::SqzLinear`` op (ONNX function, CUDA kernels and the
+TensorRT plugin are all checked against it). On CPU it reconstructs the weight from the LUT and the
+sparse part; on CUDA it calls the ``torch.ops.sqz`` kernels when they are built (see
+``sqz_export.kernels``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from sqz_export.formats import PackedLinear, SparsePart, to_rowmajor
+
+logger = logging.getLogger(__name__)
+
+
+class SqzLinear(nn.Module):
+    """y = x @ (LUT[idx] + S)^T + bias, with the packed tensors as buffers (layout 2 on the module).
+
+    The dense weight is rebuilt on every call on CPU (no cached FP copy: the module must not keep the
+    memory quantization saved). ``compute_dtype`` is the dtype of the matmul; fp32 by default so the
+    reference is not limited by fp16 rounding.
+    """
+
+    def __init__(self, packed: PackedLinear, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.bits = packed.bits
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.compute_dtype = compute_dtype
+        self.chunk_nnz = packed.sparse.chunk_nnz if packed.sparse is not None else 0
+        self.register_buffer("qweight", to_rowmajor(packed.qweight))  # int32 [N, ceil(K/32)*bits]
+        self.register_buffer("lut", packed.lut.clone())  # fp16 [N, 2**bits]
+        sparse = packed.sparse
+        self.register_buffer("sparse_row_ptr", sparse.row_ptr.clone() if sparse else None)
+        self.register_buffer("sparse_col", sparse.col.clone() if sparse else None)
+        self.register_buffer("sparse_val", sparse.val.clone() if sparse else None)
+        self.register_buffer("sparse_chunk_row", sparse.chunk_row.clone() if sparse else None)
+        self.register_buffer("bias", packed.bias.clone() if packed.bias is not None else None)
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.sparse_col is not None and self.sparse_col.numel() > 0
+
+    def to_packed(self) -> PackedLinear:
+        """Back to the checkpoint representation (layout 1), exactly."""
+        sparse = None
+        if self.sparse_col is not None:
+            sparse = SparsePart(
+                row_ptr=self.sparse_row_ptr.cpu(),
+                col=self.sparse_col.cpu(),
+                val=self.sparse_val.cpu(),
+                chunk_row=self.sparse_chunk_row.cpu(),
+                chunk_nnz=self.chunk_nnz,
+            )
+        return PackedLinear(
+            bits=self.bits,
+            in_features=self.in_features,
+            out_features=self.out_features,
+            qweight=self.qweight.t().contiguous().cpu(),
+            lut=self.lut.cpu(),
+            sparse=sparse,
+            bias=self.bias.cpu() if self.bias is not None else None,
+        )
+
+    def reconstruct_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W = LUT[idx] + S as a dense [N, K] tensor on the module's device."""
+        w = sqz_dequantize_reference(self.qweight, self.lut, self.bits, self.in_features).to(dtype)
+        if self.has_sparse:
+            counts = (self.sparse_row_ptr[1:] - self.sparse_row_ptr[:-1]).to(torch.int64)
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
+            w.index_put_((rows, self.sparse_col.to(torch.int64)), self.sparse_val.to(dtype), accumulate=True)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from sqz_export import kernels
+
+            if kernels.available():
+                y = kernels.sqz_linear(self, x)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        w = self.reconstruct_weight(self.compute_dtype)
+        y = torch.matmul(x.to(self.compute_dtype), w.t())
+        if self.bias is not None:
+            y = y + self.bias.to(self.compute_dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        nnz = int(self.sparse_col.numel()) if self.sparse_col is not None else 0
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, sparse_nnz={nnz}"
+
+
+def sqz_dequantize_reference(qweight_rowmajor: torch.Tensor, lut: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """LUT[idx] from layout-2 words, fp32 [N, K]; pure torch so it runs on any device.
+
+    Bit b of the stream lives in word b // 32 at bit b % 32; index j of a row starts at stream bit
+    bits*j (see ``formats``). Gathering two adjacent words handles indices that straddle a word.
+    """
+    n = qweight_rowmajor.shape[0]
+    device = qweight_rowmajor.device
+    words = qweight_rowmajor.to(torch.int64) & 0xFFFFFFFF  # [N, W]
+    start = torch.arange(in_features, device=device, dtype=torch.int64) * bits  # [K]
+    word_idx = start // 32
+    shift = start % 32
+    lo = words[:, word_idx] >> shift  # [N, K]
+    next_idx = torch.clamp(word_idx + 1, max=words.shape[1] - 1)
+    hi = words[:, next_idx] << (32 - shift)
+    idx = (lo | torch.where(shift + bits > 32, hi, torch.zeros_like(hi))) & ((1 << bits) - 1)
+    return torch.gather(lut.to(torch.float32), 1, idx)
+
+
+def replace_linears(model: nn.Module, packed: dict[str, PackedLinear], compute_dtype: torch.dtype = torch.float32) -> int:
+    """Swaps each named ``nn.Linear`` for a ``SqzLinear``; returns how many were replaced.
+
+    Raises:
+        KeyError: a name in ``packed`` is not a module of ``model``.
+        ValueError: the module is not an ``nn.Linear`` of the packed shape.
+    """
+    modules = dict(model.named_modules())
+    for name, layer in packed.items():
+        if name not in modules:
+            raise KeyError(f"checkpoint layer {name!r} is not a module of {type(model).__name__}")
+        old = modules[name]
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"module {name!r} is {type(old).__name__}, expected nn.Linear")
+        if (old.out_features, old.in_features) != (layer.out_features, layer.in_features):
+            raise ValueError(
+                f"module {name!r} is [{old.out_features}, {old.in_features}], checkpoint layer is "
+                f"[{layer.out_features}, {layer.in_features}]"
+            )
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        new = SqzLinear(layer, compute_dtype=compute_dtype).to(old.weight.device)
+        setattr(parent, child, new)
+    return len(packed)
