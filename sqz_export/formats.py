@@ -43,6 +43,8 @@ import math
 
 import torch
 
+from sqz_export.errors import UserError
+
 FORMAT_VERSION = 1
 """Version of the checkpoint format (config.json quantization_config.format_version)."""
 
@@ -55,7 +57,7 @@ DEFAULT_CHUNK_NNZ = 32
 """Non-zeros per balanced SpMV work item (one warp lane set handles one chunk)."""
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A packed tensor or checkpoint does not match the format it claims."""
 
 

