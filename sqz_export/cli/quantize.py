@@ -1,0 +1,195 @@
+"""``sqz-export quantize``: FP model + calibration text -> packed SqueezeLLM (or RTN) checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqz_export.cli.common import (
+    add_dataset_argument,
+    add_json_argument,
+    add_model_argument,
+    fraction,
+    positive_int,
+    print_table,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from sqz_export.data import TokenWindows
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a causal LM to a packed SqueezeLLM checkpoint",
+        description=(
+            "Quantize every linear layer of the decoder blocks with SqueezeLLM: Fisher-weighted non-uniform "
+            "k-means per output channel plus a dense-and-sparse split that keeps a small fraction of outlier "
+            "and sensitive weights exact. Writes a checkpoint folder (safetensors + config.json)."
+        ),
+    )
+    add_model_argument(parser)
+    parser.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write (replaced atomically)")
+    parser.add_argument("--method", choices=("squeezellm", "rtn"), default="squeezellm", help="squeezellm (default) or the uniform round-to-nearest baseline rtn")
+    parser.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=3, help="bits per weight index (default: 3)")
+    parser.add_argument("--sparsity", type=fraction, default=0.0045, help="fraction of weights kept exact, e.g. 0.0045 or 0.45%% (default: 0.45%%; 0 = dense only)")
+    parser.add_argument("--sensitive-fraction", type=fraction, default=0.0005, help="part of --sparsity chosen by Fisher sensitivity; the rest are magnitude outliers (default: 0.05%%)")
+    add_dataset_argument(parser)
+    parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the Fisher information (default: 32)")
+    parser.add_argument("--fisher", type=Path, metavar="FILE", help="Fisher cache (.safetensors): reused when it matches the model and calibration, written otherwise")
+    parser.add_argument("--fisher-dtype", choices=("bf16", "fp32"), default="bf16", help="forward/backward precision for the Fisher pass; accumulation is always fp32 (default: bf16)")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device for Fisher and k-means, e.g. cuda (default: cpu)")
+    parser.add_argument("--eval-windows", type=int, default=0, help="after quantizing, report perplexity on this many windows from the end of --dataset (default: 0 = skip)")
+    add_json_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sqz_export.checkpoint import QuantizationConfig, save_checkpoint
+    from sqz_export.cli import progress_enabled
+    from sqz_export.data import load_windows
+    from sqz_export.errors import UserError
+    from sqz_export.evaluate import perplexity
+    from sqz_export.models import load_model, quantizable_linears
+    from sqz_export.quantize import QuantizeOptions, quantize_model
+
+    progress = progress_enabled()
+    options = QuantizeOptions(
+        method=args.method,
+        bits=args.bits,
+        sparsity=args.sparsity,
+        sensitive_fraction=min(args.sensitive_fraction, args.sparsity),
+        seed=args.seed,
+        device=args.device,
+    )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(args.model, torch.float32)
+    timings["load_model"] = time.perf_counter() - start
+    layers = quantizable_linears(loaded.model)
+    logger.info("%d linear layers to quantize (%.1fM weights)", len(layers), sum(l.weight.numel() for l in layers.values()) / 1e6)
+
+    windows = load_windows(
+        loaded.tokenizer,
+        args.dataset,
+        calibration=(args.calib_windows, args.seq_len) if args.method == "squeezellm" else None,
+        evaluation=(args.eval_windows, args.seq_len) if args.eval_windows else None,
+    )
+    calibration = windows.get("calibration")
+    fisher = None
+    if calibration is not None:
+        logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
+        start = time.perf_counter()
+        fisher = load_or_compute_fisher(
+            loaded.model,
+            calibration,
+            layers,
+            cache=args.fisher,
+            source=loaded.source,
+            autocast_dtype=torch.bfloat16 if args.fisher_dtype == "bf16" else None,
+            progress=progress,
+        )
+        timings["fisher"] = time.perf_counter() - start
+
+    result = quantize_model(loaded.model, fisher, options, layers=layers, progress=progress)
+    timings.update(result.timings)
+    qconfig = QuantizationConfig(
+        quant_method=options.method,
+        bits=options.bits,
+        sparsity=options.sparsity,
+        sensitive_fraction=options.sensitive_fraction,
+        modules=sorted(result.packed),
+        source_model=loaded.source,
+        calibration=calibration.describe() if calibration is not None else None,
+        chunk_nnz=options.chunk_nnz,
+        timings={key: round(value, 3) for key, value in timings.items()},
+    )
+    if args.output.exists() and args.output.resolve() == Path(loaded.source).resolve():
+        raise UserError(f"--output {args.output} is the input model; choose another folder")
+    path = save_checkpoint(args.output, loaded.model, result.packed, qconfig, loaded.tokenizer)
+
+    total = sum(layer.weight.numel() for layer in layers.values())
+    nnz = sum(layer.sparse.nnz for layer in result.packed.values() if layer.sparse is not None)
+    summary: dict[str, object] = {
+        "checkpoint": str(path),
+        "method": options.method,
+        "bits": options.bits,
+        "layers": len(result.packed),
+        "sparse_fraction": nnz / total,
+        "calibration_tokens": calibration.num_tokens if calibration is not None else 0,
+        "timings_s": qconfig.timings,
+        "packed_bytes": sum(layer.nbytes() for layer in result.packed.values()),
+        "fp16_bytes": total * 2,
+    }
+    if args.eval_windows:
+        from sqz_export.runtime import replace_linears
+
+        replace_linears(loaded.model, result.packed)  # the same weights the checkpoint holds
+        evaluation = windows["evaluation"]
+        ppl = perplexity(loaded.model, evaluation.tokens, progress=progress)
+        summary["perplexity"] = ppl.perplexity
+        summary["evaluation"] = evaluation.describe()
+    rows = [
+        ("checkpoint", str(path)),
+        ("method", f"{options.method} {options.bits}-bit, {summary['sparse_fraction']:.4%} exact weights"),
+        ("layers", str(len(result.packed))),
+        ("calibration tokens", str(summary["calibration_tokens"])),
+        ("quantized linears", f"{summary['fp16_bytes'] / 2**20:.1f} MiB fp16 -> {summary['packed_bytes'] / 2**20:.1f} MiB packed"),
+        ("time", ", ".join(f"{key} {value:.1f}s" for key, value in qconfig.timings.items())),
+    ]
+    if "perplexity" in summary:
+        rows.append(("perplexity", f"{summary['perplexity']:.3f} ({summary['evaluation']['num_tokens']} tokens)"))
+    print_table(rows)
+    write_json(args.json, summary)
+    return 0
+
+
+def load_or_compute_fisher(
+    model: torch.nn.Module,
+    calibration: TokenWindows,
+    layers: dict[str, torch.nn.Linear],
+    *,
+    cache: Path | None,
+    source: str,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Fisher information, reused from ``cache`` when it was computed for this model and calibration.
+
+    The Fisher pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
+    sweep over settings computes it once. The cache records the model source and the calibration
+    windows' description; any difference recomputes it rather than silently reusing stale values.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sqz_export.quantize.fisher import compute_fisher
+
+    key = json.dumps({"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype)}, sort_keys=True)
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), framework="pt") as handle:
+            if (handle.metadata() or {}).get("sqz_fisher_key") == key and set(handle.keys()) == set(layers):
+                logger.info("reusing Fisher information from %s", cache)
+                return {name: handle.get_tensor(name) for name in layers}
+        logger.info("Fisher cache %s was made for another model or calibration; recomputing", cache)
+    fisher = compute_fisher(model, calibration.tokens, layers, autocast_dtype=autocast_dtype, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        save_file({name: tensor.contiguous() for name, tensor in fisher.items()}, str(tmp), metadata={"sqz_fisher_key": key})
+        tmp.replace(cache)
+    return fisher
