@@ -49,6 +49,21 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
 
 
+def quiet_third_party_output(verbose: bool) -> None:
+    """Keeps transformers' advisory warnings and its own progress bars out of the tool's output.
+
+    Our stages report their own progress; the GGUF loader's bar would otherwise flood CI logs.
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers is a dependency; this only guards partial installs
+        return
+    if not verbose:
+        hf_logging.set_verbosity_error()
+    if not progress_enabled():
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    quiet_third_party_output(verbose=args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

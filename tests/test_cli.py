@@ -1,0 +1,92 @@
+"""The sqz-export command line: help, error paths, and quantize -> inspect -> eval on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import SAMPLE_TEXT, save_tiny_model
+
+from sqz_export.cli import COMMAND_MODULES, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Runs the real entry point in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "sqz_export.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_top_level_help_lists_every_stage() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("quantize", "eval", "inspect"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMAND_MODULES)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: sqz-export {command}" in capsys.readouterr().out
+
+
+def test_bad_sparsity_is_an_argument_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "-o", "x", "--sparsity", "150%"])
+    assert exit_info.value.code == 2
+    assert "expected a fraction in [0, 1)" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clean_error(tmp_path: Path) -> None:
+    result = run_cli("quantize", "--model", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "error: model path" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_of_a_non_checkpoint_is_a_clean_error(tmp_path: Path) -> None:
+    result = run_cli("inspect", str(tmp_path))
+    assert result.returncode == 2
+    assert "missing sqz_manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    return save_tiny_model(root / "model", "llama"), text
+
+
+@pytest.mark.parametrize(("method", "bits", "sparsity"), [("squeezellm", 3, "0.45%"), ("squeezellm", 4, "0"), ("rtn", 4, "0")])
+def test_quantize_inspect_eval_end_to_end(tiny_setup: tuple[Path, Path], tmp_path: Path, method: str, bits: int, sparsity: str) -> None:
+    model, text = tiny_setup
+    out = tmp_path / "ckpt"
+    common = ["--dataset", str(text), "--seq-len", "64"]
+    result = run_cli(
+        "quantize", "--model", str(model), "-o", str(out), "--method", method, "--bits", str(bits),
+        "--sparsity", sparsity, "--calib-windows", "4", "--eval-windows", "4", "--fisher-dtype", "fp32",
+        "--json", str(tmp_path / "q.json"), *common,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert summary["layers"] == 14 and summary["bits"] == bits
+    assert summary["calibration_tokens"] == (4 * 64 if method == "squeezellm" else 0)
+
+    result = run_cli("inspect", str(out), "--json", "-")
+    assert result.returncode == 0, result.stderr
+    inspected = json.loads(result.stdout[result.stdout.index("{"):])
+    assert inspected["quant_method"] == method and inspected["layers"] == 14
+    assert inspected["compression_ratio"] > 16 / (bits + 1)
+    expected_fraction = 0.0045 if sparsity != "0" else 0.0
+    assert abs(inspected["sparse_fraction"] - expected_fraction) <= 0.0001
+
+    result = run_cli("eval", str(out), "--eval-windows", "4", "--json", str(tmp_path / "e.json"), *common)
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    # The checkpoint evaluates to the perplexity measured right after quantization (same weights, fp16 rounding aside).
+    assert evaluated["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-3)
