@@ -15,7 +15,7 @@ from sqz_export.cli import COMMAND_MODULES, main
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Runs the real entry point in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "sqz_export.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "sqz_export", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_top_level_help_lists_every_stage() -> None:
