@@ -1,0 +1,69 @@
+"""Greedy decoding with onnxruntime and the KV cache of an exported decoder graph.
+
+Prefill runs the whole prompt once with an empty cache; each later step feeds one token and the
+previous step's ``present.N.*`` as ``past_key_values.N.*``. Greedy (argmax) decoding makes the tokens
+a deterministic function of the graph, which is what tests compare against the torch reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sqz_export.export.signature import DecoderSignature
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    prefill_s: float
+    decode_s: float
+    """Wall time of the one-token steps (all of them)."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = max(len(self.new_ids) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class OnnxGenerator:
+    """An onnxruntime session over one exported decoder graph (CPU unless providers say otherwise)."""
+
+    def __init__(self, onnx_path: str | os.PathLike[str], providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.signature = DecoderSignature.from_onnx(onnx_path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(Path(onnx_path)), options, providers=providers or ["CPUExecutionProvider"])
+        self._outputs = ["logits"] + self.signature.present_names
+
+    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits [batch, new, vocab] and the updated cache for ``input_ids`` after ``past``."""
+        outputs = self.session.run(self._outputs, self.signature.feed(input_ids, past))
+        return outputs[0], dict(zip(self.signature.past_names, outputs[1:], strict=True))
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> GenerationResult:
+        """Greedy continuation of one prompt; stops early at ``eos_token_id``."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; greedy decoding needs at least one prompt token")
+        start = time.perf_counter()
+        logits, past = self.step(np.asarray([prompt_ids]), None)
+        prefill = time.perf_counter() - start
+        new_ids: list[int] = []
+        start = time.perf_counter()
+        for index in range(max_new_tokens):
+            token = int(np.argmax(logits[0, -1]))
+            new_ids.append(token)
+            if token == eos_token_id or index == max_new_tokens - 1:
+                break
+            logits, past = self.step(np.asarray([[token]]), past)
+        return GenerationResult(list(prompt_ids), new_ids, prefill, time.perf_counter() - start)
