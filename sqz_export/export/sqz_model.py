@@ -18,6 +18,7 @@ Output folder (written into a temporary sibling and renamed into place)::
     baseline.onnx (+ .data)                      FP16 graph of the original model
     config.json, tokenizer files                 for generation and comparison
     manifest.json                                files with sha256, op counts, layers, sizes
+    polygraphy_inputs.json                       one real prefill feed for ``polygraphy run --load-inputs``
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ MODEL_FILE = "model.onnx"
 BASELINE_FILE = "baseline.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "sqz-export onnx"
+POLYGRAPHY_INPUTS_FILE = "polygraphy_inputs.json"
+POLYGRAPHY_PROMPT = "The capital of France is Paris. The capital of Germany is"
+"""Prompt of the feed saved for `polygraphy run OUT/model.onnx --onnxrt --load-inputs OUT/polygraphy_inputs.json`."""
 CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 """Config fields a baseline must share with the checkpoint to be comparable."""
 
@@ -136,6 +140,20 @@ def check_baseline_matches(baseline: nn.Module, hf_config: Any, packed: dict[str
         raise UserError(f"baseline model {source!r} does not match the checkpoint: {'; '.join(problems)}")
 
 
+def write_polygraphy_inputs(onnx_path: Path, tokenizer: Any, target: Path) -> None:
+    """Saves one prefill feed of a real prompt, so the graphs run under the Polygraphy CLI as they are
+    (Polygraphy's random default data would draw invalid token ids and cache lengths)::
+
+        polygraphy run OUT/model.onnx --onnxrt --load-inputs OUT/polygraphy_inputs.json
+    """
+    from polygraphy.json import save_json
+
+    from sqz_export.export.signature import DecoderSignature
+
+    token_ids = tokenizer(POLYGRAPHY_PROMPT)["input_ids"]
+    save_json([DecoderSignature.from_onnx(onnx_path).feed([token_ids])], str(target), description="sqz-export prefill feed")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -197,7 +215,9 @@ def export_checkpoint(
             written += save_model(baseline_graph, tmp / BASELINE_FILE)
         quantized.config.save_pretrained(str(tmp))
         if (checkpoint.path / "tokenizer_config.json").is_file():
-            AutoTokenizer.from_pretrained(str(checkpoint.path)).save_pretrained(str(tmp))
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
+            tokenizer.save_pretrained(str(tmp))
+            write_polygraphy_inputs(tmp / MODEL_FILE, tokenizer, tmp / POLYGRAPHY_INPUTS_FILE)
         files = {path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size} for path in sorted(tmp.iterdir()) if path.is_file()}
         manifest = {
             "format": MANIFEST_FORMAT,

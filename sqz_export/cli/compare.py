@@ -1,0 +1,63 @@
+"""``sqz-export compare``: Polygraphy accuracy and latency report of an exported folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sqz_export.cli.common import add_json_argument, positive_int, write_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare model.onnx (and a TensorRT engine) with the torch reference and the FP16 baseline",
+        description=(
+            "Run the torch reference (the quantized checkpoint), model.onnx and baseline.onnx in onnxruntime, and "
+            "optionally a TensorRT engine, on the same real token windows with Polygraphy's Comparator; report "
+            "per-output max/mean absolute and relative error, top-1 token agreement, and median latency."
+        ),
+    )
+    parser.add_argument("folder", type=Path, help="folder written by `sqz-export export`")
+    parser.add_argument("--engine", type=Path, help="TensorRT engine built by `sqz-export build` (needs TensorRT)")
+    parser.add_argument("--plugin", type=Path, help="SqzLinear plugin library for --engine (default: the build's own)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint for the torch reference (default: the one recorded at export)")
+    parser.add_argument("--dataset", default="wikipedia", help="text for the windows: 'wikipedia' (offline sample, default), or a .txt/.jsonl file")
+    parser.add_argument("--windows", type=positive_int, default=1, help="token windows to compare (default: 1)")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: 512)")
+    parser.add_argument("--iterations", type=positive_int, default=10, help="timed runs per runner, after 2 warm-up runs (default: 10)")
+    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the pass/fail verdict (default: 5e-2)")
+    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance of the pass/fail verdict (default: 2e-2)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write a histogram of logit errors")
+    add_json_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from polygraphy.logger import G_LOGGER
+
+    from sqz_export.compare.driver import DEFAULT_ATOL, DEFAULT_RTOL, CompareOptions, compare_folder
+    from sqz_export.compare.report import write_plot
+
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        G_LOGGER.module_severity = G_LOGGER.WARNING  # Polygraphy's per-run [I] lines only with --verbose
+    options = CompareOptions(
+        checkpoint=args.checkpoint,
+        engine=args.engine,
+        plugin=args.plugin,
+        dataset=args.dataset,
+        windows=args.windows,
+        seq_len=args.seq_len,
+        iterations=args.iterations,
+        atol=DEFAULT_ATOL if args.atol is None else args.atol,
+        rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
+    )
+    report, errors = compare_folder(args.folder, options)
+    print(report.table())
+    if args.plot:
+        write_plot(args.plot, errors)
+        print(f"wrote {args.plot}")
+    write_json(args.json, report.to_json())
+    return 0 if all(pair.passed is not False for pair in report.pairs) else 1

@@ -1,0 +1,183 @@
+"""``compare_folder``: run the exported graphs (and the torch reference, and TensorRT) on the same windows.
+
+Runners (each optional except the sqz graph):
+
+- ``torch-reference``: the quantized checkpoint as torch SqzLinear modules in fp32, the reference;
+- ``sqz-onnxrt``: model.onnx in onnxruntime (the sqz::SqzLinear function);
+- ``fp16-baseline-onnxrt``: baseline.onnx in onnxruntime (the unquantized model);
+- ``tensorrt``: a built engine with the SqzLinear plugin.
+
+Pairs that run the same quantized model two ways get a pass/fail verdict at (atol, rtol); the
+baseline pair measures what quantization changed and gets no verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+from pathlib import Path
+
+import numpy as np
+from polygraphy.backend.base import BaseRunner
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator.struct import IterationResult, RunResults
+
+from sqz_export.compare.report import CompareReport, Latency, PairStats, top1_agreement
+from sqz_export.compare.runners import TorchRunner, onnxrt_runner, trt_runner
+from sqz_export.errors import UserError
+from sqz_export.export.signature import DecoderSignature
+from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
+
+logger = logging.getLogger(__name__)
+
+COMPARED_OUTPUT = "logits"
+DEFAULT_ATOL = 5e-2
+DEFAULT_RTOL = 2e-2
+"""Default verdict tolerances: fp16 logits against the fp32 reference (fp16 rounding of K-long sums)."""
+PLOT_SAMPLES = 1_000_000
+"""Errors drawn per pair for the histogram (the full logits can be tens of millions of values)."""
+
+REFERENCE, SQZ, BASELINE, TENSORRT = "torch-reference", "sqz-onnxrt", "fp16-baseline-onnxrt", "tensorrt"
+
+
+@dataclasses.dataclass
+class CompareOptions:
+    checkpoint: Path | None = None
+    """Checkpoint for the torch reference; default: the one recorded in the manifest, when it exists."""
+    engine: Path | None = None
+    plugin: Path | None = None
+    dataset: str = "wikipedia"
+    windows: int = 1
+    seq_len: int = 512
+    iterations: int = 10
+    warm_up: int = 2
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    providers: list[str] | None = None
+
+
+def _token_windows(folder: Path, options: CompareOptions) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    from sqz_export.data import load_windows
+
+    if not (folder / "tokenizer_config.json").is_file():
+        raise UserError(f"{folder} has no tokenizer files; re-export from a checkpoint that holds its tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    windows = load_windows(tokenizer, options.dataset, evaluation=(options.windows, options.seq_len))["evaluation"]
+    return windows.tokens.numpy()
+
+
+def _runners(folder: Path, manifest: dict, signature: DecoderSignature, options: CompareOptions) -> list[BaseRunner]:
+    runners: list[BaseRunner] = []
+    checkpoint = options.checkpoint or (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
+    if checkpoint is not None and checkpoint.is_dir():
+        from sqz_export.checkpoint import load_quantized_model
+
+        model, _ = load_quantized_model(checkpoint)
+        runners.append(TorchRunner(model, signature, REFERENCE))
+    elif options.checkpoint is not None:
+        raise UserError(f"--checkpoint {options.checkpoint} is not a folder")
+    else:
+        logger.warning("checkpoint %s not found; comparing without the torch reference", checkpoint)
+    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers))
+    if (folder / BASELINE_FILE).is_file():
+        runners.append(onnxrt_runner(folder / BASELINE_FILE, BASELINE, options.providers))
+    if options.engine is not None:
+        runners.append(trt_runner(options.engine, options.plugin, TENSORRT))
+    return runners
+
+
+def _logits_only(results: RunResults) -> RunResults:
+    """Only the compared output (present.* caches are not comparable with the reference)."""
+    kept = RunResults()
+    for name, iterations in results:
+        kept.append((name, [IterationResult({COMPARED_OUTPUT: it[COMPARED_OUTPUT]}, it.runtime, name) for it in iterations]))
+    return kept
+
+
+def _latency(runner: BaseRunner, signature: DecoderSignature, feed: dict[str, np.ndarray], options: CompareOptions) -> Latency:
+    """Median prefill time over the window and median one-token decode time after it."""
+    with runner:
+        for _ in range(options.warm_up):
+            outputs = runner.infer(feed)
+        prefill = []
+        for _ in range(options.iterations):
+            outputs = runner.infer(feed)
+            prefill.append(runner.last_inference_time())
+        decode = None
+        if not isinstance(runner, TorchRunner) and all(name in outputs for name in signature.present_names):
+            past = {p: np.array(outputs[q]) for p, q in zip(signature.past_names, signature.present_names, strict=True)}
+            token = np.asarray(outputs[COMPARED_OUTPUT])[:, -1:].argmax(-1)
+            step = signature.feed(token, past)
+            for _ in range(options.warm_up):
+                runner.infer(step)
+            times = []
+            for _ in range(options.iterations):
+                runner.infer(step)
+                times.append(runner.last_inference_time())
+            decode = statistics.median(times) * 1000
+    return Latency(runner.name, statistics.median(prefill) * 1000, decode, options.iterations)
+
+
+def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[CompareReport, dict[str, np.ndarray]]:
+    """Runs every available runner on the same token windows; returns the report and, per pair, a
+    sample of absolute logit errors (for ``--plot``)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    signature = DecoderSignature.from_onnx(folder / MODEL_FILE)
+    tokens = _token_windows(folder, options)
+    feeds = [signature.feed(window[None]) for window in tokens]
+    runners = _runners(folder, manifest, signature, options)
+    names = [runner.name for runner in runners]
+
+    results = _logits_only(Comparator.run(runners, data_loader=feeds))
+    reference = names[0]
+    pairs = [(0, index) for index in range(1, len(runners))]
+    verdict_pairs = [pair for pair in pairs if names[pair[1]] != BASELINE]
+    stats_pairs = [pair for pair in pairs if names[pair[1]] == BASELINE]
+    by_pair = {}
+    # Same model run two ways: a verdict at the tolerances. Baseline vs quantized: statistics only
+    # (infinite tolerance), since that difference is the quantization error itself.
+    for subset, atol, rtol in ((verdict_pairs, options.atol, options.rtol), (stats_pairs, np.inf, np.inf)):
+        if subset:
+            accuracy = Comparator.compare_accuracy(results, comparisons=subset, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+            by_pair.update({tuple(key): value for key, value in accuracy[0].items()})  # one compare func -> one AccuracyResult
+    logits = {name: [np.asarray(iteration[COMPARED_OUTPUT], dtype=np.float32) for iteration in iterations] for name, iterations in results}
+    rng = np.random.default_rng(0)
+    stats: list[PairStats] = []
+    errors: dict[str, np.ndarray] = {}
+    for _, other in pairs:
+        name = names[other]
+        per_iteration = by_pair[(reference, name)]
+        outputs = [iteration[COMPARED_OUTPUT] for iteration in per_iteration]
+        agreement, positions = top1_agreement(logits[name], logits[reference])
+        verdict = None if name == BASELINE else all(bool(result) for result in outputs)
+        stats.append(PairStats(
+            reference=reference,
+            runner=name,
+            output=COMPARED_OUTPUT,
+            max_abs=max(float(r.max_absdiff) for r in outputs),
+            mean_abs=float(np.mean([float(r.mean_absdiff) for r in outputs])),
+            max_rel=max(float(r.max_reldiff) for r in outputs),
+            mean_rel=float(np.mean([float(r.mean_reldiff) for r in outputs])),
+            top1_agreement=agreement,
+            positions=positions,
+            passed=verdict,
+        ))
+        diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(logits[name], logits[reference], strict=True)])
+        errors[f"{name} vs {reference}"] = rng.choice(diff, PLOT_SAMPLES, replace=False) if diff.size > PLOT_SAMPLES else diff
+
+    latency = [_latency(runner, signature, feeds[0], options) for runner in runners]
+    report = CompareReport(
+        folder=str(folder),
+        reference=reference,
+        windows=len(feeds),
+        seq_len=int(tokens.shape[1]),
+        atol=options.atol,
+        rtol=options.rtol,
+        pairs=stats,
+        latency=latency,
+    )
+    return report, errors

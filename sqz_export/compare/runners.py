@@ -1,0 +1,83 @@
+"""Polygraphy runners: ONNX graphs in onnxruntime, the torch reference model, and TensorRT (lazy)."""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.common import TensorMetadata
+
+from sqz_export.errors import UserError
+from sqz_export.export.signature import DecoderSignature
+
+
+def onnxrt_runner(path: Path, name: str, providers: list[str] | None = None) -> OnnxrtRunner:
+    """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise)."""
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
+
+
+def trt_runner(engine_path: Path, plugin_library: Path | None, name: str = "tensorrt") -> BaseRunner:
+    """The TensorRT runner from ``sqz_export.engine.runner`` (imported only when an engine is given)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"--engine {engine_path} needs the TensorRT Python package (pip install 'sqz-export[tensorrt]' on a machine "
+            "with TensorRT); compare without --engine to use onnxruntime only"
+        ) from exc
+    from sqz_export.engine.runner import make_trt_runner
+
+    runner = make_trt_runner(engine_path, plugin_library)
+    runner.name = name
+    return runner
+
+
+class TorchRunner(BaseRunner):
+    """The quantized torch model (SqzLinear modules, fp32 compute) as a Polygraphy runner.
+
+    It takes the ONNX graph's feeds (so every runner sees the same data loader) and returns only
+    ``logits``. Only prefill feeds (empty ``past_key_values``) are supported: the reference is run on
+    whole windows.
+    """
+
+    def __init__(self, model: torch.nn.Module, signature: DecoderSignature, name: str = "torch-reference") -> None:
+        super().__init__(name=name)
+        self.model = model
+        self.signature = signature
+        self._inference_time: float | None = None
+
+    def activate_impl(self) -> None:
+        self.model.eval()
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        meta = TensorMetadata()
+        meta.add("input_ids", np.int64, (None, None))
+        meta.add("attention_mask", np.int64, (None, None))
+        if self.signature.has_position_ids:
+            meta.add("position_ids", np.int64, (None, None))
+        heads, head_dim = self.signature.past_shape
+        for name in self.signature.past_names:
+            meta.add(name, self.signature.float_dtype, (None, heads, None, head_dim))
+        return meta
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> collections.OrderedDict[str, np.ndarray]:
+        if any(feed_dict[name].shape[2] for name in self.signature.past_names if name in feed_dict):
+            raise UserError(f"{self.name}: only prefill feeds (empty past_key_values) are supported")
+        input_ids = torch.from_numpy(np.ascontiguousarray(feed_dict["input_ids"]))
+        attention_mask = torch.from_numpy(np.ascontiguousarray(feed_dict["attention_mask"]))
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        self._inference_time = time.perf_counter() - start
+        return collections.OrderedDict(logits=logits.float().numpy())
+
+    def last_inference_time(self) -> float | None:
+        return self._inference_time
+
+    def deactivate_impl(self) -> None:
+        self._inference_time = None
