@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -48,7 +49,10 @@ def export_decoder(model: nn.Module, dtype: torch.dtype = torch.float16, opset: 
     casted.config._attn_implementation = "eager"
     with tempfile.TemporaryDirectory(prefix="sqz-export-onnx-") as tmp:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # The tracer flags every data-dependent Python branch of transformers; optimum's dynamic
+                # axes and the KV-cache inputs cover the shapes the exported graph is used with.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 onnx_export_from_model(casted, tmp, task=TASK, opset=opset, do_validation=False)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(f"optimum could not export {type(model).__name__} as {TASK}: {exc}") from exc

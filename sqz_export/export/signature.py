@@ -23,6 +23,7 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 @dataclasses.dataclass
 class DecoderSignature:
     path: Path
+    """Where the graph came from (for messages)."""
     past_names: list[str]
     """past_key_values.N.key/value in layer order."""
     past_shape: tuple[int, int]
@@ -34,11 +35,17 @@ class DecoderSignature:
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike[str]) -> DecoderSignature:
-        """Reads the graph inputs (no tensor data is loaded)."""
+        """Reads the graph inputs of an ONNX file (no tensor data is loaded)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such ONNX file")
-        graph = onnx.load(str(path), load_external_data=False).graph
+        return cls.from_model(onnx.load(str(path), load_external_data=False), path)
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, path: Path | None = None) -> DecoderSignature:
+        """Reads the graph inputs of an in-memory model; ``path`` only names it in errors."""
+        path = path or Path("<in-memory model>")
+        graph = model.graph
         inputs = {value.name: value for value in graph.input}
         missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
         if missing or "logits" not in {value.name for value in graph.output}:

@@ -1,0 +1,164 @@
+"""The export driver: checkpoint -> folder with model.onnx (SqzLinear), baseline.onnx, manifest.
+
+The session fixtures here (a tiny checkpoint per architecture, and its exports) are shared with the
+compare and generate tests, which import them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_runtime import random_packed
+from tiny_models import save_tiny_model
+from tolerances import tolerance
+
+from sqz_export.checkpoint import QuantizationConfig, load_quantized_model, read_checkpoint, save_checkpoint, sha256_file
+from sqz_export.cli import main
+from sqz_export.errors import UserError
+from sqz_export.export.baseline import tensor_bytes
+from sqz_export.export.signature import DecoderSignature
+from sqz_export.export.sqz_model import BASELINE_FILE, MANIFEST_FILE, MODEL_FILE, POLYGRAPHY_INPUTS_FILE, export_checkpoint
+from sqz_export.formats import PackedLinear
+from sqz_export.models import load_model, quantizable_linears
+
+BITS = 3
+DENSITY = 0.03
+CHUNK_NNZ = 4
+"""What test_runtime.random_packed uses for its sparse parts."""
+LM_HEAD_SCALE = 8.0
+"""The tiny models' lm_head is scaled up so greedy argmax has clear winners (no fp ties)."""
+
+
+def tiny_packed(model: torch.nn.Module, bits: int = BITS) -> dict[str, PackedLinear]:
+    """Random packed layers for every quantizable linear; every other layer has a sparse part, so
+    both SqzLinear variants (3 and 7 inputs) appear."""
+    return {
+        name: random_packed(linear.out_features, linear.in_features, bits, DENSITY if index % 2 else 0.0, seed=index)
+        for index, (name, linear) in enumerate(quantizable_linears(model).items())
+    }
+
+
+def make_checkpoint(root: Path, arch: str) -> Path:
+    """A tiny source model folder and a checkpoint of random packed layers quantized 'from' it."""
+    source = save_tiny_model(root / f"{arch}-source", arch)
+    loaded = load_model(str(source))
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    loaded.model.save_pretrained(source)
+    packed = tiny_packed(loaded.model)
+    qconfig = QuantizationConfig("squeezellm", BITS, DENSITY, 0.0, list(packed), str(source), chunk_nnz=CHUNK_NNZ)
+    return save_checkpoint(root / f"{arch}-ckpt", loaded.model, packed, qconfig, loaded.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = make_checkpoint(tmp_path_factory.mktemp(f"ckpt-{arch}"), arch)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[[str], Path]) -> Callable[[str, str], Path]:
+    """(arch, 'fp16'|'fp32') -> export folder, exported once per session."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str) -> Path:
+        if (arch, dtype) not in cache:
+            out = tmp_path_factory.mktemp(f"onnx-{arch}-{dtype}") / "out"
+            export_checkpoint(tiny_checkpoint(arch), out, dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype])
+            cache[(arch, dtype)] = out
+        return cache[(arch, dtype)]
+
+    return get
+
+
+def run_prefill(path: Path, token_ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    signature = DecoderSignature.from_onnx(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], signature.feed(token_ids))[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_export_matches_torch_reference(arch: str, dtype: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]) -> None:
+    out = tiny_export(arch, dtype)
+    checkpoint = read_checkpoint(tiny_checkpoint(arch))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["op_counts"]["sqz::SqzLinear"] == len(checkpoint.packed)
+    assert manifest["passes"]["sqz_linear"] == len(checkpoint.packed)
+    assert "MatMul" in manifest["op_counts"]  # attention and lm_head stay MatMuls
+
+    graph = onnx.load(str(out / MODEL_FILE))
+    onnx.checker.check_model(graph, full_check=True)
+    nodes = {node.name: node for node in graph.graph.node if node.op_type == "SqzLinear"}
+    for name, layer in checkpoint.packed.items():
+        node = nodes[f"/{name}/SqzLinear"]
+        assert len(node.input) == (7 if layer.sparse is not None else 3)
+    assert tensor_bytes(graph) < manifest["tensor_bytes"]["before_rewrite"]
+
+    model, _ = load_quantized_model(tiny_checkpoint(arch))
+    token_ids = np.arange(3, 40, dtype=np.int64)[None]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(token_ids)).logits
+    logits = run_prefill(out / MODEL_FILE, token_ids)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    assert logits.dtype == (np.float16 if dtype == "fp16" else np.float32)
+    torch.testing.assert_close(torch.from_numpy(logits).float(), expected, **tolerance("model_logits", torch_dtype))
+
+
+def test_export_folder_is_complete_and_checksummed(tiny_export: Callable[[str, str], Path]) -> None:
+    out = tiny_export("llama", "fp16")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    for name in (MODEL_FILE, BASELINE_FILE, POLYGRAPHY_INPUTS_FILE, "config.json", "tokenizer_config.json"):
+        assert name in manifest["files"], name
+        assert sha256_file(out / name) == manifest["files"][name]["sha256"]
+    assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
+
+
+def test_fp16_baseline_is_close_to_fp32(tiny_checkpoint: Callable[[str], Path], tiny_export: Callable[[str, str], Path]) -> None:
+    token_ids = np.arange(3, 30, dtype=np.int64)[None]
+    fp16 = run_prefill(tiny_export("llama", "fp16") / BASELINE_FILE, token_ids)
+    fp32 = run_prefill(tiny_export("llama", "fp32") / BASELINE_FILE, token_ids)
+    assert fp16.dtype == np.float16
+    torch.testing.assert_close(torch.from_numpy(fp16).float(), torch.from_numpy(fp32), **tolerance("model_logits", torch.float16))
+
+
+def test_mismatched_baseline_is_a_clear_error(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    other = save_tiny_model(tmp_path / "opt", "opt")
+    with pytest.raises(UserError, match="does not match the checkpoint"):
+        export_checkpoint(tiny_checkpoint("llama"), tmp_path / "out", baseline_from=str(other))
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        export_checkpoint(tiny_checkpoint("llama"), tmp_path / "out", with_baseline=False)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_export_writes_json_summary(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    assert main(["export", str(tiny_checkpoint("opt")), "-o", str(out), "--no-baseline", "--json", str(summary)]) == 0
+    result = json.loads(summary.read_text())
+    assert result["rewritten"] == result["layers"] == len(read_checkpoint(tiny_checkpoint("opt")).packed)
+    assert (out / MODEL_FILE).is_file() and not (out / BASELINE_FILE).exists()
+
+
+def test_cli_export_rejects_old_opset(tmp_path: Path, tiny_checkpoint: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "out"), "--opset", "17"]) == 2
+    assert "opset 18" in capsys.readouterr().err
