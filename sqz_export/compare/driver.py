@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.comparator.struct import IterationResult, RunResults
 
 from sqz_export.compare.report import CompareReport, Latency, PairStats, top1_agreement
@@ -142,7 +142,7 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
     # (infinite tolerance), since that difference is the quantization error itself.
     for subset, atol, rtol in ((verdict_pairs, options.atol, options.rtol), (stats_pairs, np.inf, np.inf)):
         if subset:
-            accuracy = Comparator.compare_accuracy(results, comparisons=subset, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+            accuracy = Comparator.compare_accuracy(results, comparisons=subset, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
             by_pair.update({tuple(key): value for key, value in accuracy[0].items()})  # one compare func -> one AccuracyResult
     logits = {name: [np.asarray(iteration[COMPARED_OUTPUT], dtype=np.float32) for iteration in iterations] for name, iterations in results}
     rng = np.random.default_rng(0)
