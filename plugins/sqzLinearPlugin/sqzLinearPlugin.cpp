@@ -49,16 +49,6 @@ char const* typeName(nvinfer1::DataType type) noexcept
     }
 }
 
-char const* kernelName(KernelKind kind) noexcept
-{
-    switch (kind)
-    {
-    case KernelKind::kGemv: return "gemv (LUT dequant in registers, batch rows <= a few)";
-    case KernelKind::kDequantGemm: return "dequant+gemm (tiles of W dequantized to shared memory)";
-    default: return "auto";
-    }
-}
-
 FieldType fieldType(PluginFieldType type) noexcept
 {
     switch (type)
@@ -401,7 +391,7 @@ int32_t SqzLinearPlugin::enqueue(PluginTensorDesc const* /*inputDesc*/, PluginTe
         logMessage(ILogger::Severity::kVERBOSE,
             std::string(kPLUGIN_NAME) + ": M=" + std::to_string(shape.m) + ", K=" + std::to_string(shape.inFeatures)
                 + ", N=" + std::to_string(shape.outFeatures) + ", bits=" + std::to_string(shape.bits)
-                + ", nnz=" + std::to_string(shape.nnz) + " -> kernel " + kernelName(kind));
+                + ", nnz=" + std::to_string(shape.nnz) + " -> kernel " + sqzLinearKernelName(kind));
     }
     bool const sparse = mNbInputs == kNB_INPUTS_SPARSE;
     SqzLinearArgs args{};

@@ -17,12 +17,6 @@ constexpr char const* kINPUT_NAMES[kNB_INPUTS_SPARSE] = {"x", "qweight", "lut", 
 constexpr char const* kPARSER_ATTRIBUTES[] = {"plugin_namespace", "plugin_version"};
 
 template <size_t N>
-bool contains(int32_t const (&values)[N], int32_t value)
-{
-    return std::find(std::begin(values), std::end(values), value) != std::end(values);
-}
-
-template <size_t N>
 std::string joined(int32_t const (&values)[N])
 {
     std::ostringstream out;
@@ -109,7 +103,7 @@ bool SqzLinearParams::operator==(SqzLinearParams const& other) const noexcept
 std::vector<AttributeSpec> const& attributeSpecs()
 {
     static std::vector<AttributeSpec> const specs{
-        {"bits", true, "3 or 4 (the packed format also defines 2 and 8; no kernel yet)"},
+        {"bits", true, "2, 3, 4 or 8"},
         {"in_features", true, "K > 0"},
         {"out_features", true, "N > 0"},
         {"layout", true, "2 (row-major words, the kernel layout)"},
@@ -171,15 +165,10 @@ ParseResult parseFields(std::vector<FieldView> const& fields)
 
 std::string validateParams(SqzLinearParams const& params)
 {
-    if (!contains(kFORMAT_BITS, params.bits))
+    if (!format::isSupportedBits(params.bits))
     {
-        return "attribute bits=" + std::to_string(params.bits) + " is not a packed format; expected one of "
-            + joined(kFORMAT_BITS);
-    }
-    if (!contains(kKERNEL_BITS, params.bits))
-    {
-        return "attribute bits=" + std::to_string(params.bits)
-            + " is a packed format without a CUDA kernel in this plugin; supported: " + joined(kKERNEL_BITS);
+        return "attribute bits=" + std::to_string(params.bits) + " is not supported; expected one of "
+            + joined(format::kSUPPORTED_BITS);
     }
     if (params.inFeatures <= 0)
     {
@@ -189,7 +178,7 @@ std::string validateParams(SqzLinearParams const& params)
     {
         return "attribute out_features=" + std::to_string(params.outFeatures) + " must be positive";
     }
-    if (params.layout != kLAYOUT_ROWMAJOR)
+    if (params.layout != format::kLAYOUT_ROWMAJOR)
     {
         return "attribute layout=" + std::to_string(params.layout)
             + " is not supported; the kernels read layout 2 (row-major words; sqz-export export converts "
@@ -200,11 +189,6 @@ std::string validateParams(SqzLinearParams const& params)
         return "attribute chunk_nnz=" + std::to_string(params.chunkNnz) + " must not be negative";
     }
     return "";
-}
-
-int64_t packedWords(int32_t inFeatures, int32_t bits)
-{
-    return (static_cast<int64_t>(inFeatures) + kGROUP_SIZE - 1) / kGROUP_SIZE * bits;
 }
 
 std::string checkInputCount(int32_t nbInputs)
@@ -239,11 +223,11 @@ std::string checkInputShapes(SqzLinearParams const& params, std::vector<std::vec
     }
     std::string const why = "bits=" + std::to_string(params.bits) + ", in_features=" + std::to_string(k)
         + ", out_features=" + std::to_string(n);
-    error = expectShape(kQWEIGHT, dims[kQWEIGHT], {n, packedWords(params.inFeatures, params.bits)},
+    error = expectShape(kQWEIGHT, dims[kQWEIGHT], {n, format::packedWords(params.inFeatures, params.bits)},
         "[out_features, ceil(in_features/32)*bits] for " + why);
     if (error.empty())
     {
-        error = expectShape(kLUT, dims[kLUT], {n, int64_t{1} << params.bits}, "[out_features, 2^bits] for " + why);
+        error = expectShape(kLUT, dims[kLUT], {n, format::lutEntries(params.bits)}, "[out_features, 2^bits] for " + why);
     }
     if (!error.empty() || nbInputs == kNB_INPUTS_DENSE)
     {

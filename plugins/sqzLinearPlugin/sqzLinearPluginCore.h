@@ -18,6 +18,8 @@
  */
 #pragma once
 
+#include "sqzFormat.h" // the packed format's constants, shared with the kernels (plugins/common)
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -31,16 +33,9 @@ constexpr char const* kPLUGIN_NAME = "SqzLinear";
 constexpr char const* kPLUGIN_VERSION = "1";
 constexpr char const* kPLUGIN_NAMESPACE = "sqz";
 
-constexpr int32_t kGROUP_SIZE = 32;      //!< indices per packing group (formats.GROUP_SIZE)
-constexpr int32_t kLAYOUT_ROWMAJOR = 2;  //!< the only layout the kernels read (formats.LAYOUT_ROWMAJOR)
 constexpr int32_t kNB_INPUTS_DENSE = 3;  //!< x, qweight, lut
 constexpr int32_t kNB_INPUTS_SPARSE = 7; //!< x, qweight, lut, row_ptr, col, val, chunk_row
 constexpr int32_t kNB_OUTPUTS = 1;
-
-//! Bits the packed format defines (formats.SUPPORTED_BITS).
-constexpr int32_t kFORMAT_BITS[] = {2, 3, 4, 8};
-//! Bits the CUDA kernels implement. Adding 2 or 8 bits = a kernel instantiation + one entry here.
-constexpr int32_t kKERNEL_BITS[] = {3, 4};
 
 //! Input positions, in ONNX input order.
 enum InputIndex : int32_t
@@ -120,9 +115,6 @@ ParseResult parseFields(std::vector<FieldView> const& fields);
 
 //! Checks attribute values against each other and the supported set; returns "" if valid.
 std::string validateParams(SqzLinearParams const& params);
-
-//! int32 words per output row of qweight: ceil(K / 32) * bits.
-int64_t packedWords(int32_t inFeatures, int32_t bits);
 
 //! Checks the number of inputs (3 dense, 7 dense+sparse); returns "" if valid.
 std::string checkInputCount(int32_t nbInputs);
