@@ -1,0 +1,49 @@
+"""SqzLinear kernels for torch: ``torch.ops.sqz.sqz_linear`` (CPU reference + CUDA kernels).
+
+Importing this package registers the op. :func:`sqz_linear` is what
+``sqz_export.runtime.SqzLinear.forward`` calls for CUDA inputs when :func:`available` is true; the
+CUDA extension is built from plugins/kernels/ on first use (see :mod:`sqz_export.kernels.build`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sqz_export.kernels.ops import KERNEL_KINDS, check_args, cuda_launch, reference_weight, sqz_linear_op
+
+if TYPE_CHECKING:
+    from sqz_export.runtime import SqzLinear
+
+__all__ = ["KERNEL_KINDS", "available", "check_args", "cuda_launch", "reference_weight", "sqz_linear", "sqz_linear_op"]
+
+
+def available() -> bool:
+    """True when a CUDA device is present, so the CUDA kernels can run (they are built on first use).
+
+    A failing build is not hidden behind this: it raises from the first :func:`sqz_linear` call.
+    """
+    return torch.cuda.is_available()
+
+
+def sqz_linear(module: SqzLinear, x: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """y = x @ W^T for a :class:`~sqz_export.runtime.SqzLinear` (bias not added: the module adds it).
+
+    Args:
+        module: the layer whose packed buffers (layout 2) are used.
+        x: activations [..., in_features] on the module's device.
+        kernel: "auto" (the launcher's rule by M), "gemv" or "dequant_gemm".
+
+    Returns:
+        [..., out_features] in x's dtype.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, module.in_features)
+    sparse = (module.sparse_row_ptr, module.sparse_col, module.sparse_val, module.sparse_chunk_row)
+    if not module.has_sparse:
+        sparse = (None, None, None, None)
+    y = torch.ops.sqz.sqz_linear(
+        x2, module.qweight, module.lut, *sparse, module.bits, module.in_features, module.chunk_nnz, kernel
+    )
+    return y.reshape(*lead, module.out_features)

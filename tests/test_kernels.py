@@ -1,0 +1,328 @@
+"""torch.ops.sqz.sqz_linear: CPU reference grid, exact cases, the C++ reference twin, and CUDA kernels.
+
+CPU tests always run. The C++ reference (plugins/kernels/sqzLinearRef.cpp) is compiled with g++ into a
+small shared library once per session and called through ctypes. `gpu` tests compare the CUDA
+kernels with the CPU op on the same inputs, with y poisoned (NaN) before the launch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import tolerance
+
+from sqz_export import kernels
+from sqz_export.formats import FormatError, PackedLinear, SparsePart, pack_indices, to_rowmajor
+from sqz_export.runtime import SqzLinear
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the kernels only compile here)")
+
+# (K, N): odd K (not a multiple of 32, or of 128 for the 3-bit 128-bit-load path) and odd N.
+CPU_SHAPES = [(45, 7), (96, 33), (257, 130)]
+DENSITIES = [0.0, 0.005]
+
+
+def random_layer(out_features: int, in_features: int, bits: int, density: float, seed: int = 0) -> PackedLinear:
+    """Random indices, a LUT with no zero entries, and a CSR part at ``density`` (never all-zero values)."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=generator)
+    magnitude = torch.rand(out_features, 1 << bits, generator=generator) * 0.09 + 0.01
+    sign = torch.randint(0, 2, magnitude.shape, generator=generator) * 2 - 1
+    lut = (magnitude * sign).to(torch.float16)
+    sparse = None
+    if density:
+        mask = torch.rand(out_features, in_features, generator=generator) < density
+        mask[out_features // 2, : max(1, in_features // 10)] = True  # one heavy row (10% dense)
+        values = torch.randn(out_features, in_features, generator=generator) + 0.5
+        sparse = SparsePart.from_dense(values * mask, chunk_nnz=8)
+    return PackedLinear(bits, in_features, out_features, pack_indices(indices, bits), lut, sparse)
+
+
+def op_args(layer: PackedLinear) -> tuple:
+    """(qweight layout 2, lut, row_ptr, col, val, chunk_row) as the op takes them."""
+    s = layer.sparse
+    sparse = (s.row_ptr, s.col, s.val, s.chunk_row) if s is not None else (None, None, None, None)
+    return (to_rowmajor(layer.qweight), layer.lut, *sparse)
+
+
+def chunk_nnz(layer: PackedLinear) -> int:
+    return layer.sparse.chunk_nnz if layer.sparse is not None else 0
+
+
+def run_op(layer: PackedLinear, x: torch.Tensor, kernel: str = "auto", device: str = "cpu") -> torch.Tensor:
+    args = [t.to(device) if t is not None else None for t in op_args(layer)]
+    return torch.ops.sqz.sqz_linear(
+        x.to(device), *args, layer.bits, layer.in_features, chunk_nnz(layer), kernel
+    )
+
+
+# ---- CPU: the op against the fp32 dense reference ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cpu_op_matches_fp32_reference(bits: int, m: int, shape: tuple[int, int], density: float, dtype: torch.dtype) -> None:
+    k, n = shape
+    layer = random_layer(n, k, bits, density, seed=bits * 7 + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = run_op(layer, x)
+    assert y.dtype == dtype and y.shape == (m, n)
+    expected = x.to(torch.float32) @ layer.weight().t()  # independent decode: formats.unpack_indices
+    torch.testing.assert_close(y.to(torch.float32), expected, **tolerance("sqz_linear", dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_identity_weight_is_exact(bits: int, dtype: torch.dtype) -> None:
+    """W = I (idx 1 on the diagonal, LUT [0, 1, ...]): y must equal x bit for bit."""
+    k = 45
+    indices = torch.eye(k, dtype=torch.int64)
+    lut = torch.zeros(k, 1 << bits, dtype=torch.float16)
+    lut[:, 1] = 1.0
+    layer = PackedLinear(bits, k, k, pack_indices(indices, bits), lut)
+    x = torch.randn(5, k).to(dtype)
+    assert torch.equal(run_op(layer, x), x)
+
+
+def integer_layer(bits: int, dtype: torch.dtype) -> tuple[PackedLinear, torch.Tensor, torch.Tensor]:
+    """Small-integer LUT, x and sparse values: every sum is an exact integer in fp32 and in the output."""
+    k, n, m = 45, 7, 3
+    generator = torch.Generator().manual_seed(bits)
+    indices = torch.randint(0, 1 << bits, (n, k), generator=generator)
+    lut = (torch.arange(1 << bits) - (1 << bits) // 2).repeat(n, 1).to(torch.float16)
+    dense = torch.zeros(n, k)
+    dense[0, 0], dense[0, 44], dense[3, 17], dense[5, 1], dense[5, 2] = 3, -1, 2, 1, -4
+    layer = PackedLinear(bits, k, n, pack_indices(indices, bits), lut, SparsePart.from_dense(dense, chunk_nnz=2))
+    x = torch.randint(-2, 3, (m, k), generator=generator).to(dtype)
+    expected = (x.to(torch.float64) @ layer.weight().to(torch.float64).t()).to(dtype)
+    return layer, x, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_integer_case_with_sparse_part_is_exact(bits: int, dtype: torch.dtype) -> None:
+    layer, x, expected = integer_layer(bits, dtype)
+    assert torch.equal(run_op(layer, x), expected)
+
+
+def test_module_entry_point_matches_runtime_reference() -> None:
+    layer = random_layer(33, 96, 3, 0.01, seed=3)
+    module = SqzLinear(layer)
+    x = torch.randn(2, 3, 96).to(torch.float16)
+    y = kernels.sqz_linear(module, x)
+    assert y.shape == (2, 3, 33) and y.dtype == torch.float16
+    torch.testing.assert_close(y, module(x), **tolerance("sqz_linear", torch.float16))
+
+
+def test_fp32_activations_run_the_reference() -> None:
+    layer = random_layer(7, 45, 4, 0.05)
+    x = torch.randn(4, 45)
+    torch.testing.assert_close(run_op(layer, x), x @ layer.weight().t(), **tolerance("sqz_linear", torch.float32))
+
+
+def test_available_reflects_cuda() -> None:
+    assert kernels.available() == torch.cuda.is_available()
+
+
+def test_bad_arguments_name_the_tensor() -> None:
+    layer = random_layer(7, 45, 3, 0.05)
+    qweight, lut, row_ptr, col, val, chunk_row = op_args(layer)
+    x = torch.randn(2, 45).to(torch.float16)
+    with pytest.raises(FormatError, match="qweight"):
+        torch.ops.sqz.sqz_linear(x, qweight[:, :-1], lut, row_ptr, col, val, chunk_row, 3, 45, 8)
+    with pytest.raises(FormatError, match="lut"):
+        torch.ops.sqz.sqz_linear(x, qweight, lut.float(), row_ptr, col, val, chunk_row, 3, 45, 8)
+    with pytest.raises(FormatError, match="together"):
+        torch.ops.sqz.sqz_linear(x, qweight, lut, row_ptr, None, val, chunk_row, 3, 45, 8)
+    with pytest.raises(FormatError, match="in_features"):
+        torch.ops.sqz.sqz_linear(x[:, :40], qweight, lut, row_ptr, col, val, chunk_row, 3, 45, 8)
+    with pytest.raises(FormatError, match="bits"):
+        torch.ops.sqz.sqz_linear(x, qweight, lut, row_ptr, col, val, chunk_row, 5, 45, 8)
+    with pytest.raises(FormatError, match="kernel"):
+        torch.ops.sqz.sqz_linear(x, qweight, lut, row_ptr, col, val, chunk_row, 3, 45, 8, "fastest")
+
+
+def test_fake_tensor_shape() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = random_layer(7, 45, 3, 0.0)
+    real = (torch.randn(3, 45).to(torch.float16), *op_args(layer)[:2])
+    with FakeTensorMode() as mode:
+        x, qweight, lut = (mode.from_tensor(t) for t in real)
+        y = torch.ops.sqz.sqz_linear(x, qweight, lut, None, None, None, None, 3, 45, 0)
+    assert y.shape == (3, 7) and y.dtype == torch.float16
+
+
+# ---- the C++ reference twin (plugins/kernels/sqzLinearRef.cpp) ------------------------------------
+
+_SHIM = r"""
+#include "sqzLinear.h"
+extern "C" const char* sqz_linear_ref(int m, int k, int n, int bits, int nnz, int chunkNnz, int bf16,
+    const void* x, const int* qweight, const void* lut, const int* rowPtr, const int* col, const void* val,
+    const int* chunkRow, void* y) {
+  sqz::SqzLinearShape s{m, k, n, bits, nnz, chunkNnz, bf16 ? sqz::DataType::kBF16 : sqz::DataType::kHALF};
+  sqz::SqzLinearArgs a{};
+  a.x = x; a.qweight = qweight; a.lut = lut; a.rowPtr = rowPtr; a.col = col; a.val = val; a.chunkRow = chunkRow; a.y = y;
+  return sqz::sqzLinearRef(s, a);
+}
+"""
+
+
+def _cuda_include_dir() -> Path | None:
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="session")
+def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """plugins/kernels/sqzLinearRef.cpp + sqzLinearPolicy.cpp as a shared library (built once)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    include = _cuda_include_dir()
+    if compiler is None or include is None:
+        pytest.skip("the C++ reference needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
+    out = tmp_path_factory.mktemp("sqzref")
+    shim = out / "shim.cpp"
+    shim.write_text(_SHIM)
+    lib = out / "libsqzref.so"
+    kernels_dir = REPO / "plugins" / "kernels"
+    cmd = [
+        compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+        f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", f"-I{include}",
+        str(shim), str(kernels_dir / "sqzLinearRef.cpp"), str(kernels_dir / "sqzLinearPolicy.cpp"), "-o", str(lib),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"compiling the C++ reference failed:\n{result.stderr}"
+    cdll = ctypes.CDLL(str(lib))
+    cdll.sqz_linear_ref.restype = ctypes.c_char_p
+    return cdll
+
+
+def run_cpp_reference(cdll: ctypes.CDLL, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    qweight, lut, row_ptr, col, val, chunk_row = op_args(layer)
+    y = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
+    nnz = layer.sparse.nnz if layer.sparse is not None else 0
+    error = cdll.sqz_linear_ref(
+        x.shape[0], layer.in_features, layer.out_features, layer.bits, nnz, chunk_nnz(layer),
+        int(x.dtype == torch.bfloat16), ptr(x), ptr(qweight), ptr(lut), ptr(row_ptr), ptr(col), ptr(val),
+        ptr(chunk_row), ptr(y),
+    )  # fmt: skip
+    assert error is None, error.decode()
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpp_reference_matches_torch_op(cpp_reference: ctypes.CDLL, bits: int, density: float, dtype: torch.dtype) -> None:
+    layer = random_layer(130, 257, bits, density, seed=bits)
+    x = torch.randn(4, 257).to(dtype)
+    torch.testing.assert_close(run_cpp_reference(cpp_reference, layer, x), run_op(layer, x), **tolerance("sqz_linear", dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_reference_integer_case_is_exact(cpp_reference: ctypes.CDLL, dtype: torch.dtype) -> None:
+    layer, x, expected = integer_layer(3, dtype)
+    assert torch.equal(run_cpp_reference(cpp_reference, layer, x), expected)
+
+
+# ---- CUDA kernels ---------------------------------------------------------------------------------
+
+# (K, N): odd tails; 3-bit K % 128 != 0 (32-bit word path); K % 8 == 0 but not % 32; one LLaMA width.
+GPU_SHAPES = [(45, 7), (100, 33), (520, 65), (4096, 128)]
+GPU_MS = [1, 2, 4, 5, 16, 17, 70]
+
+
+def _poisoned_launch(layer: PackedLinear, x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, str]:
+    args = [t.cuda() if t is not None else None for t in op_args(layer)]
+    y = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device="cuda")
+    name = kernels.cuda_launch(y, x.cuda(), *args, layer.bits, chunk_nnz(layer), kernel)
+    torch.cuda.synchronize()
+    return y, name
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["auto", "gemv", "dequant_gemm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cuda_kernels_match_cpu_op(bits: int, shape: tuple[int, int], density: float, dtype: torch.dtype, kernel: str) -> None:
+    k, n = shape
+    layer = random_layer(n, k, bits, density, seed=bits + k)
+    for m in GPU_MS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        y, name = _poisoned_launch(layer, x, kernel)
+        assert not torch.isnan(y).any(), f"{name}: some outputs were never written (M={m})"
+        torch.testing.assert_close(y.cpu(), run_op(layer, x), **tolerance("sqz_linear", dtype), msg=lambda s: f"{name} M={m}: {s}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["gemv", "dequant_gemm"])
+def test_cuda_identity_and_integer_cases_are_exact(kernel: str) -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        k = 45
+        lut = torch.zeros(k, 16, dtype=torch.float16)
+        lut[:, 1] = 1.0
+        identity = PackedLinear(4, k, k, pack_indices(torch.eye(k, dtype=torch.int64), 4), lut)
+        x = torch.randn(20, k).to(dtype)
+        assert torch.equal(_poisoned_launch(identity, x, kernel)[0].cpu(), x)
+        layer, x, expected = integer_layer(3, dtype)
+        assert torch.equal(_poisoned_launch(layer, x, kernel)[0].cpu(), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_kernel_choice_and_determinism() -> None:
+    layer = random_layer(256, 4096, 3, 0.0045, seed=1)
+    x1 = torch.randn(1, 4096).half()
+    x64 = torch.randn(64, 4096).half()
+    y1a, name1 = _poisoned_launch(layer, x1, "auto")
+    y1b, _ = _poisoned_launch(layer, x1, "auto")
+    y64a, name64 = _poisoned_launch(layer, x64, "auto")
+    y64b, _ = _poisoned_launch(layer, x64, "auto")
+    assert name1.startswith("gemv") and name64.startswith("dequant+gemm")
+    assert torch.equal(y1a, y1b) and torch.equal(y64a, y64b), "results must be bit-identical run to run"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_module_forward_side_stream_and_graph() -> None:
+    layer = random_layer(96, 520, 4, 0.0045, seed=2)
+    module = SqzLinear(layer).cuda()
+    x = torch.randn(3, 520, device="cuda", dtype=torch.float16)
+    expected = run_op(layer, x.cpu())
+    torch.testing.assert_close(module(x).cpu(), expected, **tolerance("sqz_linear", torch.float16))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y_side = module(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(y_side.cpu(), expected, **tolerance("sqz_linear", torch.float16))
+    module(x)  # build and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = module(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y_graph.cpu(), run_op(layer, x.cpu()), **tolerance("sqz_linear", torch.float16))
