@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iterations", type=positive_int, default=10, help="timed runs per runner, after 2 warm-up runs (default: 10)")
     parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the pass/fail verdict (default: 5e-2)")
     parser.add_argument("--rtol", type=float, default=None, help="relative tolerance of the pass/fail verdict (default: 2e-2)")
+    parser.add_argument("--check-stat", choices=("elemwise", "max", "mean", "median"), help="error statistic the verdict checks against the tolerances (default: mean)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write a histogram of logit errors")
     add_json_argument(parser)
     parser.set_defaults(func=run)
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from polygraphy.logger import G_LOGGER
 
-    from sqz_export.compare.driver import DEFAULT_ATOL, DEFAULT_RTOL, CompareOptions, compare_folder
+    from sqz_export.compare.driver import DEFAULT_ATOL, DEFAULT_CHECK_STAT, DEFAULT_RTOL, CompareOptions, compare_folder
     from sqz_export.compare.report import write_plot
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         atol=DEFAULT_ATOL if args.atol is None else args.atol,
         rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
+        check_stat=args.check_stat or DEFAULT_CHECK_STAT,
     )
     report, errors = compare_folder(args.folder, options)
     print(report.table())

@@ -34,7 +34,10 @@ logger = logging.getLogger(__name__)
 COMPARED_OUTPUT = "logits"
 DEFAULT_ATOL = 5e-2
 DEFAULT_RTOL = 2e-2
-"""Default verdict tolerances: fp16 logits against the fp32 reference (fp16 rounding of K-long sums)."""
+DEFAULT_CHECK_STAT = "mean"
+"""Default verdict: the mean error of fp16 logits against the fp32 reference within (atol, rtol).
+An elementwise check is too strict for fp16 graphs of real depth: on SmolLM2-135M (30 layers) the
+fp16 SqzLinear graph has a mean |error| of 0.014 but single logits off by 0.5 at 99% top-1 agreement."""
 PLOT_SAMPLES = 1_000_000
 """Errors drawn per pair for the histogram (the full logits can be tens of millions of values)."""
 
@@ -54,6 +57,8 @@ class CompareOptions:
     warm_up: int = 2
     atol: float = DEFAULT_ATOL
     rtol: float = DEFAULT_RTOL
+    check_stat: str = DEFAULT_CHECK_STAT
+    """Polygraphy's check_error_stat: which error statistic must be within the tolerances."""
     providers: list[str] | None = None
 
 
@@ -142,7 +147,8 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
     # (infinite tolerance), since that difference is the quantization error itself.
     for subset, atol, rtol in ((verdict_pairs, options.atol, options.rtol), (stats_pairs, np.inf, np.inf)):
         if subset:
-            accuracy = Comparator.compare_accuracy(results, comparisons=subset, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
+            compare_func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=options.check_stat)
+            accuracy = Comparator.compare_accuracy(results, comparisons=subset, compare_func=compare_func)
             by_pair.update({tuple(key): value for key, value in accuracy[0].items()})  # one compare func -> one AccuracyResult
     logits = {name: [np.asarray(iteration[COMPARED_OUTPUT], dtype=np.float32) for iteration in iterations] for name, iterations in results}
     rng = np.random.default_rng(0)
@@ -177,6 +183,7 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
         seq_len=int(tokens.shape[1]),
         atol=options.atol,
         rtol=options.rtol,
+        check_stat=options.check_stat,
         pairs=stats,
         latency=latency,
     )

@@ -45,6 +45,7 @@ class CompareReport:
     seq_len: int
     atol: float
     rtol: float
+    check_stat: str
     pairs: list[PairStats]
     latency: list[Latency]
 
@@ -54,7 +55,7 @@ class CompareReport:
     def table(self) -> str:
         """Terminal table: one row per compared pair, then one per runner's latency."""
         lines = [
-            f"reference: {self.reference}; {self.windows} window(s) x {self.seq_len} tokens; pass/fail at atol={self.atol:g}, rtol={self.rtol:g}",
+            f"reference: {self.reference}; {self.windows} window(s) x {self.seq_len} tokens; pass/fail: {self.check_stat} error within atol={self.atol:g} or rtol={self.rtol:g}",
             f"{'runner':<22} {'vs':<22} {'max abs':>10} {'mean abs':>10} {'max rel':>10} {'mean rel':>10} {'top-1':>8}  verdict",
         ]
         for pair in self.pairs:

@@ -146,12 +146,12 @@ def write_polygraphy_inputs(onnx_path: Path, tokenizer: Any, target: Path) -> No
 
         polygraphy run OUT/model.onnx --onnxrt --load-inputs OUT/polygraphy_inputs.json
     """
-    from polygraphy.json import save_json
+    from polygraphy.json import to_json
 
     from sqz_export.export.signature import DecoderSignature
 
     token_ids = tokenizer(POLYGRAPHY_PROMPT)["input_ids"]
-    save_json([DecoderSignature.from_onnx(onnx_path).feed([token_ids])], str(target), description="sqz-export prefill feed")
+    target.write_text(to_json([DecoderSignature.from_onnx(onnx_path).feed([token_ids])]))
 
 
 def _sha256(path: Path) -> str:
