@@ -83,3 +83,14 @@ def test_add_function_is_idempotent_and_sets_ir_version() -> None:
 def test_function_needs_opset_18() -> None:
     with pytest.raises(ValueError, match="opset >= 18"):
         onnx_function.make_functions(17)
+
+
+def test_onnxruntime_folds_the_unpack_into_a_constant(tmp_path) -> None:
+    """With initializer inputs the whole body is constant: ORT's optimizer folds it at session creation,
+    so ORT pays the unpack once, not per call (the file on disk stays packed)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(one_node_model(random_packed(16, 64, 3, 0.05), torch.float32).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ops == {"MatMul"}
