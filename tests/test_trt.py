@@ -29,6 +29,7 @@ from sqz_export.engine.build import (
     import_tensorrt,
     load_plugin_library,
     make_trt_logger,
+    network_flags,
     write_atomic,
 )
 from sqz_export.engine.runner import make_trt_runner
@@ -63,10 +64,7 @@ def one_layer_engine(trt: ModuleType, layer: PackedLinear, path: Path) -> None:
     """y = SqzLinear(x) as the only layer, built through the TensorRT network API and the registered creator."""
     logger = make_trt_logger(trt)
     builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     x = network.add_input("x", trt.float16, (-1, layer.in_features))
     weights = [to_rowmajor(layer.qweight).numpy(), layer.lut.numpy()]
     attributes = {"bits": layer.bits, "in_features": layer.in_features, "out_features": layer.out_features, "layout": 2}

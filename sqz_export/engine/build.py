@@ -197,6 +197,13 @@ def make_trt_logger(trt: ModuleType) -> Any:
     return _Logger()
 
 
+def network_flags(trt: ModuleType) -> int:
+    """Strongly typed networks: asked for on TensorRT 10, the only kind (flag deprecated) on 11+."""
+    if int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def _parser_errors(parser: Any) -> Iterator[str]:
     for i in range(parser.num_errors):
         error = parser.get_error(i)
@@ -263,10 +270,7 @@ def build_engine(
     trt_logger = make_trt_logger(trt)
     start = time.perf_counter()
     builder = trt.Builder(trt_logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # always on in TensorRT 11
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
         raise UserError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(_parser_errors(parser)))
