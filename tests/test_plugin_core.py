@@ -68,3 +68,8 @@ def test_plugin_library_passes_the_harness(tmp_path: Path) -> None:
     assert libraries and harnesses
     result = run([str(harnesses[0]), str(libraries[0])])
     assert "1 creator(s), all checks passed" in result.stdout
+    # The library's ABI is exactly TensorRT's two entry points, and it does not depend on libnvinfer.
+    if shutil.which("nm") and shutil.which("ldd"):
+        symbols = run(["nm", "-D", "--defined-only", str(libraries[0])]).stdout.split()
+        assert sorted(s for s in symbols if s in ("getCreators", "setLoggerFinder") or s.startswith("_Z")) == ["getCreators", "setLoggerFinder"]
+        assert "libnvinfer" not in run(["ldd", str(libraries[0])]).stdout
