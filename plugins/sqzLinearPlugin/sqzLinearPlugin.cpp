@@ -2,7 +2,7 @@
 
 #include <exception>
 #include <limits>
-#include <memory>
+#include <string>
 
 using nvinfer1::Dims;
 using nvinfer1::DimsExprs;
