@@ -62,14 +62,18 @@ def test_plugin_library_passes_the_harness(tmp_path: Path) -> None:
         "-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_CUDA_ARCHITECTURES=90",
     ])
     assert "skipping TensorRT plugin" not in configure.stdout
-    run(["cmake", "--build", str(build), "--target", "sqzPluginHarness", "-j2"], timeout=1800)
-    libraries = sorted(build.rglob("libsqz_trt_plugin.so"))
-    harnesses = sorted(build.rglob("sqzPluginHarness"))
-    assert libraries and harnesses
-    result = run([str(harnesses[0]), str(libraries[0])])
+    run(["cmake", "--build", str(build), "--target", "sqzPluginHarness", "sqzPluginRegistrationTest", "-j2"], timeout=1800)
+    plugin_dir = build / "plugins" / "sqzLinearPlugin"
+    library = plugin_dir / "libsqz_trt_plugin.so"
+    result = run([str(plugin_dir / "sqzPluginHarness"), str(library)])
     assert "1 creator(s), all checks passed" in result.stdout
+    # Self registration at load time in a process that has (a stand-in) libnvinfer, and the hand-over to loadLibrary.
+    fake_nvinfer = sorted((plugin_dir / "fake_nvinfer").glob("libnvinfer.so.*"))
+    assert fake_nvinfer, "the stand-in libnvinfer.so.<major> was not built"
+    result = run([str(plugin_dir / "sqzPluginRegistrationTest"), str(fake_nvinfer[0]), str(library)])
+    assert "self registration and getCreators hand-over passed" in result.stdout
     # The library's ABI is exactly TensorRT's two entry points, and it does not depend on libnvinfer.
     if shutil.which("nm") and shutil.which("ldd"):
-        symbols = run(["nm", "-D", "--defined-only", str(libraries[0])]).stdout.split()
+        symbols = run(["nm", "-D", "--defined-only", str(library)]).stdout.split()
         assert sorted(s for s in symbols if s in ("getCreators", "setLoggerFinder") or s.startswith("_Z")) == ["getCreators", "setLoggerFinder"]
-        assert "libnvinfer" not in run(["ldd", str(libraries[0])]).stdout
+        assert "libnvinfer" not in run(["ldd", str(library)]).stdout
