@@ -36,8 +36,11 @@ class CleanupPass(GraphPass[DeadItem]):
 
     def __init__(self, infer_shapes: bool = True) -> None:
         self.infer_shapes = infer_shapes
+        self._dead_nodes: set[int] = set()
+        self._dead_inits: set[int] = set()
 
     def pattern(self, model: onnx.ModelProto) -> Iterator[DeadItem]:
+        self._dead_nodes, self._dead_inits = set(), set()
         graph = model.graph
         live = {output.name for output in graph.output}
         live_nodes: set[int] = set()
@@ -61,11 +64,6 @@ class CleanupPass(GraphPass[DeadItem]):
 
     def describe(self, match: DeadItem) -> str:
         return f"{match.kind} {match.name!r}"
-
-    def run(self, model: onnx.ModelProto) -> PassResult:
-        self._dead_nodes: set[int] = set()
-        self._dead_inits: set[int] = set()
-        return super().run(model)
 
     def rewrite(self, model: onnx.ModelProto, match: DeadItem) -> None:
         # Indices stay valid while matches are collected; the removal itself happens in finish().

@@ -162,3 +162,22 @@ def test_cli_export_writes_json_summary(tmp_path: Path, tiny_checkpoint: Callabl
 def test_cli_export_rejects_old_opset(tmp_path: Path, tiny_checkpoint: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "out"), "--opset", "17"]) == 2
     assert "opset 18" in capsys.readouterr().err
+
+
+def test_large_models_use_external_data(tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the threshold (2 GiB in practice; 0 here) tensors go to model.onnx.data, which ORT reads."""
+    from sqz_export.export import baseline
+
+    monkeypatch.setattr(baseline, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "out"
+    export_checkpoint(tiny_checkpoint("llama"), out, with_baseline=False, dtype=torch.float32)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert f"{MODEL_FILE}.data" in manifest["files"]
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    external = [init.name for init in graph.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    assert any(name.endswith(".qweight") for name in external)
+    token_ids = np.arange(3, 20, dtype=np.int64)[None]
+    model, _ = load_quantized_model(tiny_checkpoint("llama"))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(token_ids)).logits
+    torch.testing.assert_close(torch.from_numpy(run_prefill(out / MODEL_FILE, token_ids)), expected, **tolerance("model_logits", torch.float32))

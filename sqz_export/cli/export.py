@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Export the checkpoint's model with KV cache to ONNX, rewrite every quantized MatMul into "
             "sqz::SqzLinear (packed weights as initializers, a model-local ONNX function so onnxruntime runs "
             "the same file), and export the FP16 baseline from the source model for comparisons. "
-            "Run the result with `polygraphy run OUT/model.onnx --onnxrt`."
+            "Run the result with `polygraphy run OUT/model.onnx --onnxrt --load-inputs OUT/polygraphy_inputs.json` "
+            "(a real prompt's prefill feed; Polygraphy's random default inputs are not valid token ids)."
         ),
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder written by `sqz-export quantize`")
