@@ -6,6 +6,7 @@ The TensorRT build itself is tested in test_trt.py (skipped where TensorRT is ab
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from test_export import tiny_checkpoint, tiny_export  # noqa: F401  (session fixtures)
+
 from graph_passes.sqz_linear import sqz_linear_node
 from sqz_export.cli import main
 from sqz_export.engine import build as engine_build
-from sqz_export.engine.build import BuildLimits, find_plugin_library, profile_shapes, write_atomic
+from sqz_export.engine.build import BuildLimits, count_sqz_nodes, find_plugin_library, profile_shapes, write_atomic
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
+from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
 from sqz_export.formats import PackedLinear, pack_indices
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -140,6 +144,19 @@ def test_profiles_cover_decode_and_prefill(model_onnx: Path) -> None:
     assert prefill["position_ids"] == prefill["input_ids"]
     assert prefill["attention_mask"] == prefill["input_ids"]
     assert prefill["past_key_values.1.value"] == ((1, KV_HEADS, 0, HEAD_DIM), (1, KV_HEADS, 0, HEAD_DIM), (4, KV_HEADS, 0, HEAD_DIM))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_exported_graphs_are_planned(arch: str, tiny_export: Callable[[str, str], Path]) -> None:
+    """On the real exporter's output: one plugin per quantized layer, and a profile for every graph input."""
+    folder = tiny_export(arch, "fp16")
+    layers = read_manifest(folder)["layers"]
+    assert count_sqz_nodes(folder / MODEL_FILE) == len(layers) > 0
+    assert count_sqz_nodes(folder / BASELINE_FILE) == 0
+    for name in (MODEL_FILE, BASELINE_FILE):
+        graph_inputs = {value.name for value in onnx.load(str(folder / name), load_external_data=False).graph.input}
+        for shapes in profile_shapes(DecoderSignature.from_onnx(folder / name), BuildLimits()).values():
+            assert set(shapes) == graph_inputs
 
 
 def test_limits_are_checked(model_onnx: Path) -> None:

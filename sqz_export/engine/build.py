@@ -297,6 +297,7 @@ def build_engine(
         index = config.add_optimization_profile(profile)
         logger.info("profile %d %s: input_ids %s", index, name, " .. ".join(str(s) for s in shapes["input_ids"]))
 
+    logger.info("building the engine (TensorRT %s; this takes a while: it times kernels for every layer)", trt.__version__)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path} (its errors are in the log above; -v shows more)")
