@@ -53,7 +53,7 @@ def write_decoder_graph(path: Path, with_sqz: bool) -> Path:
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", "seq", VOCAB])]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT16, ["batch", KV_HEADS, "total", HEAD_DIM]) for name in presents]
     hidden = helper.make_tensor("hidden", TensorProto.FLOAT16, [1, 1, HIDDEN], np.ones(HIDDEN, np.float16).tolist())
-    nodes = [helper.make_node("Identity", [p], [q]) for p, q in zip(past, presents)]
+    nodes = [helper.make_node("Identity", [p], [q]) for p, q in zip(past, presents, strict=True)]
     initializers = [hidden]
     if with_sqz:
         node, tensors = sqz_linear_node("lm_head", packed_layer(), "hidden", "logits")

@@ -130,7 +130,7 @@ def test_decoder_engines_match_onnxruntime(
         logits = np.asarray(outputs["logits"]).astype(np.float32)
         torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(expected.astype(np.float32)), **tolerance("model_logits", torch.float16))
         # One decode step after the engine's own cache.
-        past = {name: np.asarray(outputs[present]) for name, present in zip(signature.past_names, signature.present_names)}
+        past = {name: np.asarray(outputs[present]) for name, present in zip(signature.past_names, signature.present_names, strict=True)}
         step = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
         feed = signature.feed(step, past)
         session = ort.InferenceSession(str(folder / onnx_name), providers=["CPUExecutionProvider"])

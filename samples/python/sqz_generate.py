@@ -61,7 +61,7 @@ class Generator:
         }
         if self.has_position_ids:
             inputs["position_ids"] = torch.arange(past_len, past_len + seq, dtype=torch.int64, device="cuda")[None]
-        inputs.update(zip(self.past, self.cache))
+        inputs.update(zip(self.past, self.cache, strict=True))
         for name, tensor in inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
             # An empty cache (prefill) has no storage; TensorRT still wants a valid address.
