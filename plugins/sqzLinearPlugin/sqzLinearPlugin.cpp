@@ -100,6 +100,7 @@ SqzLinearPlugin::SqzLinearPlugin(SqzLinearPlugin const& other)
     , IPluginV3OneBuild(other)
     , IPluginV3OneRuntime(other)
     , mParams(other.mParams)
+    , mErrorRecorder(other.mErrorRecorder)
     , mNbInputs(other.mNbInputs)
     , mNnz(other.mNnz)
     , mDtype(other.mDtype)
@@ -408,15 +409,29 @@ int32_t SqzLinearPlugin::enqueue(PluginTensorDesc const* /*inputDesc*/, PluginTe
     cudaError_t const status = sqzLinearLaunch(shape, args, kind, stream);
     if (status != cudaSuccess)
     {
-        logError(std::string("kernel launch failed: ") + cudaGetErrorString(status));
+        std::string const message = std::string(kPLUGIN_NAME) + ": kernel launch failed (M=" + std::to_string(shape.m)
+            + ", K=" + std::to_string(shape.inFeatures) + ", N=" + std::to_string(shape.outFeatures)
+            + "): " + cudaGetErrorString(status);
+        if (mErrorRecorder != nullptr)
+        {
+            mErrorRecorder->reportError(nvinfer1::ErrorCode::kFAILED_EXECUTION, message.c_str());
+        }
+        logMessage(ILogger::Severity::kERROR, message);
         return -1;
     }
     return 0;
 }
 
-IPluginV3* SqzLinearPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
+IPluginV3* SqzLinearPlugin::attachToContext(nvinfer1::IPluginResourceContext* context) noexcept
 {
-    return clone(); // no per-context resources: the kernels need only the stream and the workspace
+    // No per-context resources (the kernels need only the stream and the workspace); keep the
+    // context's error recorder so a failed launch is reported where the application looks.
+    auto* attached = static_cast<SqzLinearPlugin*>(clone());
+    if (attached != nullptr && context != nullptr)
+    {
+        attached->mErrorRecorder = context->getErrorRecorder();
+    }
+    return attached;
 }
 
 PluginFieldCollection const* SqzLinearPlugin::getFieldsToSerialize() noexcept

@@ -78,6 +78,8 @@ private:
     bool checkShapes(std::vector<std::vector<int64_t>> const& dims, char const* phase) const noexcept;
 
     SqzLinearParams mParams;
+    //! The execution context's error recorder (attachToContext); enqueue failures go there and to the log.
+    nvinfer1::IErrorRecorder* mErrorRecorder{nullptr};
     // Set by configurePlugin (build) / onShapeChange (runtime).
     int32_t mNbInputs{kNB_INPUTS_DENSE};
     int64_t mNnz{0};
