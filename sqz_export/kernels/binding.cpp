@@ -3,8 +3,8 @@
 // Only the launch itself lives here; the op schema, argument checks with tensor names, the CPU
 // implementation and the kernel-choice logging are in sqz_export/kernels/ops.py. Launches go to
 // torch's current CUDA stream of x's device, so they follow torch streams and CUDA graph capture.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -84,7 +84,7 @@ void launch(torch::Tensor const& x, torch::Tensor const& qweight, torch::Tensor 
     args.workspace = workspace.has_value() ? workspace->data_ptr() : nullptr;
     args.workspaceBytes = workspace.has_value() ? static_cast<size_t>(workspace->numel()) : 0;
     c10::cuda::CUDAGuard const guard(x.device());
-    cudaError_t const status = sqz::sqzLinearLaunch(shape, args, toKind(kind), at::cuda::getCurrentCUDAStream().stream());
+    cudaError_t const status = sqz::sqzLinearLaunch(shape, args, toKind(kind), c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
     TORCH_CHECK(status == cudaSuccess, "sqz_linear: sqzLinearLaunch failed: ", cudaGetErrorString(status));
 }
 

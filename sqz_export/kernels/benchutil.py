@@ -1,0 +1,139 @@
+"""Helpers shared by benchmarks/kernels.py and benchmarks/decode.py: random layers and GPU timing.
+
+Timing follows the project's benchmark rules: warm-up first, CUDA events around CUDA-graph replays
+(so Python and launch overhead do not count, as in a TensorRT engine), median of several repeats,
+and inputs rotated over more bytes than the L2 cache so each call streams its weights from DRAM.
+On CPU (dry runs) the same calls are timed with perf_counter.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sqz_export.formats import DEFAULT_CHUNK_NNZ, PackedLinear, SparsePart, balanced_partition, pack_indices, packed_words
+
+DEFAULT_L2_BYTES = 50 * 2**20
+
+
+def random_packed(
+    out_features: int,
+    in_features: int,
+    bits: int,
+    density: float,
+    device: torch.device | str,
+    seed: int = 0,
+    chunk_nnz: int = DEFAULT_CHUNK_NNZ,
+) -> PackedLinear:
+    """A random quantized layer (layout 1, as a checkpoint holds it), built on ``device``.
+
+    Every b-bit pattern is a valid index, so when K is a multiple of 32 the packed words are drawn
+    directly (no CPU packing of LLaMA-sized layers); otherwise indices are packed so the padding is 0.
+    LUT entries are N(0, 0.02) pushed away from zero; sparse values are N(0, 1), never zero.
+    """
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    words = packed_words(in_features, bits)
+    if in_features % 32 == 0:
+        qweight = torch.randint(
+            -(2**31), 2**31, (words, out_features), dtype=torch.int32, device=device, generator=generator
+        )
+    else:
+        indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=torch.Generator().manual_seed(seed))
+        qweight = pack_indices(indices, bits).to(device)
+    lut = torch.randn(out_features, 1 << bits, device=device, generator=generator) * 0.02
+    lut = torch.where(lut.abs() < 1e-3, torch.full_like(lut, 1e-3), lut).to(torch.float16)
+    sparse = None
+    if density > 0:
+        mask = torch.rand(out_features, in_features, device=device, generator=generator) < density
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        counts = torch.bincount(rows, minlength=out_features)
+        row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=device)
+        row_ptr[1:] = torch.cumsum(counts, 0)
+        values = torch.randn(rows.numel(), device=device, generator=generator)
+        values = torch.where(values.abs() < 1e-2, torch.full_like(values, 0.5), values)
+        sparse = SparsePart(
+            row_ptr=row_ptr.to(torch.int32),
+            col=cols.to(torch.int32),
+            val=values.to(torch.float16),
+            chunk_row=balanced_partition(row_ptr.cpu(), chunk_nnz).to(device),
+            chunk_nnz=chunk_nnz,
+        )
+    return PackedLinear(bits, in_features, out_features, qweight, lut, sparse)
+
+
+def rotation_count(bytes_per_copy: int, l2_bytes: int) -> int:
+    """Copies of the inputs to cycle through so one pass reads more than twice the L2 cache."""
+    return max(2, math.ceil(2 * l2_bytes / max(1, bytes_per_copy)))
+
+
+def l2_bytes(device: torch.device) -> int:
+    """L2 cache bytes of a CUDA device; 0 on CPU (dry runs do not rotate inputs)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_L2_BYTES))
+
+
+def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, iters: int, repeats: int) -> float:
+    """Median seconds per call of ``calls`` run round-robin ``iters`` times (warm-up excluded).
+
+    CUDA: the ``iters`` calls are captured once into a CUDA graph; each repeat times one replay with
+    CUDA events. CPU: perf_counter around the same loop.
+    """
+    if device.type != "cuda":
+        for call in calls:
+            call()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(iters):
+                calls[i % len(calls)]()
+            samples.append((time.perf_counter() - start) / iters)
+        return statistics.median(samples)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up (JIT build, cuBLAS handles) off the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            calls[i % len(calls)]()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / iters)
+    del graph
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device copy rate in bytes/s (read + write bytes of a large dst.copy_(src)), same run."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 64 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_per_call([lambda: dst.copy_(src)], device, iters=4, repeats=repeats)
+    return 2 * src.numel() * 4 / seconds
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """What the numbers were measured on."""
+    info: dict[str, object] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sm=f"{props.major}{props.minor}", memory_bytes=props.total_memory, l2_bytes=l2_bytes(device))
+        info["cuda"] = torch.version.cuda
+    return info
