@@ -1,0 +1,135 @@
+"""quantize_model / quantize_weight: options, errors, RTN grid, and end-to-end logits on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import TINY_VOCAB, make_tiny_model
+
+from sqz_export.errors import UserError
+from sqz_export.models import quantizable_linears
+from sqz_export.quantize import QuantizeOptions, quantize_model, quantize_weight
+from sqz_export.quantize.fisher import compute_fisher
+from sqz_export.runtime import replace_linears
+
+# Relative L2 error bounds of the logits of a 2-layer model with random weights. Uniform b-bit
+# quantization of a Gaussian row over its +-3.5 sigma range has error std range / (2**b * sqrt(12)),
+# i.e. about 0.25 sigma at 3 bits and 0.13 at 4 bits; errors of the two blocks add up roughly
+# linearly into the logits. Measured (seed 0): squeezellm 0.18 / 0.07, rtn 0.26 / 0.10.
+LOGITS_RELATIVE_BOUND = {3: 0.35, 4: 0.15}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def calibrated(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = make_tiny_model(request.param, seed=0)
+    windows = torch.randint(0, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    return model, compute_fisher(model, windows, quantizable_linears(model), autocast_dtype=None, progress=False)
+
+
+def quantized_logits(model: torch.nn.Module, packed: dict, tokens: torch.Tensor) -> torch.Tensor:
+    copy_ = copy.deepcopy(model)
+    assert replace_linears(copy_, packed) == len(packed)
+    with torch.no_grad():
+        return copy_(tokens).logits
+
+
+def test_logits_close_to_fp_and_better_with_more_bits(calibrated) -> None:
+    model, fisher = calibrated
+    layers = quantizable_linears(model)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    tokens = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(tokens).logits
+    errors = {}
+    for method in ("squeezellm", "rtn"):
+        for bits in (3, 4):
+            result = quantize_model(model, fisher, QuantizeOptions(method=method, bits=bits), layers, progress=False)
+            assert set(result.packed) == set(layers)
+            assert set(result.timings) == {"sparse_split", "kmeans", "pack", "quantize_wall"}
+            for name, packed in result.packed.items():
+                packed.validate(name)
+                assert packed.bits == bits and packed.sparse is not None
+                if layers[name].bias is not None:
+                    assert packed.bias.dtype == torch.float16
+                    torch.testing.assert_close(packed.bias, layers[name].bias.detach().half())
+            errors[method, bits] = relative_error(quantized_logits(model, result.packed, tokens), reference)
+            assert errors[method, bits] < LOGITS_RELATIVE_BOUND[bits], (method, bits, errors[method, bits])
+    for method in ("squeezellm", "rtn"):
+        assert errors[method, 4] < errors[method, 3]
+    for bits in (3, 4):
+        assert errors["squeezellm", bits] < errors["rtn", bits]
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # the model was not modified
+
+
+def test_parallel_workers_give_identical_results(calibrated) -> None:
+    model, fisher = calibrated
+    layers = quantizable_linears(model)
+    one = quantize_model(model, fisher, QuantizeOptions(bits=3, workers=1), layers, progress=False)
+    two = quantize_model(model, fisher, QuantizeOptions(bits=3, workers=2), layers, progress=False)
+    for name in layers:
+        assert torch.equal(one.packed[name].qweight, two.packed[name].qweight)
+        assert torch.equal(one.packed[name].lut, two.packed[name].lut)
+        assert torch.equal(one.packed[name].sparse.val, two.packed[name].sparse.val)
+
+
+def test_rtn_lut_is_the_uniform_grid_of_each_row() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 80, generator=gen)
+    weight[3] = 0.25  # a constant row decodes exactly
+    for bits in (2, 3, 4, 8):
+        packed = quantize_weight(weight, None, QuantizeOptions(method="rtn", bits=bits, sparsity=0.0, sensitive_fraction=0.0))
+        levels = torch.arange(1 << bits, dtype=torch.float32) / ((1 << bits) - 1)
+        lo, hi = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
+        torch.testing.assert_close(packed.lut, (lo + (hi - lo) * levels).half(), rtol=0.0, atol=0.0)
+        step = (hi - lo) / ((1 << bits) - 1)
+        error = (packed.weight() - weight).abs()
+        # nearest level: at most half a step (plus the fp16 rounding of the levels)
+        assert bool((error <= step / 2 + 2.0**-11 * weight.abs().amax(dim=1, keepdim=True)).all())
+        assert torch.equal(packed.weight()[3], weight[3])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "gptq"}, "method 'gptq'"),
+        ({"bits": 5}, "bits=5"),
+        ({"sparsity": 0.2}, "sparsity=0.2"),
+        ({"sparsity": -0.01}, "sparsity=-0.01"),
+        ({"sparsity": 0.001, "sensitive_fraction": 0.002}, "sensitive_fraction=0.002"),
+        ({"kmeans_max_iter": 0}, "kmeans_max_iter"),
+        ({"chunk_nnz": 0}, "chunk_nnz"),
+        ({"workers": 0}, "workers"),
+        ({"device": "nonsense"}, "device 'nonsense'"),
+    ],
+)
+def test_invalid_options_raise_user_error(changes: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        QuantizeOptions(**changes).validate()
+
+
+def test_squeezellm_needs_fisher_rtn_does_not() -> None:
+    model = make_tiny_model("llama")
+    layers = quantizable_linears(model)
+    with pytest.raises(UserError, match="Fisher"):
+        quantize_model(model, None, QuantizeOptions(), layers, progress=False)
+    partial = {name: torch.ones_like(layer.weight) for name, layer in list(layers.items())[1:]}
+    with pytest.raises(UserError, match=f"first {next(iter(layers))!r}"):
+        quantize_model(model, partial, QuantizeOptions(), layers, progress=False)
+    result = quantize_model(model, None, QuantizeOptions(method="rtn", bits=4), layers, progress=False)
+    assert len(result.packed) == len(layers)
+
+
+def test_weight_errors_name_the_layer() -> None:
+    weight = torch.randn(8, 32)
+    with pytest.raises(UserError, match="layer.x: Fisher information has shape"):
+        quantize_weight(weight, torch.ones(8, 31), QuantizeOptions(), name="layer.x")
+    weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="layer.y: weight contains NaN"):
+        quantize_weight(weight, torch.ones(8, 32), QuantizeOptions(), name="layer.y")
