@@ -102,28 +102,46 @@ def _logits_only(results: RunResults) -> RunResults:
     return kept
 
 
-def _latency(runner: BaseRunner, signature: DecoderSignature, feed: dict[str, np.ndarray], options: CompareOptions) -> Latency:
-    """Median prefill time over the window and median one-token decode time after it."""
+def _median_ms(runner: BaseRunner, feed: dict[str, np.ndarray], options: CompareOptions) -> tuple[float, dict[str, np.ndarray]]:
+    """Median inference time of an active runner after warm-up, and its last outputs."""
+    for _ in range(options.warm_up):
+        runner.infer(feed)
+    times = []
+    for _ in range(options.iterations):
+        outputs = runner.infer(feed)
+        times.append(runner.last_inference_time())
+    return statistics.median(times) * 1000, {name: np.array(value) for name, value in outputs.items()}
+
+
+def _latency(
+    runner: BaseRunner,
+    signature: DecoderSignature,
+    feed: dict[str, np.ndarray],
+    options: CompareOptions,
+    decode_runner: BaseRunner | None = None,
+) -> Latency:
+    """Median prefill time over the window and median one-token decode time after it.
+
+    ``decode_runner`` times the decode step when it needs a different runner (a TensorRT engine's
+    decode profile); by default the same active runner does both (no second session start).
+    """
+
+    def decode_step(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        if isinstance(runner, TorchRunner) or not all(name in outputs for name in signature.present_names):
+            return None  # no KV cache: prefill only
+        past = {p: outputs[q] for p, q in zip(signature.past_names, signature.present_names, strict=True)}
+        return signature.feed(outputs[COMPARED_OUTPUT][:, -1:].argmax(-1), past)
+
+    decode = None
     with runner:
-        for _ in range(options.warm_up):
-            outputs = runner.infer(feed)
-        prefill = []
-        for _ in range(options.iterations):
-            outputs = runner.infer(feed)
-            prefill.append(runner.last_inference_time())
-        decode = None
-        if not isinstance(runner, TorchRunner) and all(name in outputs for name in signature.present_names):
-            past = {p: np.array(outputs[q]) for p, q in zip(signature.past_names, signature.present_names, strict=True)}
-            token = np.asarray(outputs[COMPARED_OUTPUT])[:, -1:].argmax(-1)
-            step = signature.feed(token, past)
-            for _ in range(options.warm_up):
-                runner.infer(step)
-            times = []
-            for _ in range(options.iterations):
-                runner.infer(step)
-                times.append(runner.last_inference_time())
-            decode = statistics.median(times) * 1000
-    return Latency(runner.name, statistics.median(prefill) * 1000, decode, options.iterations)
+        prefill, outputs = _median_ms(runner, feed, options)
+        step = decode_step(outputs)
+        if step is not None and decode_runner is None:
+            decode, _ = _median_ms(runner, step, options)
+    if step is not None and decode_runner is not None:
+        with decode_runner:
+            decode, _ = _median_ms(decode_runner, step, options)
+    return Latency(runner.name, prefill, decode, options.iterations)
 
 
 def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[CompareReport, dict[str, np.ndarray]]:
@@ -175,7 +193,8 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
         diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(logits[name], logits[reference], strict=True)])
         errors[f"{name} vs {reference}"] = rng.choice(diff, PLOT_SAMPLES, replace=False) if diff.size > PLOT_SAMPLES else diff
 
-    latency = [_latency(runner, signature, feeds[0], options) for runner in runners]
+    decode_runners = {TENSORRT: trt_runner(options.engine, options.plugin, TENSORRT, "decode")} if options.engine else {}
+    latency = [_latency(runner, signature, feeds[0], options, decode_runners.get(runner.name)) for runner in runners]
     report = CompareReport(
         folder=str(folder),
         reference=reference,

@@ -21,8 +21,12 @@ def onnxrt_runner(path: Path, name: str, providers: list[str] | None = None) -> 
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
 
 
-def trt_runner(engine_path: Path, plugin_library: Path | None, name: str = "tensorrt") -> BaseRunner:
-    """The TensorRT runner from ``sqz_export.engine.runner`` (imported only when an engine is given)."""
+def trt_runner(engine_path: Path, plugin_library: Path | None, name: str = "tensorrt", profile: str = "prefill") -> BaseRunner:
+    """The TensorRT runner from ``sqz_export.engine.runner`` (imported only when an engine is given).
+
+    ``profile`` is the engine's optimization profile: "prefill" (whole windows, empty cache) for
+    accuracy and prefill latency, "decode" (one token after a cache) for decode latency.
+    """
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
@@ -32,9 +36,7 @@ def trt_runner(engine_path: Path, plugin_library: Path | None, name: str = "tens
         ) from exc
     from sqz_export.engine.runner import make_trt_runner
 
-    runner = make_trt_runner(engine_path, plugin_library)
-    runner.name = name
-    return runner
+    return make_trt_runner(engine_path, plugin_library, profile=profile, name=name)
 
 
 class TorchRunner(BaseRunner):
