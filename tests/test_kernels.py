@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,51 @@ def test_cuda_module_forward_side_stream_and_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y_graph.cpu(), run_op(layer, x.cpu()), **tolerance("sqz_linear", torch.float16))
+
+
+# ---- benchmark plumbing (CPU dry runs of benchmarks/kernels.py and benchmarks/decode.py) ------------
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("k", "density"), [(64, 0.0), (96, 0.05), (45, 0.05)])
+def test_benchmark_random_layers_are_valid(k: int, density: float) -> None:
+    from sqz_export.kernels.benchutil import random_packed
+
+    layer = random_packed(33, k, 3, density, "cpu", seed=1)
+    layer.validate("bench")
+    assert (layer.lut != 0).all()
+    if density:
+        assert layer.sparse.nnz > 0 and (layer.sparse.val != 0).all()
+
+
+def test_kernels_benchmark_dry_run(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "kernels.json"
+    bench = _load_benchmark("kernels")
+    argv = ["--device", "cpu", "--shapes", "33x96", "--m", "1", "4", "--bits", "3", "--iters", "2", "--repeats", "1"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4  # 2 densities x 2 M
+    assert all(r["max_abs_err"] < 1e-2 and r["sqz_us"] > 0 and r["cublas_fp16_us"] > 0 for r in rows)
+
+
+def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "decode.json"
+    bench = _load_benchmark("decode")
+    argv = ["--device", "cpu", "--config", "tiny", "--layers", "1", "--new-tokens", "2", "--prompt-len", "1"]
+    assert bench.main([*argv, "--repeats", "1", "--variants", "fp16", "sqz3-sparse", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["fp16", "sqz3-sparse"]
+    assert results[1]["linear_weight_bytes"] < results[0]["linear_weight_bytes"]
