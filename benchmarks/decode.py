@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -98,7 +98,9 @@ class DecoderLayer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16, device=device))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16, device=device))
 
-    def forward(self, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         b = h.shape[0]
         heads, dim = self.cfg.heads, self.cfg.head_dim
         x = self.norm1(h)  # [B, 1, H]
@@ -244,7 +246,9 @@ def run_variant(name: str, cfg: ModelConfig, args: argparse.Namespace, device: t
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'variant':<12} {'layers':>6} {'ms/token':>9} {'tok/s':>8} {'speedup':>8} {'linear GB':>9} {'peak GB':>8}"]
+    lines = [
+        f"{'variant':<12} {'layers':>6} {'ms/token':>9} {'tok/s':>8} {'speedup':>8} {'linear GB':>9} {'peak GB':>8}"
+    ]
     for r in results:
         speedup = f"{r.speedup_vs_fp16:.2f}x" if r.speedup_vs_fp16 else "-"
         lines.append(
@@ -257,7 +261,9 @@ def format_table(results: list[Result]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="llama-7b")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the config's; fewer = less memory)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: the config's; fewer = less memory)"
+    )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=16, help="tokens decoded (untimed) before timing")
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "benchmark": "decode",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "environment": benchutil.environment(device),
             "model": dataclasses.asdict(cfg),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -61,7 +61,9 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES], help="NxK list")
+    parser.add_argument(
+        "--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES], help="NxK list"
+    )
     parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16], help="rows of x (tokens)")
     parser.add_argument("--bits", nargs="+", type=int, default=[3, 4])
     parser.add_argument("--density", nargs="+", type=float, default=[0.0, 0.0045], help="sparse fraction")
@@ -74,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measure(args: argparse.Namespace, device: torch.device, n: int, k: int, m: int, bits: int, density: float, copy_rate: float) -> Row:
+def measure(
+    args: argparse.Namespace, device: torch.device, n: int, k: int, m: int, bits: int, density: float, copy_rate: float
+) -> Row:
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     l2 = benchutil.l2_bytes(device)
     probe = benchutil.random_packed(n, k, bits, density, device, seed=0)
@@ -113,9 +117,6 @@ def measure(args: argparse.Namespace, device: torch.device, n: int, k: int, m: i
     dense_out = torch.empty(m, n, dtype=dtype, device=device)
     dense_calls = [lambda i=i: torch.matmul(xs[i % copies], weights[i].t(), out=dense_out) for i in range(dense_copies)]
     dense_seconds = benchutil.time_per_call(dense_calls, device, args.iters, args.repeats)
-    del weights, layers, xs
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
     rate = sqz_bytes / sqz_seconds
     return Row(
@@ -129,8 +130,10 @@ def measure(args: argparse.Namespace, device: torch.device, n: int, k: int, m: i
 def format_table(rows: list[Row], copy_rate: float) -> str:
     lines = [
         f"device copy rate: {copy_rate / 1e9:.0f} GB/s (read + write)",
-        f"{'N x K':>12} {'M':>3} {'bits':>4} {'sparse':>7} {'sqz us':>8} {'cuBLAS us':>9} {'speedup':>7} "
-        f"{'GB/s':>7} {'%copy':>6} {'max err':>8}  kernel",
+        (
+            f"{'N x K':>12} {'M':>3} {'bits':>4} {'sparse':>7} {'sqz us':>8} {'cuBLAS us':>9} {'speedup':>7} "
+            f"{'GB/s':>7} {'%copy':>6} {'max err':>8}  kernel"
+        ),
     ]
     for r in rows:
         lines.append(
@@ -154,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             for density in args.density:
                 for m in args.m:
                     rows.append(measure(args, device, n, k, m, bits, density, copy_rate))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # the rotated copies of the finished row
                     logger.info("%s", format_table(rows[-1:], copy_rate).splitlines()[-1])
     print(format_table(rows, copy_rate))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "benchmark": "kernels",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "environment": benchutil.environment(device),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "copy_rate_bytes_per_s": copy_rate,

@@ -60,9 +60,7 @@ def chunk_nnz(layer: PackedLinear) -> int:
 
 def run_op(layer: PackedLinear, x: torch.Tensor, kernel: str = "auto", device: str = "cpu") -> torch.Tensor:
     args = [t.to(device) if t is not None else None for t in op_args(layer)]
-    return torch.ops.sqz.sqz_linear(
-        x.to(device), *args, layer.bits, layer.in_features, chunk_nnz(layer), kernel
-    )
+    return torch.ops.sqz.sqz_linear(x.to(device), *args, layer.bits, layer.in_features, chunk_nnz(layer), kernel)
 
 
 # ---- CPU: the op against the fp32 dense reference ----------------------------------------------
@@ -73,7 +71,9 @@ def run_op(layer: PackedLinear, x: torch.Tensor, kernel: str = "auto", device: s
 @pytest.mark.parametrize("shape", CPU_SHAPES)
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("bits", [3, 4])
-def test_cpu_op_matches_fp32_reference(bits: int, m: int, shape: tuple[int, int], density: float, dtype: torch.dtype) -> None:
+def test_cpu_op_matches_fp32_reference(
+    bits: int, m: int, shape: tuple[int, int], density: float, dtype: torch.dtype
+) -> None:
     k, n = shape
     layer = random_layer(n, k, bits, density, seed=bits * 7 + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -218,7 +218,7 @@ def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 def run_cpp_reference(cdll: ctypes.CDLL, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     qweight, lut, row_ptr, col, val, chunk_row = op_args(layer)
     y = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype)
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None
     nnz = layer.sparse.nnz if layer.sparse is not None else 0
     error = cdll.sqz_linear_ref(
         x.shape[0], layer.in_features, layer.out_features, layer.bits, nnz, chunk_nnz(layer),
@@ -232,10 +232,14 @@ def run_cpp_reference(cdll: ctypes.CDLL, layer: PackedLinear, x: torch.Tensor) -
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cpp_reference_matches_torch_op(cpp_reference: ctypes.CDLL, bits: int, density: float, dtype: torch.dtype) -> None:
+def test_cpp_reference_matches_torch_op(
+    cpp_reference: ctypes.CDLL, bits: int, density: float, dtype: torch.dtype
+) -> None:
     layer = random_layer(130, 257, bits, density, seed=bits)
     x = torch.randn(4, 257).to(dtype)
-    torch.testing.assert_close(run_cpp_reference(cpp_reference, layer, x), run_op(layer, x), **tolerance("sqz_linear", dtype))
+    torch.testing.assert_close(
+        run_cpp_reference(cpp_reference, layer, x), run_op(layer, x), **tolerance("sqz_linear", dtype)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -266,14 +270,21 @@ def _poisoned_launch(layer: PackedLinear, x: torch.Tensor, kernel: str) -> tuple
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cuda_kernels_match_cpu_op(bits: int, shape: tuple[int, int], density: float, dtype: torch.dtype, kernel: str) -> None:
+def test_cuda_kernels_match_cpu_op(
+    bits: int, shape: tuple[int, int], density: float, dtype: torch.dtype, kernel: str
+) -> None:
     k, n = shape
     layer = random_layer(n, k, bits, density, seed=bits + k)
     for m in GPU_MS:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         y, name = _poisoned_launch(layer, x, kernel)
         assert not torch.isnan(y).any(), f"{name}: some outputs were never written (M={m})"
-        torch.testing.assert_close(y.cpu(), run_op(layer, x), **tolerance("sqz_linear", dtype), msg=lambda s: f"{name} M={m}: {s}")
+        torch.testing.assert_close(
+            y.cpu(),
+            run_op(layer, x),
+            **tolerance("sqz_linear", dtype),
+            msg=lambda s, name=name, m=m: f"{name} M={m}: {s}",
+        )
 
 
 @pytest.mark.gpu

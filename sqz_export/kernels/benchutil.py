@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sqz_export.formats import DEFAULT_CHUNK_NNZ, PackedLinear, SparsePart, balanced_partition, pack_indices, packed_words
+from sqz_export.formats import (
+    DEFAULT_CHUNK_NNZ,
+    PackedLinear,
+    SparsePart,
+    balanced_partition,
+    pack_indices,
+    packed_words,
+)
 
 DEFAULT_L2_BYTES = 50 * 2**20
 
@@ -44,7 +51,9 @@ def random_packed(
             -(2**31), 2**31, (words, out_features), dtype=torch.int32, device=device, generator=generator
         )
     else:
-        indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=torch.Generator().manual_seed(seed))
+        indices = torch.randint(
+            0, 1 << bits, (out_features, in_features), generator=torch.Generator().manual_seed(seed)
+        )
         qweight = pack_indices(indices, bits).to(device)
     lut = torch.randn(out_features, 1 << bits, device=device, generator=generator) * 0.02
     lut = torch.where(lut.abs() < 1e-3, torch.full_like(lut, 1e-3), lut).to(torch.float16)
@@ -134,6 +143,8 @@ def environment(device: torch.device) -> dict[str, object]:
     info: dict[str, object] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, sm=f"{props.major}{props.minor}", memory_bytes=props.total_memory, l2_bytes=l2_bytes(device))
+        info.update(
+            gpu=props.name, sm=f"{props.major}{props.minor}", memory_bytes=props.total_memory, l2_bytes=l2_bytes(device)
+        )
         info["cuda"] = torch.version.cuda
     return info

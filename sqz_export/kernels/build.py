@@ -53,7 +53,9 @@ def extension() -> ModuleType:
             + ", ".join(missing)
         )
     if "CUDA_HOME" not in os.environ and cpp_extension.CUDA_HOME is None:
-        raise RuntimeError("sqz_export.kernels: CUDA_HOME is not set and no CUDA toolkit was found (export CUDA_HOME=/usr/local/cuda)")
+        raise RuntimeError(
+            "sqz_export.kernels: CUDA_HOME is not set and no CUDA toolkit was found (export CUDA_HOME=/usr/local/cuda)"
+        )
     logger.info("building the SqzLinear CUDA extension %s (first use; cached by torch afterwards)", EXTENSION_NAME)
     return cpp_extension.load(
         name=EXTENSION_NAME,

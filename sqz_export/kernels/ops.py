@@ -76,13 +76,19 @@ def check_args(
     tensors = {"x": x, "qweight": qweight, "lut": lut}
     if row_ptr is not None:
         if row_ptr.dtype != torch.int32 or tuple(row_ptr.shape) != (n + 1,):
-            raise FormatError(f"sqz_linear: row_ptr must be int32 [{n + 1}], got {row_ptr.dtype} {tuple(row_ptr.shape)}")
+            raise FormatError(
+                f"sqz_linear: row_ptr must be int32 [{n + 1}], got {row_ptr.dtype} {tuple(row_ptr.shape)}"
+            )
         if col.dtype != torch.int32 or col.dim() != 1:
             raise FormatError(f"sqz_linear: col must be 1-D int32, got {col.dtype} {tuple(col.shape)}")
         if val.dtype != torch.float16 or val.shape != col.shape:
-            raise FormatError(f"sqz_linear: val must be float16 shaped like col {tuple(col.shape)}, got {val.dtype} {tuple(val.shape)}")
+            raise FormatError(
+                f"sqz_linear: val must be float16 shaped like col {tuple(col.shape)}, got {val.dtype} {tuple(val.shape)}"
+            )
         if chunk_row.dtype != torch.int32 or chunk_row.dim() != 1:
-            raise FormatError(f"sqz_linear: chunk_row must be 1-D int32, got {chunk_row.dtype} {tuple(chunk_row.shape)}")
+            raise FormatError(
+                f"sqz_linear: chunk_row must be 1-D int32, got {chunk_row.dtype} {tuple(chunk_row.shape)}"
+            )
         if col.numel() and chunk_nnz <= 0:
             raise FormatError(f"sqz_linear: chunk_nnz must be > 0 with a sparse part, got {chunk_nnz}")
         tensors.update(row_ptr=row_ptr, col=col, val=val, chunk_row=chunk_row)
