@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import SAMPLE_TEXT, save_tiny_model
+from tiny_models import SAMPLE_TEXT, make_tiny_model, save_tiny_model
 
 from sqz_export.cli import COMMAND_MODULES, main
+from sqz_export.models import quantizable_linears
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,7 +83,11 @@ def test_quantize_inspect_eval_end_to_end(tiny_setup: tuple[Path, Path], tmp_pat
     assert result.returncode == 0, result.stderr
     inspected = json.loads(result.stdout[result.stdout.index("{"):])
     assert inspected["quant_method"] == method and inspected["layers"] == 14
-    assert inspected["compression_ratio"] > 16 / (bits + 1)
+    if sparsity == "0":  # packed bytes follow from the shapes alone: words of the indices plus the fp16 LUTs
+        layers = quantizable_linears(make_tiny_model("llama")).values()
+        expected = sum(math.ceil(l.in_features / 32) * bits * l.out_features * 4 + l.out_features * 2**bits * 2 for l in layers)
+        assert inspected["quantized_packed_bytes"] == expected
+        assert inspected["compression_ratio"] == pytest.approx(inspected["quantized_fp16_bytes"] / expected)
     expected_fraction = 0.0045 if sparsity != "0" else 0.0
     assert abs(inspected["sparse_fraction"] - expected_fraction) <= 0.0001
 
