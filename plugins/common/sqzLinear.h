@@ -57,7 +57,7 @@ struct SqzLinearArgs
     int32_t const* rowPtr;     //!< [outFeatures + 1], or nullptr when nnz == 0
     int32_t const* col;        //!< [nnz]
     void const* val;           //!< __half [nnz]
-    int32_t const* chunkRow;   //!< [ceil(nnz / chunkNnz)] (validated by the format; see sqzLinear.cu for its use)
+    int32_t const* chunkRow;   //!< [ceil(nnz / chunkNnz)]; not read by the kernels (sqzLinear.cu says why), may be nullptr
     void* y;                   //!< [m, outFeatures] row-major, dtype
     void* workspace;           //!< device scratch, >= sqzLinearWorkspaceSizeFor(shape, kind) bytes, 256-byte aligned
     size_t workspaceBytes;     //!< size of `workspace`
