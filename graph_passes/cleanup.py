@@ -110,7 +110,9 @@ def topological_sort(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> lis
                 remaining.append(node)
         if len(remaining) == len(pending):
             missing = sorted(node_inputs(remaining[0]) - available)
-            raise ValueError(f"node {remaining[0].name or remaining[0].output[0]!r} reads {missing}, which no node produces (cycle or dangling input)")
+            raise ValueError(
+                f"node {remaining[0].name or remaining[0].output[0]!r} reads {missing}, which no node produces (cycle or dangling input)"
+            )
         pending = remaining
     return ordered
 

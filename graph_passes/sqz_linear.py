@@ -48,7 +48,9 @@ class LinearMatch:
     """The quantized layer whose weight this is; set by ``check`` when it accepts the match."""
 
 
-def sqz_linear_node(layer_name: str, layer: PackedLinear, x: str, y: str) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+def sqz_linear_node(
+    layer_name: str, layer: PackedLinear, x: str, y: str
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """The SqzLinear node for one packed layer and the initializers it reads (layout 2).
 
     The input count carries the variant: 3 for a dense-only layer, 7 (overload ``"sparse"``) when the
@@ -140,7 +142,11 @@ class SqzLinearPass(GraphPass[LinearMatch]):
                 transpose = producers.get(operand)
                 if operand in self._initializers:
                     yield LinearMatch(node, node.input[0], operand, weight_is_nk=False)
-                elif transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in self._initializers:
+                elif (
+                    transpose is not None
+                    and transpose.op_type == "Transpose"
+                    and transpose.input[0] in self._initializers
+                ):
                     perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
                     if perm == [1, 0]:
                         yield LinearMatch(node, node.input[0], transpose.input[0], weight_is_nk=True)
@@ -157,7 +163,9 @@ class SqzLinearPass(GraphPass[LinearMatch]):
         array = numpy_helper.to_array(init)
         weight = array if match.weight_is_nk else array.T
         for layer_name in dict.fromkeys(self._weights_by_digest(init.data_type).get(_digest(weight), [])):
-            if any(np.array_equal(candidate, weight) for candidate in self._candidate_weights(layer_name, init.data_type)):
+            if any(
+                np.array_equal(candidate, weight) for candidate in self._candidate_weights(layer_name, init.data_type)
+            ):
                 return layer_name
         return None
 
@@ -195,7 +203,9 @@ class SqzLinearPass(GraphPass[LinearMatch]):
             model.graph.node.insert(position + offset, new)
         model.graph.initializer.extend(tensors)
         self.rewritten[layer_name] = match.node.name or output
-        logger.debug("%s: %s -> SqzLinear of %r (%d inputs)", self.name, self.describe(match), layer_name, len(node.input))
+        logger.debug(
+            "%s: %s -> SqzLinear of %r (%d inputs)", self.name, self.describe(match), layer_name, len(node.input)
+        )
 
     def finish(self, model: onnx.ModelProto, result: PassResult) -> None:
         if result.count:

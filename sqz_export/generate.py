@@ -43,10 +43,14 @@ class OnnxGenerator:
         self.signature = DecoderSignature.from_onnx(onnx_path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(Path(onnx_path)), options, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(Path(onnx_path)), options, providers=providers or ["CPUExecutionProvider"]
+        )
         self._outputs = ["logits"] + self.signature.present_names
 
-    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(
+        self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits [batch, new, vocab] and the updated cache for ``input_ids`` after ``past``."""
         outputs = self.session.run(self._outputs, self.signature.feed(input_ids, past))
         return outputs[0], dict(zip(self.signature.past_names, outputs[1:], strict=True))

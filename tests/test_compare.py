@@ -1,5 +1,8 @@
 """The Polygraphy comparison of an export folder: runners, statistics, verdicts, latency, JSON, plot."""
 
+# The session fixtures tiny_checkpoint/tiny_export live in test_export.py and are imported here, which
+# ruff reads as a redefinition when a test takes them as arguments.
+# ruff: noqa: F811
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +17,13 @@ from tiny_models import SAMPLE_TEXT
 from tolerances import TOLERANCES
 
 from sqz_export.cli import main
-from sqz_export.compare.driver import BASELINE, REFERENCE, SQZ, CompareOptions, compare_folder
+from sqz_export.compare.driver import (
+    BASELINE,
+    REFERENCE,
+    SQZ,
+    CompareOptions,
+    compare_folder,
+)
 from sqz_export.compare.report import write_plot
 from sqz_export.errors import UserError
 
@@ -26,7 +35,9 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_compare_reports_reference_sqz_and_baseline(tiny_export: Callable[[str, str], Path], text_file: Path, tmp_path: Path) -> None:
+def test_compare_reports_reference_sqz_and_baseline(
+    tiny_export: Callable[[str, str], Path], text_file: Path, tmp_path: Path
+) -> None:
     atol, rtol = TOLERANCES[("model_logits", torch.float32)]
     options = CompareOptions(dataset=str(text_file), windows=2, seq_len=48, iterations=3, atol=atol, rtol=rtol)
     report, errors = compare_folder(tiny_export("llama", "fp32"), options)
@@ -50,25 +61,47 @@ def test_compare_reports_reference_sqz_and_baseline(tiny_export: Callable[[str, 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_compare_fails_verdict_at_impossible_tolerance(tiny_export: Callable[[str, str], Path], text_file: Path) -> None:
+def test_compare_fails_verdict_at_impossible_tolerance(
+    tiny_export: Callable[[str, str], Path], text_file: Path
+) -> None:
     options = CompareOptions(dataset=str(text_file), windows=1, seq_len=32, iterations=1, atol=0.0, rtol=0.0)
     report, _ = compare_folder(tiny_export("llama", "fp16"), options)
     assert next(pair for pair in report.pairs if pair.runner == SQZ).passed is False
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed; this checks the message without it")
-def test_engine_without_tensorrt_is_a_user_error(tiny_export: Callable[[str, str], Path], text_file: Path, tmp_path: Path) -> None:
-    options = CompareOptions(dataset=str(text_file), windows=1, seq_len=16, iterations=1, engine=tmp_path / "model.engine")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed; this checks the message without it"
+)
+def test_engine_without_tensorrt_is_a_user_error(
+    tiny_export: Callable[[str, str], Path], text_file: Path, tmp_path: Path
+) -> None:
+    options = CompareOptions(
+        dataset=str(text_file), windows=1, seq_len=16, iterations=1, engine=tmp_path / "model.engine"
+    )
     with pytest.raises(UserError, match="TensorRT"):
         compare_folder(tiny_export("llama", "fp16"), options)
 
 
-def test_cli_compare_writes_json_and_plot(tiny_export: Callable[[str, str], Path], text_file: Path, tmp_path: Path) -> None:
+def test_cli_compare_writes_json_and_plot(
+    tiny_export: Callable[[str, str], Path], text_file: Path, tmp_path: Path
+) -> None:
     out_json, plot = tmp_path / "report.json", tmp_path / "plot.png"
-    code = main([
-        "compare", str(tiny_export("opt", "fp16")), "--dataset", str(text_file), "--seq-len", "32",
-        "--iterations", "2", "--json", str(out_json), "--plot", str(plot),
-    ])
+    code = main(
+        [
+            "compare",
+            str(tiny_export("opt", "fp16")),
+            "--dataset",
+            str(text_file),
+            "--seq-len",
+            "32",
+            "--iterations",
+            "2",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert code == 0
     report = json.loads(out_json.read_text())
     assert {pair["runner"] for pair in report["pairs"]} == {SQZ, BASELINE}

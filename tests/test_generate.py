@@ -1,5 +1,8 @@
 """Greedy generation with onnxruntime and the KV cache against the torch reference."""
 
+# The session fixtures tiny_checkpoint/tiny_export live in test_export.py and are imported here, which
+# ruff reads as a redefinition when a test takes them as arguments.
+# ruff: noqa: F811
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,11 +22,15 @@ PROMPT = [5, 17, 42, 9, 33, 71]
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_greedy_tokens_match_torch_reference(arch: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_greedy_tokens_match_torch_reference(
+    arch: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
     model, _ = load_quantized_model(tiny_checkpoint(arch))
     with torch.no_grad():
-        expected = model.generate(torch.tensor([PROMPT]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0)
-    expected_new = expected[0, len(PROMPT):].tolist()
+        expected = model.generate(
+            torch.tensor([PROMPT]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0
+        )
+    expected_new = expected[0, len(PROMPT) :].tolist()
     # The scaled lm_head (test_export.LM_HEAD_SCALE) keeps argmax margins far above fp32 noise, so
     # equality is the right assertion; different tokens mean a cache or position bug.
     result = OnnxGenerator(tiny_export(arch, "fp32") / MODEL_FILE).greedy(PROMPT, STEPS)
@@ -36,18 +43,35 @@ def test_cached_steps_equal_full_recompute(tiny_export: Callable[[str, str], Pat
     generator = OnnxGenerator(tiny_export("llama", "fp32") / MODEL_FILE)
     tokens = PROMPT + [11, 12, 13]
     logits, past = generator.step(torch.tensor([PROMPT]).numpy(), None)
-    for token in tokens[len(PROMPT):]:
+    for token in tokens[len(PROMPT) :]:
         logits, past = generator.step(torch.tensor([[token]]).numpy(), past)
     full, _ = generator.step(torch.tensor([tokens]).numpy(), None)
     torch.testing.assert_close(torch.from_numpy(logits[0, -1]), torch.from_numpy(full[0, -1]), atol=1e-4, rtol=1e-4)
 
 
-def test_cli_generate(tiny_export: Callable[[str, str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_generate(
+    tiny_export: Callable[[str, str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     summary = tmp_path / "gen.json"
     folder = tiny_export("llama", "fp16")
-    assert main(["generate", "--onnx", str(folder), "--prompt", "The quick", "--max-new-tokens", "5", "--json", str(summary)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--onnx",
+                str(folder),
+                "--prompt",
+                "The quick",
+                "--max-new-tokens",
+                "5",
+                "--json",
+                str(summary),
+            ]
+        )
+        == 0
+    )
     result = json.loads(summary.read_text())
     assert 1 <= len(result["new_ids"]) <= 5
     assert any(line.startswith("The quick") for line in capsys.readouterr().out.splitlines())

@@ -35,8 +35,8 @@ def exported() -> dict[tuple[str, str], tuple[torch.nn.Module, dict, onnx.ModelP
     for arch in ("llama", "opt"):
         model = make_tiny_model(arch)
         packed = tiny_packed(model)
-        for dtype in DTYPES:
-            cache[(arch, dtype)] = (model, packed, export_decoder(reconstructed_model(model, packed), DTYPES[dtype]))
+        for name, dtype in DTYPES.items():
+            cache[(arch, name)] = (model, packed, export_decoder(reconstructed_model(model, packed), dtype))
     return cache
 
 
@@ -69,8 +69,12 @@ def test_sqz_linear_pass_rewrites_every_quantized_linear(arch: str, dtype: str, 
             assert ("chunk_nnz" in attrs) == sparse
     # No FP copy of a quantized weight is left: the cleanup removed one initializer per layer.
     assert cleanup.count >= len(packed)
-    weight_bytes = sum(layer.in_features * layer.out_features for layer in packed.values()) * (2 if dtype == "fp16" else 4)
-    assert tensor_bytes(graph) <= tensor_bytes(original) - weight_bytes + sum(layer.nbytes() for layer in packed.values())
+    weight_bytes = sum(layer.in_features * layer.out_features for layer in packed.values()) * (
+        2 if dtype == "fp16" else 4
+    )
+    assert tensor_bytes(graph) <= tensor_bytes(original) - weight_bytes + sum(
+        layer.nbytes() for layer in packed.values()
+    )
     onnx.checker.check_model(graph, full_check=True)
 
     # Numerics: the rewritten graph computes what the FP graph of the reconstructed weights computes,
@@ -78,7 +82,9 @@ def test_sqz_linear_pass_rewrites_every_quantized_linear(arch: str, dtype: str, 
     token_ids = np.arange(5, 30, dtype=np.int64)[None]
     before, after = run_logits(original, token_ids), run_logits(graph, token_ids)
     torch_dtype = DTYPES[dtype]
-    torch.testing.assert_close(torch.from_numpy(after).float(), torch.from_numpy(before).float(), **tolerance("model_logits", torch_dtype))
+    torch.testing.assert_close(
+        torch.from_numpy(after).float(), torch.from_numpy(before).float(), **tolerance("model_logits", torch_dtype)
+    )
     reference = copy.deepcopy(model)
     replace_linears(reference, packed)
     with torch.no_grad():
@@ -109,11 +115,13 @@ def test_wrong_bits_fails_before_touching_the_graph(exported: dict) -> None:
 
 
 def test_checkpoint_layer_without_a_node_is_a_loud_error(exported: dict) -> None:
-    model, packed, original = exported[("llama", "fp32")]
+    _, packed, original = exported[("llama", "fp32")]
     extra = dict(packed)
     name = next(iter(extra))
     layer = extra[name]
-    extra[name] = random_packed(layer.out_features, layer.in_features, layer.bits, 0.0, seed=99)  # not what the graph holds
+    extra[name] = random_packed(
+        layer.out_features, layer.in_features, layer.bits, 0.0, seed=99
+    )  # not what the graph holds
     with pytest.raises(UserError, match=f"no node matched: {name}"):
         quantize_graph(copy.deepcopy(original), extra)
 
@@ -127,13 +135,19 @@ def _linear_graph(kind: str, weight: np.ndarray, bias: np.ndarray | None) -> onn
         nodes = [helper.make_node("MatMul", ["x", "w_t"], ["y"], name="mm")]
     elif kind == "transpose":
         inits.append(numpy_helper.from_array(weight, "w"))
-        nodes = [helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]), helper.make_node("MatMul", ["x", "w_t"], ["y"], name="mm")]
+        nodes = [
+            helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "w_t"], ["y"], name="mm"),
+        ]
     else:
         inits += [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")]
         nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=1)]
     graph = helper.make_graph(
-        nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits,
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -151,9 +165,13 @@ def test_every_weight_orientation_is_matched(kind: str) -> None:
     ops = [node.op_type for node in graph.graph.node]
     assert ops == (["SqzLinear", "Add"] if kind == "gemm" else ["SqzLinear"])
     assert {init.name for init in graph.graph.initializer} >= {"layer.qweight", "layer.lut"}
-    assert "w" not in {init.name for init in graph.graph.initializer} and "w_t" not in {init.name for init in graph.graph.initializer}
+    assert "w" not in {init.name for init in graph.graph.initializer} and "w_t" not in {
+        init.name for init in graph.graph.initializer
+    }
     after = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    torch.testing.assert_close(torch.from_numpy(after), torch.from_numpy(before), **tolerance("sqz_linear", torch.float32))
+    torch.testing.assert_close(
+        torch.from_numpy(after), torch.from_numpy(before), **tolerance("sqz_linear", torch.float32)
+    )
 
 
 def test_gemm_with_unsupported_attributes_is_refused() -> None:
@@ -174,7 +192,9 @@ def test_cleanup_removes_dead_chains_and_sorts() -> None:
         helper.make_node("Sigmoid", ["x"], ["a"], name="first"),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
         [numpy_helper.from_array(np.ones(2, np.float32), "unused")],
     )

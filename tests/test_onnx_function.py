@@ -22,7 +22,8 @@ ELEM_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT
 def one_node_model(layer: PackedLinear, dtype: torch.dtype) -> onnx.ModelProto:
     node, tensors = sqz_linear_node("layer", layer, "x", "y")
     graph = helper.make_graph(
-        [node], "sqz_linear",
+        [node],
+        "sqz_linear",
         [helper.make_tensor_value_info("x", ELEM_TYPES[dtype], ["batch", "tokens", layer.in_features])],
         [helper.make_tensor_value_info("y", ELEM_TYPES[dtype], ["batch", "tokens", layer.out_features])],
         tensors,
@@ -66,9 +67,24 @@ def test_node_contract() -> None:
     sparse, tensors = sqz_linear_node("s", random_packed(8, 32, 4, 0.2), "x", "y")
     assert (dense.domain, dense.op_type, len(dense.input), dense.overload) == ("sqz", "SqzLinear", 3, "")
     assert (sparse.domain, sparse.op_type, len(sparse.input), sparse.overload) == ("sqz", "SqzLinear", 7, "sparse")
-    assert [t.data_type for t in tensors] == [TensorProto.INT32, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT32, TensorProto.FLOAT16, TensorProto.INT32]
+    assert [t.data_type for t in tensors] == [
+        TensorProto.INT32,
+        TensorProto.FLOAT16,
+        TensorProto.INT32,
+        TensorProto.INT32,
+        TensorProto.FLOAT16,
+        TensorProto.INT32,
+    ]
     attrs = {a.name: helper.get_attribute_value(a) for a in sparse.attribute}
-    assert attrs == {"bits": 4, "in_features": 32, "out_features": 8, "layout": 2, "chunk_nnz": 4, "plugin_namespace": b"sqz", "plugin_version": b"1"}
+    assert attrs == {
+        "bits": 4,
+        "in_features": 32,
+        "out_features": 8,
+        "layout": 2,
+        "chunk_nnz": 4,
+        "plugin_namespace": b"sqz",
+        "plugin_version": b"1",
+    }
     assert "chunk_nnz" not in {a.name for a in dense.attribute}
 
 
@@ -91,6 +107,10 @@ def test_onnxruntime_folds_the_unpack_into_a_constant(tmp_path) -> None:
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    ort.InferenceSession(one_node_model(random_packed(16, 64, 3, 0.05), torch.float32).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        one_node_model(random_packed(16, 64, 3, 0.05), torch.float32).SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert ops == {"MatMul"}

@@ -21,14 +21,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("folder", type=Path, help="folder written by `sqz-export export`")
     parser.add_argument("--engine", type=Path, help="TensorRT engine built by `sqz-export build` (needs TensorRT)")
     parser.add_argument("--plugin", type=Path, help="SqzLinear plugin library for --engine (default: the build's own)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint for the torch reference (default: the one recorded at export)")
-    parser.add_argument("--dataset", default="wikipedia", help="text for the windows: 'wikipedia' (offline sample, default), or a .txt/.jsonl file")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="checkpoint for the torch reference (default: the one recorded at export)"
+    )
+    parser.add_argument(
+        "--dataset",
+        default="wikipedia",
+        help="text for the windows: 'wikipedia' (offline sample, default), or a .txt/.jsonl file",
+    )
     parser.add_argument("--windows", type=positive_int, default=1, help="token windows to compare (default: 1)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: 512)")
-    parser.add_argument("--iterations", type=positive_int, default=10, help="timed runs per runner, after 2 warm-up runs (default: 10)")
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the pass/fail verdict (default: 5e-2)")
-    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance of the pass/fail verdict (default: 2e-2)")
-    parser.add_argument("--check-stat", choices=("elemwise", "max", "mean", "median"), help="error statistic the verdict checks against the tolerances (default: mean)")
+    parser.add_argument(
+        "--iterations", type=positive_int, default=10, help="timed runs per runner, after 2 warm-up runs (default: 10)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=None, help="absolute tolerance of the pass/fail verdict (default: 5e-2)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=None, help="relative tolerance of the pass/fail verdict (default: 2e-2)"
+    )
+    parser.add_argument(
+        "--check-stat",
+        choices=("elemwise", "max", "mean", "median"),
+        help="error statistic the verdict checks against the tolerances (default: mean)",
+    )
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write a histogram of logit errors")
     add_json_argument(parser)
     parser.set_defaults(func=run)
@@ -39,7 +55,13 @@ def run(args: argparse.Namespace) -> int:
 
     from polygraphy.logger import G_LOGGER
 
-    from sqz_export.compare.driver import DEFAULT_ATOL, DEFAULT_CHECK_STAT, DEFAULT_RTOL, CompareOptions, compare_folder
+    from sqz_export.compare.driver import (
+        DEFAULT_ATOL,
+        DEFAULT_CHECK_STAT,
+        DEFAULT_RTOL,
+        CompareOptions,
+        compare_folder,
+    )
     from sqz_export.compare.report import write_plot
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_json_argument, human_bytes, print_table, write_json
+from sqz_export.cli.common import (
+    add_json_argument,
+    human_bytes,
+    print_table,
+    write_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,10 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder written by `sqz-export quantize`")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (model.onnx, baseline.onnx, manifest.json, tokenizer)")
-    parser.add_argument("--baseline-from", metavar="MODEL", help="FP model for baseline.onnx (default: the checkpoint's source_model)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output folder (model.onnx, baseline.onnx, manifest.json, tokenizer)",
+    )
+    parser.add_argument(
+        "--baseline-from", metavar="MODEL", help="FP model for baseline.onnx (default: the checkpoint's source_model)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip baseline.onnx")
-    parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="floating dtype of both graphs (default: fp16)")
+    parser.add_argument(
+        "--dtype", choices=("fp16", "fp32"), default="fp16", help="floating dtype of both graphs (default: fp16)"
+    )
     parser.add_argument("--opset", type=int, default=18, help="ai.onnx opset, at least 18 (default: 18)")
     add_json_argument(parser)
     parser.set_defaults(func=run)
@@ -49,21 +64,39 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
     )
     sqz_nodes = sum(count for op, count in result.op_counts.items() if op.endswith("SqzLinear"))
-    print_table([
-        ("output", str(result.out_dir)),
-        ("rewritten", f"{result.rewritten} of {result.layers} quantized linears -> sqz::SqzLinear ({sqz_nodes} nodes in the graph)"),
-        ("tensor bytes", f"{human_bytes(result.bytes_before)} with FP weights -> {human_bytes(result.bytes_after)} packed ({result.bytes_before / max(result.bytes_after, 1):.2f}x smaller)"),
-        ("files", ", ".join(f"{name} {human_bytes(info['bytes'])}" for name, info in result.files.items() if name.endswith((".onnx", ".data")))),
-        ("baseline", result.baseline_source or "skipped"),
-    ])
-    write_json(args.json, {
-        "output": str(result.out_dir),
-        "rewritten": result.rewritten,
-        "layers": result.layers,
-        "op_counts": result.op_counts,
-        "tensor_bytes_before": result.bytes_before,
-        "tensor_bytes_after": result.bytes_after,
-        "files": result.files,
-        "baseline_source": result.baseline_source,
-    })
+    print_table(
+        [
+            ("output", str(result.out_dir)),
+            (
+                "rewritten",
+                f"{result.rewritten} of {result.layers} quantized linears -> sqz::SqzLinear ({sqz_nodes} nodes in the graph)",
+            ),
+            (
+                "tensor bytes",
+                f"{human_bytes(result.bytes_before)} with FP weights -> {human_bytes(result.bytes_after)} packed ({result.bytes_before / max(result.bytes_after, 1):.2f}x smaller)",
+            ),
+            (
+                "files",
+                ", ".join(
+                    f"{name} {human_bytes(info['bytes'])}"
+                    for name, info in result.files.items()
+                    if name.endswith((".onnx", ".data"))
+                ),
+            ),
+            ("baseline", result.baseline_source or "skipped"),
+        ]
+    )
+    write_json(
+        args.json,
+        {
+            "output": str(result.out_dir),
+            "rewritten": result.rewritten,
+            "layers": result.layers,
+            "op_counts": result.op_counts,
+            "tensor_bytes_before": result.bytes_before,
+            "tensor_bytes_after": result.bytes_after,
+            "files": result.files,
+            "baseline_source": result.baseline_source,
+        },
+    )
     return 0

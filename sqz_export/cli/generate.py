@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_json_argument, positive_int, print_table, write_json
+from sqz_export.cli.common import (
+    add_json_argument,
+    positive_int,
+    print_table,
+    write_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,11 +19,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="greedy generation with onnxruntime from an exported ONNX folder (KV cache)",
         description="Greedy decoding with the exported graph and its KV cache, on onnxruntime (CPU by default).",
     )
-    parser.add_argument("--onnx", type=Path, required=True, metavar="OUTDIR", help="folder written by `sqz-export export`")
+    parser.add_argument(
+        "--onnx", type=Path, required=True, metavar="OUTDIR", help="folder written by `sqz-export export`"
+    )
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default: 32)")
-    parser.add_argument("--graph", choices=("model", "baseline"), default="model", help="model.onnx (sqz, default) or baseline.onnx")
-    parser.add_argument("--provider", action="append", help="onnxruntime execution provider, repeatable (default: CPUExecutionProvider)")
+    parser.add_argument(
+        "--graph", choices=("model", "baseline"), default="model", help="model.onnx (sqz, default) or baseline.onnx"
+    )
+    parser.add_argument(
+        "--provider", action="append", help="onnxruntime execution provider, repeatable (default: CPUExecutionProvider)"
+    )
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -42,19 +53,27 @@ def run(args: argparse.Namespace) -> int:
     result = generator.greedy(prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(result.new_ids, skip_special_tokens=True)
     print(args.prompt + text)
-    print_table([
-        ("graph", str(path)),
-        ("tokens", f"{len(prompt_ids)} prompt + {len(result.new_ids)} generated"),
-        ("prefill", f"{result.prefill_s * 1000:.1f} ms"),
-        ("decode", f"{result.tokens_per_s:.1f} tokens/s (onnxruntime, {', '.join(generator.session.get_providers())})"),
-    ])
-    write_json(args.json, {
-        "graph": str(path),
-        "prompt": args.prompt,
-        "prompt_ids": prompt_ids,
-        "new_ids": result.new_ids,
-        "text": text,
-        "prefill_s": result.prefill_s,
-        "decode_tokens_per_s": result.tokens_per_s,
-    })
+    print_table(
+        [
+            ("graph", str(path)),
+            ("tokens", f"{len(prompt_ids)} prompt + {len(result.new_ids)} generated"),
+            ("prefill", f"{result.prefill_s * 1000:.1f} ms"),
+            (
+                "decode",
+                f"{result.tokens_per_s:.1f} tokens/s (onnxruntime, {', '.join(generator.session.get_providers())})",
+            ),
+        ]
+    )
+    write_json(
+        args.json,
+        {
+            "graph": str(path),
+            "prompt": args.prompt,
+            "prompt_ids": prompt_ids,
+            "new_ids": result.new_ids,
+            "text": text,
+            "prefill_s": result.prefill_s,
+            "decode_tokens_per_s": result.tokens_per_s,
+        },
+    )
     return 0

@@ -98,11 +98,15 @@ def _logits_only(results: RunResults) -> RunResults:
     """Only the compared output (present.* caches are not comparable with the reference)."""
     kept = RunResults()
     for name, iterations in results:
-        kept.append((name, [IterationResult({COMPARED_OUTPUT: it[COMPARED_OUTPUT]}, it.runtime, name) for it in iterations]))
+        kept.append(
+            (name, [IterationResult({COMPARED_OUTPUT: it[COMPARED_OUTPUT]}, it.runtime, name) for it in iterations])
+        )
     return kept
 
 
-def _median_ms(runner: BaseRunner, feed: dict[str, np.ndarray], options: CompareOptions) -> tuple[float, dict[str, np.ndarray]]:
+def _median_ms(
+    runner: BaseRunner, feed: dict[str, np.ndarray], options: CompareOptions
+) -> tuple[float, dict[str, np.ndarray]]:
     """Median inference time of an active runner after warm-up, and its last outputs."""
     for _ in range(options.warm_up):
         runner.infer(feed)
@@ -167,8 +171,13 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
         if subset:
             compare_func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=options.check_stat)
             accuracy = Comparator.compare_accuracy(results, comparisons=subset, compare_func=compare_func)
-            by_pair.update({tuple(key): value for key, value in accuracy[0].items()})  # one compare func -> one AccuracyResult
-    logits = {name: [np.asarray(iteration[COMPARED_OUTPUT], dtype=np.float32) for iteration in iterations] for name, iterations in results}
+            by_pair.update(
+                {tuple(key): value for key, value in accuracy[0].items()}
+            )  # one compare func -> one AccuracyResult
+    logits = {
+        name: [np.asarray(iteration[COMPARED_OUTPUT], dtype=np.float32) for iteration in iterations]
+        for name, iterations in results
+    }
     rng = np.random.default_rng(0)
     stats: list[PairStats] = []
     errors: dict[str, np.ndarray] = {}
@@ -178,22 +187,28 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
         outputs = [iteration[COMPARED_OUTPUT] for iteration in per_iteration]
         agreement, positions = top1_agreement(logits[name], logits[reference])
         verdict = None if name == BASELINE else all(bool(result) for result in outputs)
-        stats.append(PairStats(
-            reference=reference,
-            runner=name,
-            output=COMPARED_OUTPUT,
-            max_abs=max(float(r.max_absdiff) for r in outputs),
-            mean_abs=float(np.mean([float(r.mean_absdiff) for r in outputs])),
-            max_rel=max(float(r.max_reldiff) for r in outputs),
-            mean_rel=float(np.mean([float(r.mean_reldiff) for r in outputs])),
-            top1_agreement=agreement,
-            positions=positions,
-            passed=verdict,
-        ))
+        stats.append(
+            PairStats(
+                reference=reference,
+                runner=name,
+                output=COMPARED_OUTPUT,
+                max_abs=max(float(r.max_absdiff) for r in outputs),
+                mean_abs=float(np.mean([float(r.mean_absdiff) for r in outputs])),
+                max_rel=max(float(r.max_reldiff) for r in outputs),
+                mean_rel=float(np.mean([float(r.mean_reldiff) for r in outputs])),
+                top1_agreement=agreement,
+                positions=positions,
+                passed=verdict,
+            )
+        )
         diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(logits[name], logits[reference], strict=True)])
-        errors[f"{name} vs {reference}"] = rng.choice(diff, PLOT_SAMPLES, replace=False) if diff.size > PLOT_SAMPLES else diff
+        errors[f"{name} vs {reference}"] = (
+            rng.choice(diff, PLOT_SAMPLES, replace=False) if diff.size > PLOT_SAMPLES else diff
+        )
 
-    decode_runners = {TENSORRT: trt_runner(options.engine, options.plugin, TENSORRT, "decode")} if options.engine else {}
+    decode_runners = (
+        {TENSORRT: trt_runner(options.engine, options.plugin, TENSORRT, "decode")} if options.engine else {}
+    )
     latency = [_latency(runner, signature, feeds[0], options, decode_runners.get(runner.name)) for runner in runners]
     report = CompareReport(
         folder=str(folder),

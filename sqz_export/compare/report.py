@@ -64,7 +64,9 @@ class CompareReport:
                 f"{pair.runner:<22} {pair.reference:<22} {pair.max_abs:>10.4g} {pair.mean_abs:>10.4g} {pair.max_rel:>10.4g} "
                 f"{pair.mean_rel:>10.4g} {pair.top1_agreement:>8.2%}  {verdict}"
             )
-        lines.append(f"{'runner':<22} {'prefill ms':>12} {'decode ms':>12}  (median of {self.latency[0].iterations if self.latency else 0} after warm-up)")
+        lines.append(
+            f"{'runner':<22} {'prefill ms':>12} {'decode ms':>12}  (median of {self.latency[0].iterations if self.latency else 0} after warm-up)"
+        )
         for entry in self.latency:
             decode = f"{entry.decode_ms:>12.3f}" if entry.decode_ms is not None else f"{'-':>12}"
             lines.append(f"{entry.runner:<22} {entry.prefill_ms:>12.3f} {decode}")

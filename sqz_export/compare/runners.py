@@ -21,7 +21,9 @@ def onnxrt_runner(path: Path, name: str, providers: list[str] | None = None) -> 
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
 
 
-def trt_runner(engine_path: Path, plugin_library: Path | None, name: str = "tensorrt", profile: str = "prefill") -> BaseRunner:
+def trt_runner(
+    engine_path: Path, plugin_library: Path | None, name: str = "tensorrt", profile: str = "prefill"
+) -> BaseRunner:
     """The TensorRT runner from ``sqz_export.engine.runner`` (imported only when an engine is given).
 
     ``profile`` is the engine's optimization profile: "prefill" (whole windows, empty cache) for

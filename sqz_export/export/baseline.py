@@ -58,7 +58,9 @@ def export_decoder(model: nn.Module, dtype: torch.dtype = torch.float16, opset: 
             raise UserError(f"optimum could not export {type(model).__name__} as {TASK}: {exc}") from exc
         path = Path(tmp) / "model.onnx"
         if not path.is_file():
-            raise UserError(f"optimum wrote no model.onnx for {type(model).__name__} (files: {sorted(p.name for p in Path(tmp).iterdir())})")
+            raise UserError(
+                f"optimum wrote no model.onnx for {type(model).__name__} (files: {sorted(p.name for p in Path(tmp).iterdir())})"
+            )
         exported = onnx.load(str(path), load_external_data=True)
     logger.info("exported %s (%s, opset %d): %d nodes", type(model).__name__, dtype, opset, len(exported.graph.node))
     return exported
@@ -85,7 +87,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     if data.exists():
         data.unlink()
     if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
         return [path, data]
     onnx.save_model(model, str(path))
     return [path]

@@ -124,12 +124,18 @@ def _sparse_nodes() -> list[onnx.NodeProto]:
         _const_i64("last_v", [-1]),
         helper.make_node("Shape", ["col"], ["nnz"]),  # [1]
         helper.make_node("Add", ["nnz", "one_v"], ["slots"]),
-        helper.make_node("ConstantOfShape", ["slots"], ["marks_zero"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        helper.make_node(
+            "ConstantOfShape", ["slots"], ["marks_zero"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])
+        ),
         helper.make_node("Slice", ["row_ptr", "one_v", "big_v", "axis0_v"], ["row_ends_i32"]),  # [N] = row_ptr[1:]
         helper.make_node("Cast", ["row_ends_i32"], ["row_ends"], to=TensorProto.INT64),
         helper.make_node("Shape", ["row_ends"], ["rows"]),
-        helper.make_node("ConstantOfShape", ["rows"], ["ones"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
-        helper.make_node("ScatterElements", ["marks_zero", "row_ends", "ones"], ["marks"], axis=0, reduction="add"),  # [nnz + 1]
+        helper.make_node(
+            "ConstantOfShape", ["rows"], ["ones"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])
+        ),
+        helper.make_node(
+            "ScatterElements", ["marks_zero", "row_ends", "ones"], ["marks"], axis=0, reduction="add"
+        ),  # [nnz + 1]
         helper.make_node("CumSum", ["marks", "axis0"], ["row_of_all"]),  # [nnz + 1]
         helper.make_node("Slice", ["row_of_all", "zero_v", "nnz", "axis0_v"], ["row_of"]),  # [nnz] row of non-zero s
         helper.make_node("Cast", ["col"], ["col64"], to=TensorProto.INT64),
@@ -157,7 +163,9 @@ def make_functions(onnx_opset: int) -> list[onnx.FunctionProto]:
     op keeps one name while each body declares exactly the inputs its nodes pass.
     """
     if onnx_opset < MIN_ONNX_OPSET:
-        raise ValueError(f"SqzLinear's ONNX function needs ai.onnx opset >= {MIN_ONNX_OPSET}, the model uses {onnx_opset}")
+        raise ValueError(
+            f"SqzLinear's ONNX function needs ai.onnx opset >= {MIN_ONNX_OPSET}, the model uses {onnx_opset}"
+        )
     opsets = [helper.make_opsetid("", onnx_opset)]
     dense = helper.make_function(
         DOMAIN, OP_TYPE, list(DENSE_INPUTS), ["y"], _unpack_nodes() + _matmul_nodes("w_dense"), opsets, list(ATTRIBUTES)

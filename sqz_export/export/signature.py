@@ -52,11 +52,15 @@ class DecoderSignature:
             raise UserError(f"{path}: not a decoder-with-past graph (missing inputs {missing} or output 'logits')")
         past = sorted((int(m.group(1)), m.group(2) == "value", name) for name in inputs if (m := _PAST.match(name)))
         if not past:
-            raise UserError(f"{path}: no past_key_values.N.key/value inputs; export with the KV cache (task text-generation-with-past)")
+            raise UserError(
+                f"{path}: no past_key_values.N.key/value inputs; export with the KV cache (task text-generation-with-past)"
+            )
         first = inputs[past[0][2]].type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in first.shape.dim]
         if len(dims) != 4 or dims[1] is None or dims[3] is None:
-            raise UserError(f"{path}: {past[0][2]} has shape {dims}, expected [batch, kv_heads, past_len, head_dim] with static heads and head_dim")
+            raise UserError(
+                f"{path}: {past[0][2]} has shape {dims}, expected [batch, kv_heads, past_len, head_dim] with static heads and head_dim"
+            )
         return cls(
             path=path,
             past_names=[name for _, _, name in past],
@@ -84,6 +88,8 @@ class DecoderSignature:
             "attention_mask": np.ones((batch, past_len + new), dtype=np.int64),
         }
         if self.has_position_ids:
-            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + new, dtype=np.int64), (batch, new)).copy()
+            feed["position_ids"] = np.broadcast_to(
+                np.arange(past_len, past_len + new, dtype=np.int64), (batch, new)
+            ).copy()
         feed.update(past)
         return feed

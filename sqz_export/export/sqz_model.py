@@ -42,7 +42,12 @@ from torch import nn
 from graph_passes import CleanupPass, PassResult, SqzLinearPass
 from sqz_export import __version__
 from sqz_export.errors import UserError
-from sqz_export.export.baseline import DEFAULT_OPSET, export_decoder, save_model, tensor_bytes
+from sqz_export.export.baseline import (
+    DEFAULT_OPSET,
+    export_decoder,
+    save_model,
+    tensor_bytes,
+)
 from sqz_export.formats import PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -83,7 +88,9 @@ def reconstructed_model(model: nn.Module, packed: dict[str, PackedLinear]) -> nn
         if name not in modules:
             raise UserError(f"quantized layer {name!r} is not a module of {type(model).__name__}")
         old = modules[name]
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None or getattr(old, "bias", None) is not None)
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None or getattr(old, "bias", None) is not None
+        )
         with torch.no_grad():
             linear.weight.copy_(layer.weight())
             bias = layer.bias if layer.bias is not None else getattr(old, "bias", None)
@@ -116,7 +123,9 @@ def quantize_graph(graph: onnx.ModelProto, packed: dict[str, PackedLinear]) -> l
 
 
 def op_counts(graph: onnx.ModelProto) -> dict[str, int]:
-    counts = collections.Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in graph.graph.node)
+    counts = collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in graph.graph.node
+    )
     return dict(sorted(counts.items()))
 
 
@@ -133,7 +142,9 @@ def check_baseline_matches(baseline: nn.Module, hf_config: Any, packed: dict[str
         if not isinstance(module, nn.Linear):
             problems.append(f"no linear {name!r}")
         elif (module.out_features, module.in_features) != (layer.out_features, layer.in_features):
-            problems.append(f"{name!r} is [{module.out_features}, {module.in_features}] (checkpoint: [{layer.out_features}, {layer.in_features}])")
+            problems.append(
+                f"{name!r} is [{module.out_features}, {module.in_features}] (checkpoint: [{layer.out_features}, {layer.in_features}])"
+            )
         if len(problems) > 8:
             break
     if problems:
@@ -202,7 +213,9 @@ def export_checkpoint(
 
         baseline_source = baseline_from or checkpoint.qconfig.source_model
         if not baseline_source:
-            raise UserError(f"{checkpoint.path}: quantization_config has no source_model; pass --baseline-from MODEL or --no-baseline")
+            raise UserError(
+                f"{checkpoint.path}: quantization_config has no source_model; pass --baseline-from MODEL or --no-baseline"
+            )
         loaded = load_model(baseline_source, torch.float32)
         check_baseline_matches(loaded.model, checkpoint.hf_config, packed, baseline_source)
         baseline_graph = export_decoder(loaded.model, dtype, opset)
@@ -218,7 +231,11 @@ def export_checkpoint(
             tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
             tokenizer.save_pretrained(str(tmp))
             write_polygraphy_inputs(tmp / MODEL_FILE, tokenizer, tmp / POLYGRAPHY_INPUTS_FILE)
-        files = {path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size} for path in sorted(tmp.iterdir()) if path.is_file()}
+        files = {
+            path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            for path in sorted(tmp.iterdir())
+            if path.is_file()
+        }
         manifest = {
             "format": MANIFEST_FORMAT,
             "created_by": f"sqz-export {__version__}",
@@ -231,8 +248,12 @@ def export_checkpoint(
             "passes": {result.name: result.count for result in results},
             "tensor_bytes": {"before_rewrite": bytes_before, "after_rewrite": bytes_after},
             "layers": {
-                name: {"bits": layer.bits, "in_features": layer.in_features, "out_features": layer.out_features,
-                       "nnz": layer.sparse.nnz if layer.sparse is not None else 0}
+                name: {
+                    "bits": layer.bits,
+                    "in_features": layer.in_features,
+                    "out_features": layer.out_features,
+                    "nnz": layer.sparse.nnz if layer.sparse is not None else 0,
+                }
                 for name, layer in packed.items()
             },
         }
