@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "benchmark": "kernels",
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "environment": benchutil.environment(device),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "copy_rate_bytes_per_s": copy_rate,

@@ -6,8 +6,11 @@
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), DECODE_ARGS (extra
 # arguments for benchmarks/decode.py, e.g. "--layers 8"), KERNELS_ARGS (for benchmarks/kernels.py).
-# Works from a plain checkout (PYTHONPATH is set to the repository); needs torch with CUDA, pytest
-# for the tests step. Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
+# Works from a plain checkout (PYTHONPATH is set to the repository); needs torch with CUDA, ninja (for
+# torch.utils.cpp_extension) and pytest. A GPU machine without internet can get the last two from a
+# folder made on the dev machine and carried along (it is git-ignored):
+#   python -m pip install --target .cache/gpu_deps pytest ninja
+# Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
@@ -20,6 +23,10 @@ STEPS=${*:-all}
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .cache/gpu_deps ]; then
+  export PYTHONPATH="$PYTHONPATH:$PWD/.cache/gpu_deps"
+  export PATH="$PWD/.cache/gpu_deps/bin:$PATH"
+fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/sqz_torch_extensions}
 mkdir -p "$OUT"
 failed=()
