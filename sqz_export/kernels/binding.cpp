@@ -59,7 +59,7 @@ std::string kernelName(int64_t kind)
 // y = x W^T into the preallocated y [m, N] (x [m, K] contiguous fp16/bf16). Tensors were checked in ops.py.
 void launch(torch::Tensor const& x, torch::Tensor const& qweight, torch::Tensor const& lut,
     std::optional<torch::Tensor> const& rowPtr, std::optional<torch::Tensor> const& col,
-    std::optional<torch::Tensor> const& val, std::optional<torch::Tensor> const& chunkRow, torch::Tensor& y,
+    std::optional<torch::Tensor> const& val, std::optional<torch::Tensor> const& chunkRow, torch::Tensor const& y,
     std::optional<torch::Tensor> const& workspace, int64_t bits, int64_t chunkNnz, int64_t kind)
 {
     TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "sqz_linear: x must be a contiguous 2-D CUDA tensor");
