@@ -169,13 +169,14 @@ def test_fake_tensor_shape() -> None:
 
 _SHIM = r"""
 #include "sqzLinear.h"
+#include "sqzGemvEmulate.h"
 extern "C" const char* sqz_linear_ref(int m, int k, int n, int bits, int nnz, int chunkNnz, int bf16,
     const void* x, const int* qweight, const void* lut, const int* rowPtr, const int* col, const void* val,
-    const int* chunkRow, void* y) {
+    const int* chunkRow, void* y, int emulateGemv, int forceScalar) {
   sqz::SqzLinearShape s{m, k, n, bits, nnz, chunkNnz, bf16 ? sqz::DataType::kBF16 : sqz::DataType::kHALF};
   sqz::SqzLinearArgs a{};
   a.x = x; a.qweight = qweight; a.lut = lut; a.rowPtr = rowPtr; a.col = col; a.val = val; a.chunkRow = chunkRow; a.y = y;
-  return sqz::sqzLinearRef(s, a);
+  return emulateGemv ? sqz::sqzGemvEmulate(s, a, forceScalar != 0, forceScalar != 0) : sqz::sqzLinearRef(s, a);
 }
 """
 
@@ -193,7 +194,10 @@ def _cuda_include_dir() -> Path | None:
 
 @pytest.fixture(scope="session")
 def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """plugins/kernels/sqzLinearRef.cpp + sqzLinearPolicy.cpp as a shared library (built once)."""
+    """sqzLinearRef.cpp, sqzLinearPolicy.cpp and the GEMV host emulation as a shared library (built once).
+
+    -ffp-contract=off: the emulation's only fp math is explicit fmaf and the butterfly adds, as on the GPU.
+    """
     compiler = shutil.which("g++") or shutil.which("c++")
     include = _cuda_include_dir()
     if compiler is None or include is None:
@@ -204,9 +208,10 @@ def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib = out / "libsqzref.so"
     kernels_dir = REPO / "plugins" / "kernels"
     cmd = [
-        compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-        f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", f"-I{include}",
-        str(shim), str(kernels_dir / "sqzLinearRef.cpp"), str(kernels_dir / "sqzLinearPolicy.cpp"), "-o", str(lib),
+        compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+        f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", f"-I{kernels_dir / 'tests'}", f"-I{include}",
+        str(shim), str(kernels_dir / "sqzLinearRef.cpp"), str(kernels_dir / "sqzLinearPolicy.cpp"),
+        str(kernels_dir / "tests" / "sqzGemvEmulate.cpp"), "-o", str(lib),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"compiling the C++ reference failed:\n{result.stderr}"
@@ -215,7 +220,10 @@ def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return cdll
 
 
-def run_cpp_reference(cdll: ctypes.CDLL, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+def run_cpp_reference(
+    cdll: ctypes.CDLL, layer: PackedLinear, x: torch.Tensor, emulate_gemv: bool = False, force_scalar: bool = False
+) -> torch.Tensor:
+    """sqzLinearRef, or with ``emulate_gemv`` the GEMV kernel's own lane code run on the host."""
     qweight, lut, row_ptr, col, val, chunk_row = op_args(layer)
     y = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None
@@ -223,7 +231,7 @@ def run_cpp_reference(cdll: ctypes.CDLL, layer: PackedLinear, x: torch.Tensor) -
     error = cdll.sqz_linear_ref(
         x.shape[0], layer.in_features, layer.out_features, layer.bits, nnz, chunk_nnz(layer),
         int(x.dtype == torch.bfloat16), ptr(x), ptr(qweight), ptr(lut), ptr(row_ptr), ptr(col), ptr(val),
-        ptr(chunk_row), ptr(y),
+        ptr(chunk_row), ptr(y), int(emulate_gemv), int(force_scalar),
     )  # fmt: skip
     assert error is None, error.decode()
     return y
@@ -246,6 +254,36 @@ def test_cpp_reference_matches_torch_op(
 def test_cpp_reference_integer_case_is_exact(cpp_reference: ctypes.CDLL, dtype: torch.dtype) -> None:
     layer, x, expected = integer_layer(3, dtype)
     assert torch.equal(run_cpp_reference(cpp_reference, layer, x), expected)
+
+
+# (K, N): 3-bit K = 256 takes the 128-bit weight path (G % 4 == 0), K = 100 the 32-bit one; K = 520 has
+# 128-bit x loads but a K tail; K = 45 neither.
+EMULATED_SHAPES = [(45, 7), (100, 33), (256, 40), (520, 65)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", EMULATED_SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gemv_lane_code_matches_op_on_host(
+    cpp_reference: ctypes.CDLL, bits: int, shape: tuple[int, int], density: float, dtype: torch.dtype
+) -> None:
+    """The GEMV kernel's per-lane code (sqzGemvLane.cuh) run for 32 lanes on the CPU: right results, and
+    the 128-bit and the 32-bit load paths give bit-identical outputs (same per-lane summation order)."""
+    k, n = shape
+    layer = random_layer(n, k, bits, density, seed=bits + k)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    fast = run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True)
+    scalar = run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True, force_scalar=True)
+    torch.testing.assert_close(fast, run_op(layer, x), **tolerance("sqz_linear", dtype))
+    assert torch.equal(fast, scalar)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gemv_lane_code_exact_cases(cpp_reference: ctypes.CDLL, bits: int) -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        layer, x, expected = integer_layer(bits, dtype)
+        assert torch.equal(run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True), expected)
 
 
 # ---- CUDA kernels ---------------------------------------------------------------------------------

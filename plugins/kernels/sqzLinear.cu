@@ -12,6 +12,9 @@
  *   kDequantGemm (m > 16, prefill): W is dequantized once into the workspace, then a tensor-core
  *     (WMMA, fp32 accumulate) tiled GEMM computes x W^T; its epilogue adds the sparse part and rounds.
  *
+ * The GEMV's per-lane work lives in sqzGemvLane.cuh as __host__ __device__ code, so the tests run the
+ * kernel's own lane code on the CPU (kernels/tests/sqzGemvEmulate.cpp) as well as on a GPU.
+ *
  * Bit layout the kernels read (layout 2 of sqz_export/formats.py, see also sqzFormat.h):
  *
  *   qweight int32 [N, G * b], G = ceil(K / 32); row n = the little-endian bit stream of its K indices
@@ -51,6 +54,7 @@
  * The GEMM path adds the same per-row sums in its epilogue, one thread per output element.
  */
 #include "sqzFormat.h"
+#include "sqzGemvLane.cuh"
 #include "sqzLinear.h"
 #include "sqzLinearConfig.h"
 
@@ -67,9 +71,10 @@ namespace sqz
 namespace
 {
 
+using detail::GemvParams;
+using detail::Io;
 using format::groupIndex;
 using format::kGROUP_SIZE;
-using format::unitGroups;
 
 using config::kDEQUANT_WARPS;
 using config::kGEMM_THREADS;
@@ -83,64 +88,6 @@ using config::kTILE_N;
 static_assert(kTILE_K == kGROUP_SIZE, "the dequantized workspace is padded to whole groups");
 static_assert(kGEMV_MAX_M <= 32, "one lane per x row writes the GEMV outputs");
 
-// ---- dtype helpers ---------------------------------------------------------------------------
-
-template <typename T>
-struct Io;
-
-template <>
-struct Io<__half>
-{
-    static __device__ __forceinline__ float toFloat(__half v)
-    {
-        return __half2float(v);
-    }
-    static __device__ __forceinline__ __half fromFloat(float v)
-    {
-        return __float2half_rn(v);
-    }
-    //! 8 packed fp16 (one 128-bit load) -> fp32
-    static __device__ __forceinline__ void unpack8(uint4 q, float (&out)[8])
-    {
-        uint32_t const words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-        {
-            __half2 h;
-            memcpy(&h, &words[i], sizeof(h));
-            float2 const f = __half22float2(h);
-            out[2 * i] = f.x;
-            out[2 * i + 1] = f.y;
-        }
-    }
-};
-
-template <>
-struct Io<__nv_bfloat16>
-{
-    static __device__ __forceinline__ float toFloat(__nv_bfloat16 v)
-    {
-        return __bfloat162float(v);
-    }
-    static __device__ __forceinline__ __nv_bfloat16 fromFloat(float v)
-    {
-        return __float2bfloat16_rn(v);
-    }
-    static __device__ __forceinline__ void unpack8(uint4 q, float (&out)[8])
-    {
-        uint32_t const words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-        {
-            __nv_bfloat162 h;
-            memcpy(&h, &words[i], sizeof(h));
-            float2 const f = __bfloat1622float2(h);
-            out[2 * i] = f.x;
-            out[2 * i + 1] = f.y;
-        }
-    }
-};
-
 __device__ __forceinline__ float warpSum(float v)
 {
 #pragma unroll
@@ -153,76 +100,6 @@ __device__ __forceinline__ float warpSum(float v)
 
 // ---- GEMV ------------------------------------------------------------------------------------
 
-struct GemvParams
-{
-    void const* x;              // [m, K], T
-    uint32_t const* qweight;    // [N, G * bits]
-    __half const* lut;          // [N, 2^bits]
-    int32_t const* rowPtr;      // [N + 1] or nullptr
-    int32_t const* col;         // [nnz]
-    __half const* val;          // [nnz]
-    void* y;                    // [m, N], T
-    int32_t m;
-    int32_t K;
-    int32_t N;
-    int32_t groups;             // G = ceil(K / 32)
-    bool wordsVec;              // rows are 16-byte aligned: 128-bit weight loads
-    bool xVec;                  // x rows are 16-byte aligned (K % 8 == 0): 128-bit activation loads
-};
-
-/*
- * One group (32 indices, k0 .. k0+31) against MT rows of x: decode each index once, look it up once,
- * then fma it into every x row of the tile. Eight indices at a time (one 128-bit x load per row), so
- * only 8 looked-up weights are live. Lanes past K (last group) read no x. The order of the fmas into
- * acc[r] is k0, k0+1, ... in both the vector and the scalar branch.
- */
-template <int BITS, int MT, typename T>
-__device__ __forceinline__ void gemvGroup(uint32_t const* w, int32_t k0, float const* lut, T const* xTile,
-    int32_t K, int32_t rowsInTile, bool xVec, float (&acc)[MT])
-{
-    bool const vec = xVec && k0 + kGROUP_SIZE <= K;
-    int32_t const valid = min(kGROUP_SIZE, K - k0);
-#pragma unroll
-    for (int c = 0; c < kGROUP_SIZE / 8; ++c)
-    {
-        float wv[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-        {
-            wv[e] = lut[groupIndex<BITS>(w, 8 * c + e)];
-        }
-#pragma unroll
-        for (int r = 0; r < MT; ++r)
-        {
-            if (r < rowsInTile)
-            {
-                T const* xr = xTile + static_cast<int64_t>(r) * K + k0 + 8 * c;
-                if (vec)
-                {
-                    float xf[8];
-                    Io<T>::unpack8(__ldg(reinterpret_cast<uint4 const*>(xr)), xf);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e)
-                    {
-                        acc[r] = fmaf(wv[e], xf[e], acc[r]);
-                    }
-                }
-                else
-                {
-#pragma unroll
-                    for (int e = 0; e < 8; ++e)
-                    {
-                        if (8 * c + e < valid)
-                        {
-                            acc[r] = fmaf(wv[e], Io<T>::toFloat(xr[e]), acc[r]);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /*
  * Fused LUT-dequant GEMV + CSR row walk. Block = kGEMV_WARPS warps, warp w of block b owns output
  * row n = b * kGEMV_WARPS + w; blockIdx.y strides over m-tiles of MT rows of x.
@@ -234,9 +111,7 @@ template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams const p)
 {
     constexpr int kLUT = 1 << BITS;
-    constexpr int kUNIT_GROUPS = unitGroups(BITS);
-    constexpr int kUNIT_WORDS = kUNIT_GROUPS * BITS; // multiple of 4
-    __shared__ float sLut[kGEMV_WARPS][kLUT];         // fp32 copy of this warp's LUT row
+    __shared__ float sLut[kGEMV_WARPS][kLUT]; // fp32 copy of each warp's LUT row
 
     int const warp = static_cast<int>(threadIdx.x) >> 5;
     int const lane = static_cast<int>(threadIdx.x) & 31;
@@ -251,84 +126,14 @@ __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams 
     }
     __syncwarp();
 
-    int64_t const wordsPerRow = static_cast<int64_t>(p.groups) * BITS;
-    uint32_t const* row = p.qweight + static_cast<int64_t>(n) * wordsPerRow;
-    int32_t const nzBegin = p.rowPtr != nullptr ? p.rowPtr[n] : 0;
-    int32_t const nzEnd = p.rowPtr != nullptr ? p.rowPtr[n + 1] : 0;
-    T const* x = static_cast<T const*>(p.x);
     T* y = static_cast<T*>(p.y);
     int32_t const mTiles = (p.m + MT - 1) / MT;
-
     for (int32_t tile = static_cast<int32_t>(blockIdx.y); tile < mTiles; tile += static_cast<int32_t>(gridDim.y))
     {
         int32_t const m0 = tile * MT;
         int32_t const rowsInTile = min(MT, p.m - m0);
-        T const* xTile = x + static_cast<int64_t>(m0) * p.K;
         float acc[MT];
-#pragma unroll
-        for (int r = 0; r < MT; ++r)
-        {
-            acc[r] = 0.0f;
-        }
-
-        if (p.wordsVec)
-        {
-            int32_t const units = p.groups / kUNIT_GROUPS;
-            for (int32_t u = lane; u < units; u += 32)
-            {
-                uint32_t w[kUNIT_WORDS];
-                uint4 const* src = reinterpret_cast<uint4 const*>(row + static_cast<int64_t>(u) * kUNIT_WORDS);
-#pragma unroll
-                for (int v = 0; v < kUNIT_WORDS / 4; ++v)
-                {
-                    uint4 const q = __ldcs(src + v); // streamed once: evict-first, keep L2 for x
-                    w[4 * v] = q.x;
-                    w[4 * v + 1] = q.y;
-                    w[4 * v + 2] = q.z;
-                    w[4 * v + 3] = q.w;
-                }
-#pragma unroll
-                for (int g = 0; g < kUNIT_GROUPS; ++g)
-                {
-                    gemvGroup<BITS, MT, T>(w + g * BITS, (u * kUNIT_GROUPS + g) * kGROUP_SIZE, sLut[warp], xTile,
-                        p.K, rowsInTile, p.xVec, acc);
-                }
-            }
-        }
-        else
-        {
-            // One group per step. Group g goes to lane (g / unit) % 32 as in the vector path, so the
-            // per-lane summation order (and the result) is the same whichever path runs.
-            for (int32_t g0 = lane * kUNIT_GROUPS; g0 < p.groups; g0 += 32 * kUNIT_GROUPS)
-            {
-                for (int32_t g = g0; g < min(g0 + kUNIT_GROUPS, p.groups); ++g)
-                {
-                    uint32_t w[BITS];
-#pragma unroll
-                    for (int b = 0; b < BITS; ++b)
-                    {
-                        w[b] = __ldcs(row + static_cast<int64_t>(g) * BITS + b);
-                    }
-                    gemvGroup<BITS, MT, T>(w, g * kGROUP_SIZE, sLut[warp], xTile, p.K, rowsInTile, p.xVec, acc);
-                }
-            }
-        }
-
-        // Sparse part: this warp owns row n, so it adds the row's non-zeros to its own partial sums.
-        for (int32_t j = nzBegin + lane; j < nzEnd; j += 32)
-        {
-            int32_t const c = __ldg(p.col + j);
-            float const v = __half2float(p.val[j]);
-#pragma unroll
-            for (int r = 0; r < MT; ++r)
-            {
-                if (r < rowsInTile)
-                {
-                    acc[r] = fmaf(v, Io<T>::toFloat(xTile[static_cast<int64_t>(r) * p.K + c]), acc[r]);
-                }
-            }
-        }
-
+        detail::gemvLanePartial<BITS, MT, T>(p, n, lane, sLut[warp], m0, rowsInTile, acc);
 #pragma unroll
         for (int r = 0; r < MT; ++r)
         {

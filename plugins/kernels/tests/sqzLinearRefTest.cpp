@@ -4,6 +4,7 @@
  * launcher policy (validation messages, kernel choice, workspace size). No GPU needed; run by ctest.
  */
 #include "sqzFormat.h"
+#include "sqzGemvEmulate.h"
 #include "sqzLinear.h"
 #include "sqzLinearConfig.h"
 
@@ -124,7 +125,8 @@ void testHalfConversions()
 /*
  * Exact case: small integer LUT values, activations and sparse values, so every product and sum is an
  * integer far below 2048 and fp32/fp16 represent all of them exactly; the reference must match the
- * integer result bit for bit. Odd K (not a multiple of 32) and odd N.
+ * integer result bit for bit. Odd K (not a multiple of 32) and odd N. The GEMV kernel's lane code
+ * (sqzGemvEmulate, both load paths) must give the same bits.
  */
 void testReferenceExact(int32_t bits, DataType dtype)
 {
@@ -191,6 +193,15 @@ void testReferenceExact(int32_t bits, DataType dtype)
     args.y = y.data();
     char const* error = sqzLinearRef(shape, args);
     check(error == nullptr, std::string("sqzLinearRef accepted the exact case: ") + (error ? error : ""));
+    for (bool forceScalar : {false, true})
+    {
+        std::vector<uint16_t> emulated(y.size(), 0xFFFFu);
+        SqzLinearArgs emulatedArgs = args;
+        emulatedArgs.y = emulated.data();
+        check(sqzGemvEmulate(shape, emulatedArgs, forceScalar, forceScalar) == nullptr, "sqzGemvEmulate accepted the case");
+        check(emulated == y,
+            "GEMV lane code == reference, bits=" + std::to_string(bits) + " forceScalar=" + std::to_string(forceScalar));
+    }
     for (int32_t r = 0; r < m; ++r)
     {
         for (int32_t n = 0; n < nOut; ++n)

@@ -1,0 +1,298 @@
+/*
+ * sqzGemvLane.cuh: the per-lane work of the SqzLinear GEMV kernel, as __host__ __device__ code.
+ *
+ * sqzGemvKernel (sqzLinear.cu) is: copy the row's LUT to shared memory, gemvLanePartial() on every
+ * lane, warp-shuffle sum, store. Everything data-dependent (group -> lane mapping, 128-bit vs 32-bit
+ * weight loads, vector vs scalar x loads, the K tail, the CSR row walk) is in gemvLanePartial, so a
+ * host test can run it for lanes 0..31 and check it against the reference without a GPU
+ * (tests/test_kernels.py drives it through sqzGemvEmulate in a small host library).
+ * Layout and lane-mapping pictures: the comment block at the top of sqzLinear.cu.
+ */
+#pragma once
+
+#include "sqzFormat.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <vector_types.h>
+
+#include <math.h>
+
+#include <cstdint>
+
+// Full unrolling keeps the decoded words and the accumulators in registers on the device; host
+// compilers (nvcc's host pass, the emulation in tests) do not know the pragma.
+#if defined(__CUDA_ARCH__)
+#define SQZ_UNROLL _Pragma("unroll")
+#else
+#define SQZ_UNROLL
+#endif
+
+namespace sqz
+{
+namespace detail
+{
+
+SQZ_HOST_DEVICE int32_t imin(int32_t a, int32_t b)
+{
+    return a < b ? a : b;
+}
+
+//! Weights are read once per m-tile: streaming loads (evict-first) on the device keep L2 for x.
+SQZ_HOST_DEVICE uint4 loadStreaming(uint4 const* p)
+{
+#if defined(__CUDA_ARCH__)
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
+
+SQZ_HOST_DEVICE uint32_t loadStreaming(uint32_t const* p)
+{
+#if defined(__CUDA_ARCH__)
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
+
+//! Activations and CSR indices are re-read by many warps: read-only cached loads.
+SQZ_HOST_DEVICE uint4 loadCached(uint4 const* p)
+{
+#if defined(__CUDA_ARCH__)
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
+
+SQZ_HOST_DEVICE int32_t loadCached(int32_t const* p)
+{
+#if defined(__CUDA_ARCH__)
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
+
+// ---- dtype helpers (fp16 / bf16 activations, fp32 math) ---------------------------------------
+
+template <typename T>
+struct Io;
+
+template <>
+struct Io<__half>
+{
+    static SQZ_HOST_DEVICE float toFloat(__half v)
+    {
+        return __half2float(v);
+    }
+    static SQZ_HOST_DEVICE __half fromFloat(float v)
+    {
+        return __float2half_rn(v);
+    }
+    //! 8 packed fp16 (one 128-bit load) -> fp32
+    static SQZ_HOST_DEVICE void unpack8(uint4 q, float (&out)[8])
+    {
+        uint32_t const words[4] = {q.x, q.y, q.z, q.w};
+SQZ_UNROLL
+        for (int i = 0; i < 4; ++i)
+        {
+            __half_raw lo;
+            __half_raw hi;
+            lo.x = static_cast<unsigned short>(words[i] & 0xFFFFu); // element 2i sits in the low half
+            hi.x = static_cast<unsigned short>(words[i] >> 16);
+            out[2 * i] = __half2float(__half(lo));
+            out[2 * i + 1] = __half2float(__half(hi));
+        }
+    }
+};
+
+template <>
+struct Io<__nv_bfloat16>
+{
+    static SQZ_HOST_DEVICE float toFloat(__nv_bfloat16 v)
+    {
+        return __bfloat162float(v);
+    }
+    static SQZ_HOST_DEVICE __nv_bfloat16 fromFloat(float v)
+    {
+        return __float2bfloat16_rn(v);
+    }
+    static SQZ_HOST_DEVICE void unpack8(uint4 q, float (&out)[8])
+    {
+        uint32_t const words[4] = {q.x, q.y, q.z, q.w};
+SQZ_UNROLL
+        for (int i = 0; i < 4; ++i)
+        {
+            __nv_bfloat16_raw lo;
+            __nv_bfloat16_raw hi;
+            lo.x = static_cast<unsigned short>(words[i] & 0xFFFFu);
+            hi.x = static_cast<unsigned short>(words[i] >> 16);
+            out[2 * i] = __bfloat162float(__nv_bfloat16(lo));
+            out[2 * i + 1] = __bfloat162float(__nv_bfloat16(hi));
+        }
+    }
+};
+
+// ---- GEMV per-lane work -------------------------------------------------------------------------
+
+struct GemvParams
+{
+    void const* x;           // [m, K], T
+    uint32_t const* qweight; // [N, G * bits]
+    __half const* lut;       // [N, 2^bits]
+    int32_t const* rowPtr;   // [N + 1] or nullptr
+    int32_t const* col;      // [nnz]
+    __half const* val;       // [nnz]
+    void* y;                 // [m, N], T
+    int32_t m;
+    int32_t K;
+    int32_t N;
+    int32_t groups;          // G = ceil(K / 32)
+    bool wordsVec;           // rows are 16-byte aligned: 128-bit weight loads
+    bool xVec;               // x rows are 16-byte aligned (K % 8 == 0): 128-bit activation loads
+};
+
+/*
+ * One group (32 indices, k0 .. k0+31) against MT rows of x: decode each index once, look it up once,
+ * then fma it into every x row of the tile. Eight indices at a time (one 128-bit x load per row), so
+ * only 8 looked-up weights are live. Lanes past K (last group) read no x. The order of the fmas into
+ * acc[r] is k0, k0+1, ... in both the vector and the scalar branch.
+ */
+template <int BITS, int MT, typename T>
+SQZ_HOST_DEVICE void gemvGroup(uint32_t const* w, int32_t k0, float const* lut, T const* xTile, int32_t K,
+    int32_t rowsInTile, bool xVec, float (&acc)[MT])
+{
+    bool const vec = xVec && k0 + format::kGROUP_SIZE <= K;
+    int32_t const valid = imin(format::kGROUP_SIZE, K - k0);
+SQZ_UNROLL
+    for (int c = 0; c < format::kGROUP_SIZE / 8; ++c)
+    {
+        float wv[8];
+SQZ_UNROLL
+        for (int e = 0; e < 8; ++e)
+        {
+            wv[e] = lut[format::groupIndex<BITS>(w, 8 * c + e)];
+        }
+SQZ_UNROLL
+        for (int r = 0; r < MT; ++r)
+        {
+            if (r < rowsInTile)
+            {
+                T const* xr = xTile + static_cast<int64_t>(r) * K + k0 + 8 * c;
+                if (vec)
+                {
+                    float xf[8];
+                    Io<T>::unpack8(loadCached(reinterpret_cast<uint4 const*>(xr)), xf);
+SQZ_UNROLL
+                    for (int e = 0; e < 8; ++e)
+                    {
+                        acc[r] = fmaf(wv[e], xf[e], acc[r]);
+                    }
+                }
+                else
+                {
+SQZ_UNROLL
+                    for (int e = 0; e < 8; ++e)
+                    {
+                        if (8 * c + e < valid)
+                        {
+                            acc[r] = fmaf(wv[e], Io<T>::toFloat(xr[e]), acc[r]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/*
+ * Lane `lane`'s fp32 partial sums of y[m0 .. m0+rowsInTile-1, n] (acc[r], zeroed here): its share of
+ * row n's packed groups, then its share of row n's CSR non-zeros. `lut` is row n's LUT as fp32.
+ *   dense:  units u = lane, lane + 32, ... (a unit = unitGroups(BITS) groups = whole 128-bit loads);
+ *           without 16-byte aligned rows the same groups are read as 32-bit words, in the same order.
+ *   sparse: non-zeros row_ptr[n] + lane, + 32, ...
+ */
+template <int BITS, int MT, typename T>
+SQZ_HOST_DEVICE void gemvLanePartial(
+    GemvParams const& p, int32_t n, int lane, float const* lut, int32_t m0, int32_t rowsInTile, float (&acc)[MT])
+{
+    constexpr int kUNIT_GROUPS = format::unitGroups(BITS);
+    constexpr int kUNIT_WORDS = kUNIT_GROUPS * BITS; // multiple of 4
+    static_assert(kUNIT_WORDS % 4 == 0, "a unit is whole 128-bit loads");
+SQZ_UNROLL
+    for (int r = 0; r < MT; ++r)
+    {
+        acc[r] = 0.0f;
+    }
+    int64_t const wordsPerRow = static_cast<int64_t>(p.groups) * BITS;
+    uint32_t const* row = p.qweight + static_cast<int64_t>(n) * wordsPerRow;
+    T const* xTile = static_cast<T const*>(p.x) + static_cast<int64_t>(m0) * p.K;
+
+    if (p.wordsVec)
+    {
+        int32_t const units = p.groups / kUNIT_GROUPS;
+        for (int32_t u = lane; u < units; u += 32)
+        {
+            uint32_t w[kUNIT_WORDS];
+            uint4 const* src = reinterpret_cast<uint4 const*>(row + static_cast<int64_t>(u) * kUNIT_WORDS);
+SQZ_UNROLL
+            for (int v = 0; v < kUNIT_WORDS / 4; ++v)
+            {
+                uint4 const q = loadStreaming(src + v);
+                w[4 * v] = q.x;
+                w[4 * v + 1] = q.y;
+                w[4 * v + 2] = q.z;
+                w[4 * v + 3] = q.w;
+            }
+SQZ_UNROLL
+            for (int g = 0; g < kUNIT_GROUPS; ++g)
+            {
+                gemvGroup<BITS, MT, T>(w + g * BITS, (u * kUNIT_GROUPS + g) * format::kGROUP_SIZE, lut, xTile, p.K,
+                    rowsInTile, p.xVec, acc);
+            }
+        }
+    }
+    else
+    {
+        // Group g goes to lane (g / unit) % 32 as in the vector path, so the per-lane summation order
+        // (and the result) is the same whichever path runs.
+        for (int32_t g0 = lane * kUNIT_GROUPS; g0 < p.groups; g0 += 32 * kUNIT_GROUPS)
+        {
+            for (int32_t g = g0; g < imin(g0 + kUNIT_GROUPS, p.groups); ++g)
+            {
+                uint32_t w[BITS];
+SQZ_UNROLL
+                for (int b = 0; b < BITS; ++b)
+                {
+                    w[b] = loadStreaming(row + static_cast<int64_t>(g) * BITS + b);
+                }
+                gemvGroup<BITS, MT, T>(w, g * format::kGROUP_SIZE, lut, xTile, p.K, rowsInTile, p.xVec, acc);
+            }
+        }
+    }
+
+    // Sparse part: the warp owns row n, so its lanes add the row's non-zeros to their own partial sums.
+    if (p.rowPtr != nullptr)
+    {
+        int32_t const nzEnd = p.rowPtr[n + 1];
+        for (int32_t j = p.rowPtr[n] + lane; j < nzEnd; j += 32)
+        {
+            int32_t const c = loadCached(p.col + j);
+            float const v = __half2float(p.val[j]);
+SQZ_UNROLL
+            for (int r = 0; r < MT; ++r)
+            {
+                if (r < rowsInTile)
+                {
+                    acc[r] = fmaf(v, Io<T>::toFloat(xTile[static_cast<int64_t>(r) * p.K + c]), acc[r]);
+                }
+            }
+        }
+    }
+}
+
+} // namespace detail
+} // namespace sqz
