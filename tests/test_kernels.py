@@ -424,3 +424,18 @@ def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in results] == ["fp16", "sqz3-sparse"]
     assert results[1]["linear_weight_bytes"] < results[0]["linear_weight_bytes"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cuda_gemv_equals_host_emulation_bitwise(cpp_reference: ctypes.CDLL, bits: int, dtype: torch.dtype) -> None:
+    """The GPU runs the same lane code and butterfly as sqzGemvEmulate, so the bits must agree."""
+    for k, n in EMULATED_SHAPES:
+        layer = random_layer(n, k, bits, 0.005, seed=k)
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+        y, name = _poisoned_launch(layer, x, "gemv")
+        assert torch.equal(y.cpu(), run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True)), (
+            f"{name} K={k} N={n}"
+        )
