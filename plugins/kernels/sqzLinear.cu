@@ -31,8 +31,8 @@
  *   2-bit: unit = 2 groups (4 words); 8-bit: unit = 1 group (8 words = two 128-bit loads).
  *
  *   A row is 16-byte aligned (128-bit loads allowed) iff G * b % 4 == 0, i.e. iff G is a multiple of
- *   the unit; otherwise (e.g. 3-bit with K not a multiple of 128) the kernel reads 32-bit words, one
- *   group per lane step. Both paths accumulate in the same order, so they give identical results.
+ *   the unit; otherwise (e.g. 3-bit with K not a multiple of 128) the kernel reads the same groups per
+ *   lane as 32-bit words. Both paths accumulate in the same order, so they give identical results.
  *
  * Lane mapping in the GEMV (coalesced): lane l of the warp takes units l, l + 32, l + 64, ... of the
  * row, so the warp reads 32 consecutive units (3-bit: 32 x 48 B = 1.5 KB) per step, and the x
