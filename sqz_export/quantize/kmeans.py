@@ -20,8 +20,8 @@ k-means++ start the seed used with ``n_init="auto"``, i.e. one start, ``max_iter
 * merge-and-split moves (:meth:`_SortedRows.jump`): merge the cheapest adjacent pair of clusters and
   split the run that gains most, when that lowers the objective, then Lloyd again; this pulls
   centroids out of crowded regions into sparse, heavily weighted tails, which Lloyd never does;
-* several starts (weighted quantiles plus ``n_init`` seeded random quantile levels), keeping the best
-  per row.
+* optionally more starts (weighted quantiles plus ``n_init`` seeded random quantile levels), keeping
+  the best per row.
 
 Rows with at most ``2**bits`` distinct (positive-weight) values get each distinct value as its own
 centroid, so their objective is exactly zero.
@@ -40,8 +40,10 @@ DEFAULT_MAX_ITER = 300
 """Lloyd iterations cap per run; rows leave the iteration as soon as their boundaries stop moving."""
 _WINDOW = 4
 """Half-width of the window in which a Lloyd step first looks for a moved split (see ``bounds``)."""
-DEFAULT_N_INIT = 1
-"""Seeded random-quantile starts in addition to the weighted-quantile start."""
+DEFAULT_N_INIT = 0
+"""Seeded random-quantile starts in addition to the weighted-quantile start. Measured on SmolLM2-135M
+rows with real Fisher: one extra start lowers the objective by a further ~1.5-2% for ~1.6x the time;
+the default favours speed (the single start already beats scikit-learn by 4-6% on average)."""
 
 
 @dataclasses.dataclass
