@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sqz_export import kernels
+from sqz_export.runtime import sqz_reference_weight
 from sqz_export.formats import to_rowmajor
 from sqz_export.kernels import benchutil
 
@@ -106,7 +107,7 @@ def measure(
     else:
         kernel_name = "torch reference (cpu)"
         got = sqz_call(0)().float()
-    weight = kernels.reference_weight(op_inputs[0][0], op_inputs[0][1], *op_inputs[0][2:5], bits, k)
+    weight = sqz_reference_weight(op_inputs[0][0], op_inputs[0][1], *op_inputs[0][2:5], bits, k)
     max_err = float((got - xs[0].float() @ weight.t()).abs().max())
     del weight
     sqz_seconds = benchutil.time_per_call([sqz_call(i) for i in range(copies)], device, args.iters, args.repeats)

@@ -69,12 +69,9 @@ class SqzLinear(nn.Module):
 
     def reconstruct_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = LUT[idx] + S as a dense [N, K] tensor on the module's device."""
-        w = sqz_dequantize_reference(self.qweight, self.lut, self.bits, self.in_features).to(dtype)
-        if self.has_sparse:
-            counts = (self.sparse_row_ptr[1:] - self.sparse_row_ptr[:-1]).to(torch.int64)
-            rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
-            w.index_put_((rows, self.sparse_col.to(torch.int64)), self.sparse_val.to(dtype), accumulate=True)
-        return w
+        return sqz_reference_weight(
+            self.qweight, self.lut, self.sparse_row_ptr, self.sparse_col, self.sparse_val, self.bits, self.in_features
+        ).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -111,6 +108,24 @@ def sqz_dequantize_reference(qweight_rowmajor: torch.Tensor, lut: torch.Tensor, 
     hi = words[:, next_idx] << (32 - shift)
     idx = (lo | torch.where(shift + bits > 32, hi, torch.zeros_like(hi))) & ((1 << bits) - 1)
     return torch.gather(lut.to(torch.float32), 1, idx)
+
+
+def sqz_reference_weight(
+    qweight_rowmajor: torch.Tensor,
+    lut: torch.Tensor,
+    row_ptr: torch.Tensor | None,
+    col: torch.Tensor | None,
+    val: torch.Tensor | None,
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """W = LUT[idx] + S as fp32 [N, K] on the tensors' device: the reference semantics of SqzLinear."""
+    w = sqz_dequantize_reference(qweight_rowmajor, lut, bits, in_features)
+    if col is not None and col.numel():
+        counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(qweight_rowmajor.shape[0], device=w.device), counts)
+        w.index_put_((rows, col.to(torch.int64)), val.to(torch.float32), accumulate=True)
+    return w
 
 
 def replace_linears(model: nn.Module, packed: dict[str, PackedLinear], compute_dtype: torch.dtype = torch.float32) -> int:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sqz_export.kernels.ops import KERNEL_KINDS, check_args, cuda_launch, reference_weight, sqz_linear_op
+from sqz_export.kernels.ops import KERNEL_KINDS, check_args, cuda_launch, sqz_linear_op
 
 if TYPE_CHECKING:
     from sqz_export.runtime import SqzLinear
 
-__all__ = ["KERNEL_KINDS", "available", "check_args", "cuda_launch", "reference_weight", "sqz_linear", "sqz_linear_op"]
+__all__ = ["KERNEL_KINDS", "available", "check_args", "cuda_launch", "sqz_linear", "sqz_linear_op"]
 
 
 def available() -> bool:

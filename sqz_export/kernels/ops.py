@@ -7,7 +7,7 @@ x [M, K] (fp16, bf16 or fp32), qweight int32 [N, ceil(K/32) * bits] (layout 2), 
 optional CSR sparse part (all four tensors or none); returns y [M, N] in x's dtype.
 
 - CPU (and fp32 activations on CUDA): pure torch, the semantics of
-  :func:`sqz_export.runtime.sqz_dequantize_reference` plus the exact sparse values, fp32 matmul, one
+  :func:`sqz_export.runtime.sqz_reference_weight` (LUT[idx] plus the exact sparse values), fp32 matmul, one
   rounding to x's dtype. This is what runs without a GPU.
 - CUDA (fp16/bf16): the kernels of plugins/kernels/sqzLinear.cu through the JIT extension
   (:mod:`sqz_export.kernels.build`); ``kernel`` = "auto" | "gemv" | "dequant_gemm" (auto = the
@@ -21,7 +21,7 @@ import logging
 import torch
 
 from sqz_export.formats import FormatError, check_bits, packed_words
-from sqz_export.runtime import sqz_dequantize_reference
+from sqz_export.runtime import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +97,8 @@ def check_args(
         raise FormatError(f"sqz_linear: all tensors must be on one device, got {devices}")
 
 
-def reference_weight(
-    qweight: torch.Tensor,
-    lut: torch.Tensor,
-    row_ptr: torch.Tensor | None,
-    col: torch.Tensor | None,
-    val: torch.Tensor | None,
-    bits: int,
-    in_features: int,
-) -> torch.Tensor:
-    """W = LUT[idx] + S as fp32 [N, K] on the tensors' device (the reference semantics)."""
-    w = sqz_dequantize_reference(qweight, lut, bits, in_features)
-    if col is not None and col.numel():
-        counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(qweight.shape[0], device=w.device), counts)
-        w.index_put_((rows, col.to(torch.int64)), val.to(torch.float32), accumulate=True)
-    return w
-
-
 def _torch_sqz_linear(x, qweight, lut, row_ptr, col, val, bits, in_features) -> torch.Tensor:
-    w = reference_weight(qweight, lut, row_ptr, col, val, bits, in_features)
+    w = sqz_reference_weight(qweight, lut, row_ptr, col, val, bits, in_features)
     return torch.matmul(x.to(torch.float32), w.t()).to(x.dtype)
 
 
