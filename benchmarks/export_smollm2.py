@@ -18,6 +18,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from polygraphy.logger import G_LOGGER
+
 from sqz_export.checkpoint import WEIGHTS_FILE
 from sqz_export.compare.driver import BASELINE, SQZ, CompareOptions, compare_folder
 from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, export_checkpoint
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5, help="timed runs per runner after warm-up (default: 5)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # Polygraphy's per-session [I] lines
 
     with tempfile.TemporaryDirectory(prefix="sqz-export-bench-") as tmp:
         folder = args.onnx or Path(tmp) / "onnx"
