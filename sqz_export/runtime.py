@@ -97,7 +97,6 @@ def sqz_dequantize_reference(qweight_rowmajor: torch.Tensor, lut: torch.Tensor, 
     Bit b of the stream lives in word b // 32 at bit b % 32; index j of a row starts at stream bit
     bits*j (see ``formats``). Gathering two adjacent words handles indices that straddle a word.
     """
-    n = qweight_rowmajor.shape[0]
     device = qweight_rowmajor.device
     words = qweight_rowmajor.to(torch.int64) & 0xFFFFFFFF  # [N, W]
     start = torch.arange(in_features, device=device, dtype=torch.int64) * bits  # [K]

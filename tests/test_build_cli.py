@@ -15,8 +15,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from test_export import tiny_checkpoint, tiny_export  # noqa: F401  (session fixtures)
-
 from graph_passes.sqz_linear import sqz_linear_node
 from sqz_export.cli import main
 from sqz_export.engine import build as engine_build

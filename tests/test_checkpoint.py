@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runtime import random_packed
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, random_packed
 
 from sqz_export.checkpoint import (
     CONFIG_FILE,

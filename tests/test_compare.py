@@ -1,8 +1,5 @@
 """The Polygraphy comparison of an export folder: runners, statistics, verdicts, latency, JSON, plot."""
 
-# The session fixtures tiny_checkpoint/tiny_export live in test_export.py and are imported here, which
-# ruff reads as a redefinition when a test takes them as arguments.
-# ruff: noqa: F811
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import tiny_checkpoint, tiny_export  # noqa: F401 (session fixtures)
 from tiny_models import SAMPLE_TEXT
 from tolerances import TOLERANCES
 

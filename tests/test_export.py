@@ -1,8 +1,4 @@
-"""The export driver: checkpoint -> folder with model.onnx (SqzLinear), baseline.onnx, manifest.
-
-The session fixtures here (a tiny checkpoint per architecture, and its exports) are shared with the
-compare and generate tests, which import them.
-"""
+"""The export driver: checkpoint -> folder with model.onnx (SqzLinear), baseline.onnx, manifest."""
 
 from __future__ import annotations
 
@@ -14,21 +10,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_runtime import random_packed
-from tiny_models import save_tiny_model
+from tiny_models import run_prefill, save_tiny_model
 from tolerances import tolerance
 
 from sqz_export.checkpoint import (
-    QuantizationConfig,
     load_quantized_model,
     read_checkpoint,
-    save_checkpoint,
     sha256_file,
 )
 from sqz_export.cli import main
 from sqz_export.errors import UserError
 from sqz_export.export.baseline import tensor_bytes
-from sqz_export.export.signature import DecoderSignature
 from sqz_export.export.sqz_model import (
     BASELINE_FILE,
     MANIFEST_FILE,
@@ -36,73 +28,6 @@ from sqz_export.export.sqz_model import (
     POLYGRAPHY_INPUTS_FILE,
     export_checkpoint,
 )
-from sqz_export.formats import PackedLinear
-from sqz_export.models import load_model, quantizable_linears
-
-BITS = 3
-DENSITY = 0.03
-CHUNK_NNZ = 4
-"""What test_runtime.random_packed uses for its sparse parts."""
-LM_HEAD_SCALE = 8.0
-"""The tiny models' lm_head is scaled up so greedy argmax has clear winners (no fp ties)."""
-
-
-def tiny_packed(model: torch.nn.Module, bits: int = BITS) -> dict[str, PackedLinear]:
-    """Random packed layers for every quantizable linear; every other layer has a sparse part, so
-    both SqzLinear variants (3 and 7 inputs) appear."""
-    return {
-        name: random_packed(linear.out_features, linear.in_features, bits, DENSITY if index % 2 else 0.0, seed=index)
-        for index, (name, linear) in enumerate(quantizable_linears(model).items())
-    }
-
-
-def make_checkpoint(root: Path, arch: str) -> Path:
-    """A tiny source model folder and a checkpoint of random packed layers quantized 'from' it."""
-    source = save_tiny_model(root / f"{arch}-source", arch)
-    loaded = load_model(str(source))
-    with torch.no_grad():
-        loaded.model.lm_head.weight.mul_(LM_HEAD_SCALE)
-    loaded.model.save_pretrained(source)
-    packed = tiny_packed(loaded.model)
-    qconfig = QuantizationConfig("squeezellm", BITS, DENSITY, 0.0, list(packed), str(source), chunk_nnz=CHUNK_NNZ)
-    return save_checkpoint(root / f"{arch}-ckpt", loaded.model, packed, qconfig, loaded.tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    cache: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in cache:
-            cache[arch] = make_checkpoint(tmp_path_factory.mktemp(f"ckpt-{arch}"), arch)
-        return cache[arch]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def tiny_export(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[[str], Path]
-) -> Callable[[str, str], Path]:
-    """(arch, 'fp16'|'fp32') -> export folder, exported once per session."""
-    cache: dict[tuple[str, str], Path] = {}
-
-    def get(arch: str, dtype: str) -> Path:
-        if (arch, dtype) not in cache:
-            out = tmp_path_factory.mktemp(f"onnx-{arch}-{dtype}") / "out"
-            export_checkpoint(tiny_checkpoint(arch), out, dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype])
-            cache[(arch, dtype)] = out
-        return cache[(arch, dtype)]
-
-    return get
-
-
-def run_prefill(path: Path, token_ids: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    signature = DecoderSignature.from_onnx(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], signature.feed(token_ids))[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

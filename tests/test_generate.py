@@ -1,8 +1,5 @@
 """Greedy generation with onnxruntime and the KV cache against the torch reference."""
 
-# The session fixtures tiny_checkpoint/tiny_export live in test_export.py and are imported here, which
-# ruff reads as a redefinition when a test takes them as arguments.
-# ruff: noqa: F811
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import tiny_checkpoint, tiny_export  # noqa: F401 (session fixtures)
 
 from sqz_export.checkpoint import load_quantized_model
 from sqz_export.cli import main
@@ -31,7 +27,7 @@ def test_greedy_tokens_match_torch_reference(
             torch.tensor([PROMPT]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0
         )
     expected_new = expected[0, len(PROMPT) :].tolist()
-    # The scaled lm_head (test_export.LM_HEAD_SCALE) keeps argmax margins far above fp32 noise, so
+    # The scaled lm_head (tiny_models.LM_HEAD_SCALE) keeps argmax margins far above fp32 noise, so
     # equality is the right assertion; different tokens mean a cache or position bug.
     result = OnnxGenerator(tiny_export(arch, "fp32") / MODEL_FILE).greedy(PROMPT, STEPS)
     assert result.new_ids == expected_new

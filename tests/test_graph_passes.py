@@ -11,9 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from test_export import tiny_packed
-from test_runtime import random_packed
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, random_packed, tiny_packed
 from tolerances import tolerance
 
 from graph_passes import CleanupPass, SqzLinearPass, run_passes

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
-from test_runtime import random_packed
+from tiny_models import random_packed
 from tolerances import tolerance
 
 from graph_passes import sqz_linear_node

@@ -6,23 +6,11 @@ import copy
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, random_packed
 from tolerances import tolerance
 
-from sqz_export.formats import PackedLinear, SparsePart, pack_indices
 from sqz_export.models import quantizable_linears
 from sqz_export.runtime import SqzLinear, replace_linears, sqz_dequantize_reference
-
-
-def random_packed(out_features: int, in_features: int, bits: int, density: float, seed: int = 0) -> PackedLinear:
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=generator)
-    lut = (torch.randn(out_features, 1 << bits, generator=generator) * 0.05).to(torch.float16)
-    sparse = None
-    if density:
-        mask = torch.rand(out_features, in_features, generator=generator) < density
-        sparse = SparsePart.from_dense(torch.randn(out_features, in_features, generator=generator) * mask, chunk_nnz=4)
-    return PackedLinear(bits, in_features, out_features, pack_indices(indices, bits), lut, sparse)
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -16,8 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_export import run_prefill, tiny_checkpoint, tiny_export  # noqa: F401  (session fixtures)
-from test_runtime import random_packed
+from tiny_models import random_packed, run_prefill
 from tolerances import tolerance
 
 from sqz_export.cli import main

@@ -1,11 +1,25 @@
-"""Tiny random-weight causal LMs built in code, so tests never download anything."""
+"""Tiny test artifacts built in code, so tests never download anything: random-weight causal LMs, a
+character tokenizer, random packed layers, and tiny quantized checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from sqz_export.checkpoint import QuantizationConfig, save_checkpoint
+from sqz_export.export.signature import DecoderSignature
+from sqz_export.formats import PackedLinear, SparsePart, pack_indices
+from sqz_export.models import load_model, quantizable_linears
 
 TINY_VOCAB = 128
 
@@ -71,3 +85,51 @@ SAMPLE_TEXT = (
     "SqueezeLLM keeps the most sensitive weights exact and clusters the rest with weighted k-means.\n"
 ) * 40
 """About 8k characters of plain text for calibration/evaluation windows in CLI tests."""
+
+
+def random_packed(out_features: int, in_features: int, bits: int, density: float, seed: int = 0) -> PackedLinear:
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=generator)
+    lut = (torch.randn(out_features, 1 << bits, generator=generator) * 0.05).to(torch.float16)
+    sparse = None
+    if density:
+        mask = torch.rand(out_features, in_features, generator=generator) < density
+        sparse = SparsePart.from_dense(torch.randn(out_features, in_features, generator=generator) * mask, chunk_nnz=4)
+    return PackedLinear(bits, in_features, out_features, pack_indices(indices, bits), lut, sparse)
+
+
+BITS = 3
+DENSITY = 0.03
+CHUNK_NNZ = 4
+"""What random_packed uses for its sparse parts."""
+LM_HEAD_SCALE = 8.0
+"""The tiny models' lm_head is scaled up so greedy argmax has clear winners (no fp ties)."""
+
+
+def tiny_packed(model: torch.nn.Module, bits: int = BITS) -> dict[str, PackedLinear]:
+    """Random packed layers for every quantizable linear; every other layer has a sparse part, so
+    both SqzLinear variants (3 and 7 inputs) appear."""
+    return {
+        name: random_packed(linear.out_features, linear.in_features, bits, DENSITY if index % 2 else 0.0, seed=index)
+        for index, (name, linear) in enumerate(quantizable_linears(model).items())
+    }
+
+
+def make_checkpoint(root: Path, arch: str) -> Path:
+    """A tiny source model folder and a checkpoint of random packed layers quantized 'from' it."""
+    source = save_tiny_model(root / f"{arch}-source", arch)
+    loaded = load_model(str(source))
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    loaded.model.save_pretrained(source)
+    packed = tiny_packed(loaded.model)
+    qconfig = QuantizationConfig("squeezellm", BITS, DENSITY, 0.0, list(packed), str(source), chunk_nnz=CHUNK_NNZ)
+    return save_checkpoint(root / f"{arch}-ckpt", loaded.model, packed, qconfig, loaded.tokenizer)
+
+
+def run_prefill(path: Path, token_ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    signature = DecoderSignature.from_onnx(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], signature.feed(token_ids))[0]
