@@ -2,7 +2,7 @@
 
 The seed clustered each output row separately with ``sklearn.cluster.KMeans(n_clusters=2**bits,
 random_state=0, n_init="auto", max_iter=50)`` weighted by the Fisher information. Running that on
-every row of a matrix takes minutes, so the reference is run on ``--ref-rows`` rows of each matrix and
+every row of the model takes minutes, so the reference is run on ``--ref-rows`` rows of each matrix and
 its time is extrapolated linearly to all rows (per-row calls are independent, so time is linear in the
 row count); the table says so. Quality is the k-means objective on those same rows, ours / sklearn
 (below 1 = ours is better).
@@ -122,7 +122,7 @@ def real_model(bits_list: list[int], fisher_path: Path | None, workers: int | No
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    parser.add_argument("--ref-rows", type=int, default=32, help="rows per matrix clustered by scikit-learn (time extrapolated)")
+    parser.add_argument("--ref-rows", type=int, default=64, help="rows per matrix clustered by scikit-learn (time extrapolated)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of ours per matrix (median)")
     parser.add_argument(
         "--threads", type=int, default=1,
