@@ -23,7 +23,7 @@ from sqz_export.data import load_windows
 from sqz_export.evaluate import perplexity
 from sqz_export.models import load_model, quantizable_linears
 from sqz_export.quantize import QuantizeOptions, quantize_model
-from sqz_export.quantize.fisher import compute_fisher
+from sqz_export.quantize.fisher import load_or_compute_fisher
 from sqz_export.runtime import replace_linears
 
 CONFIGS: list[tuple[str, int, float]] = [
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--only", nargs="*", help="subset of configs, e.g. squeezellm-3-0.0045")
+    parser.add_argument("--fisher", type=Path, default=Path("runs/fisher.safetensors"), help="Fisher cache (reused when it matches)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality.json"))
     args = parser.parse_args()
 
@@ -59,9 +60,11 @@ def main() -> None:
     print(f"fp32 perplexity {fp.perplexity:.3f}", flush=True)
 
     start = time.perf_counter()
-    fisher = compute_fisher(loaded.model, windows["calibration"].tokens, layers, autocast_dtype=torch.bfloat16, progress=False)
+    fisher = load_or_compute_fisher(
+        loaded.model, windows["calibration"], layers, cache=args.fisher, source=loaded.source, autocast_dtype=torch.bfloat16, progress=False
+    )
     fisher_s = time.perf_counter() - start
-    print(f"fisher {fisher_s:.1f}s", flush=True)
+    print(f"fisher {fisher_s:.1f}s (0 if reused from {args.fisher})", flush=True)
 
     for method, bits, sparsity in CONFIGS:
         name = f"{method}-{bits}-{sparsity}"

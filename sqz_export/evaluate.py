@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sqz_export.runtime import materialized_weights
+
 
 @dataclasses.dataclass
 class PerplexityResult:
@@ -28,7 +30,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
 
     Each window is scored independently (no context carried across windows), predicting tokens
     1..seq_len-1 from their prefix, as in the GPTQ/SqueezeLLM evaluation protocol. Log-probabilities are
-    computed in fp32 whatever the model's dtype.
+    computed in fp32 whatever the model's dtype. Quantized layers are unpacked once for the whole run.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [num_windows, seq_len >= 2], got {tuple(windows.shape)}")
@@ -36,14 +38,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     total_nll = 0.0
     total_tokens = 0
     start = time.perf_counter()
-    for begin in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = windows[begin : begin + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()
-        nll = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
+    with materialized_weights(model):
+        for begin in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
+            batch = windows[begin : begin + batch_size].to(device)
+            logits = model(input_ids=batch).logits.float()
+            nll = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += float(nll)
+            total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
     return PerplexityResult(
         perplexity=math.exp(mean),

@@ -8,7 +8,9 @@ sparse part; on CUDA it calls the ``torch.ops.sqz`` kernels when they are built 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -22,8 +24,9 @@ class SqzLinear(nn.Module):
     """y = x @ (LUT[idx] + S)^T + bias, with the packed tensors as buffers (layout 2 on the module).
 
     The dense weight is rebuilt on every call on CPU (no cached FP copy: the module must not keep the
-    memory quantization saved). ``compute_dtype`` is the dtype of the matmul; fp32 by default so the
-    reference is not limited by fp16 rounding.
+    memory quantization saved), except inside :func:`materialized_weights`, which trades that memory
+    for speed during a long evaluation. ``compute_dtype`` is the dtype of the matmul; fp32 by default
+    so the reference is not limited by fp16 rounding.
     """
 
     def __init__(self, packed: PackedLinear, compute_dtype: torch.dtype = torch.float32) -> None:
@@ -41,6 +44,8 @@ class SqzLinear(nn.Module):
         self.register_buffer("sparse_val", sparse.val.clone() if sparse else None)
         self.register_buffer("sparse_chunk_row", sparse.chunk_row.clone() if sparse else None)
         self.register_buffer("bias", packed.bias.clone() if packed.bias is not None else None)
+        self.materialized: torch.Tensor | None = None
+        """The reconstructed weight while inside materialized_weights(); never saved."""
 
     @property
     def has_sparse(self) -> bool:
@@ -80,7 +85,7 @@ class SqzLinear(nn.Module):
             if kernels.available():
                 y = kernels.sqz_linear(self, x)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
-        w = self.reconstruct_weight(self.compute_dtype)
+        w = self.materialized if self.materialized is not None else self.reconstruct_weight(self.compute_dtype)
         y = torch.matmul(x.to(self.compute_dtype), w.t())
         if self.bias is not None:
             y = y + self.bias.to(self.compute_dtype)
@@ -89,6 +94,24 @@ class SqzLinear(nn.Module):
     def extra_repr(self) -> str:
         nnz = int(self.sparse_col.numel()) if self.sparse_col is not None else 0
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, sparse_nnz={nnz}"
+
+
+@contextlib.contextmanager
+def materialized_weights(model: nn.Module) -> Iterator[int]:
+    """Reconstructs every SqzLinear weight once for the duration of the block (yields how many).
+
+    Perplexity over tens of thousands of tokens would otherwise unpack every layer on every forward
+    pass, which costs more than the matmuls on a CPU. Results are bit-identical: the cached tensor is
+    the one forward() would rebuild.
+    """
+    modules = [module for module in model.modules() if isinstance(module, SqzLinear)]
+    try:
+        for module in modules:
+            module.materialized = module.reconstruct_weight(module.compute_dtype)
+        yield len(modules)
+    finally:
+        for module in modules:
+            module.materialized = None
 
 
 def sqz_dequantize_reference(qweight_rowmajor: torch.Tensor, lut: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

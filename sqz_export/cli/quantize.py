@@ -6,7 +6,6 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqz_export.cli.common import (
     add_dataset_argument,
@@ -17,11 +16,6 @@ from sqz_export.cli.common import (
     print_table,
     write_json,
 )
-
-if TYPE_CHECKING:
-    import torch
-
-    from sqz_export.data import TokenWindows
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.evaluate import perplexity
     from sqz_export.models import load_model, quantizable_linears
     from sqz_export.quantize import QuantizeOptions, quantize_model
+    from sqz_export.quantize.fisher import load_or_compute_fisher
 
     progress = progress_enabled()
     options = QuantizeOptions(
@@ -153,42 +148,3 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     write_json(args.json, summary)
     return 0
-
-
-def load_or_compute_fisher(
-    model: torch.nn.Module,
-    calibration: TokenWindows,
-    layers: dict[str, torch.nn.Linear],
-    *,
-    cache: Path | None,
-    source: str,
-    autocast_dtype: torch.dtype | None,
-    progress: bool,
-) -> dict[str, torch.Tensor]:
-    """Fisher information, reused from ``cache`` when it was computed for this model and calibration.
-
-    The Fisher pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
-    sweep over settings computes it once. The cache records the model source and the calibration
-    windows' description; any difference recomputes it rather than silently reusing stale values.
-    """
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from sqz_export.quantize.fisher import compute_fisher
-
-    key = json.dumps({"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype)}, sort_keys=True)
-    if cache is not None and cache.is_file():
-        with safe_open(str(cache), framework="pt") as handle:
-            if (handle.metadata() or {}).get("sqz_fisher_key") == key and set(handle.keys()) == set(layers):
-                logger.info("reusing Fisher information from %s", cache)
-                return {name: handle.get_tensor(name) for name in layers}
-        logger.info("Fisher cache %s was made for another model or calibration; recomputing", cache)
-    fisher = compute_fisher(model, calibration.tokens, layers, autocast_dtype=autocast_dtype, progress=progress)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        save_file({name: tensor.contiguous() for name, tensor in fisher.items()}, str(tmp), metadata={"sqz_fisher_key": key})
-        tmp.replace(cache)
-    return fisher

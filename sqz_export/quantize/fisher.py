@@ -11,13 +11,19 @@ embedding, norm or lm_head weight gradients are computed).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sqz_export.errors import UserError
+
+if TYPE_CHECKING:
+    from sqz_export.data import TokenWindows
 
 logger = logging.getLogger(__name__)
 
@@ -90,4 +96,39 @@ def compute_fisher(
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
+    return fisher
+
+
+def load_or_compute_fisher(
+    model: nn.Module,
+    calibration: TokenWindows,
+    layers: Mapping[str, nn.Linear],
+    *,
+    cache: Path | None,
+    source: str,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Fisher information, reused from ``cache`` when it was computed for this model and calibration.
+
+    The Fisher pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
+    sweep over settings computes it once. The cache records the model source and the calibration
+    windows' description; any difference recomputes it rather than silently reusing stale values.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = json.dumps({"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype)}, sort_keys=True)
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), framework="pt") as handle:
+            if (handle.metadata() or {}).get("sqz_fisher_key") == key and set(handle.keys()) == set(layers):
+                logger.info("reusing Fisher information from %s", cache)
+                return {name: handle.get_tensor(name) for name in layers}
+        logger.info("Fisher cache %s was made for another model or calibration; recomputing", cache)
+    fisher = compute_fisher(model, calibration.tokens, layers, autocast_dtype=autocast_dtype, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        save_file({name: tensor.contiguous() for name, tensor in fisher.items()}, str(tmp), metadata={"sqz_fisher_key": key})
+        tmp.replace(cache)
     return fisher
