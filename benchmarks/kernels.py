@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from sqz_export import kernels
-from sqz_export.runtime import sqz_reference_weight
 from sqz_export.formats import to_rowmajor
 from sqz_export.kernels import benchutil
+from sqz_export.runtime import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 

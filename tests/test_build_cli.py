@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from graph_passes.sqz_linear import sqz_linear_node
 from sqz_export.cli import main
 from sqz_export.engine import build as engine_build
-from sqz_export.engine.build import BuildLimits, count_sqz_nodes, find_plugin_library, profile_shapes, write_atomic
+from sqz_export.engine.build import BuildLimits, count_sqz_nodes, find_plugin_library, profile_shapes
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
@@ -181,12 +181,3 @@ def test_plugin_library_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert find_plugin_library() == built
     monkeypatch.setenv(engine_build.PLUGIN_LIBRARY_ENV, str(built))
     assert find_plugin_library() == built
-
-
-def test_write_atomic_leaves_no_partial_file(tmp_path: Path) -> None:
-    target = tmp_path / "engines" / "model.engine"
-    write_atomic(target, b"\x01\x02\x03")
-    assert target.read_bytes() == b"\x01\x02\x03"
-    write_atomic(target, memoryview(b"new"))
-    assert target.read_bytes() == b"new"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["model.engine"]

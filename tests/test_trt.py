@@ -19,6 +19,7 @@ import torch
 from tiny_models import random_packed, run_prefill
 from tolerances import tolerance
 
+from sqz_export import atomic
 from sqz_export.cli import main
 from sqz_export.engine.build import (
     PLUGIN_NAME,
@@ -29,7 +30,6 @@ from sqz_export.engine.build import (
     load_plugin_library,
     make_trt_logger,
     network_flags,
-    write_atomic,
 )
 from sqz_export.engine.runner import make_trt_runner
 from sqz_export.errors import UserError
@@ -86,7 +86,7 @@ def one_layer_engine(trt: ModuleType, layer: PackedLinear, path: Path) -> None:
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     assert serialized is not None, "TensorRT could not build the one-layer engine (see the log)"
-    write_atomic(path, memoryview(serialized))
+    atomic.write_bytes(path, memoryview(serialized))
 
 
 @pytest.mark.parametrize("bits", [3, 4])

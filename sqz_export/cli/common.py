@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from sqz_export import atomic
 from sqz_export.data import DEFAULT_DATASET
 from sqz_export.models import DEFAULT_MODEL
 
@@ -58,12 +57,7 @@ def write_json(target: str | None, payload: dict[str, Any]) -> None:
     if target == "-":
         sys.stdout.write(text)
         return
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(Path(target), text)
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

@@ -21,13 +21,13 @@ import ctypes
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from sqz_export import atomic
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 
@@ -216,19 +216,6 @@ def _plugin_layer_count(trt: ModuleType, network: Any) -> int:
     return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Writes through a temporary file in the same folder, so a crash never leaves half an engine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
@@ -301,7 +288,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path} (its errors are in the log above; -v shows more)")
-    write_atomic(engine_path, memoryview(serialized))
+    atomic.write_bytes(engine_path, memoryview(serialized))
     seconds = time.perf_counter() - start
     return BuildResult(
         engine_path=engine_path,

@@ -30,8 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from torch import nn
 
 from graph_passes import CleanupPass, PassResult, SqzLinearPass
 from sqz_export import __version__
+from sqz_export.atomic import check_replaceable, replace_folder
 from sqz_export.errors import UserError
 from sqz_export.export.baseline import (
     DEFAULT_OPSET,
@@ -195,9 +194,7 @@ def export_checkpoint(
 
     from sqz_export.checkpoint import build_model, read_checkpoint
 
-    out = Path(out_dir).resolve()
-    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not an sqz-export ONNX folder; refusing to overwrite it")
+    out = check_replaceable(out_dir, MANIFEST_FILE, "ONNX folder")
     checkpoint = read_checkpoint(checkpoint_dir)
     packed = checkpoint.packed
     quantized = build_model(checkpoint, torch.float32)
@@ -220,9 +217,7 @@ def export_checkpoint(
         check_baseline_matches(loaded.model, checkpoint.hf_config, packed, baseline_source)
         baseline_graph = export_decoder(loaded.model, dtype, opset)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with replace_folder(out, MANIFEST_FILE, "ONNX folder") as tmp:
         written = save_model(graph, tmp / MODEL_FILE)
         if baseline_graph is not None:
             written += save_model(baseline_graph, tmp / BASELINE_FILE)
@@ -247,23 +242,9 @@ def export_checkpoint(
             "op_counts": op_counts(graph),
             "passes": {result.name: result.count for result in results},
             "tensor_bytes": {"before_rewrite": bytes_before, "after_rewrite": bytes_after},
-            "layers": {
-                name: {
-                    "bits": layer.bits,
-                    "in_features": layer.in_features,
-                    "out_features": layer.out_features,
-                    "nnz": layer.sparse.nnz if layer.sparse is not None else 0,
-                }
-                for name, layer in packed.items()
-            },
+            "layers": {name: layer.describe() for name, layer in packed.items()},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s (%s)", out, ", ".join(path.name for path in written))
     return ExportResult(
         out_dir=out,

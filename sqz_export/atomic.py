@@ -1,0 +1,74 @@
+"""Atomic outputs: a reader never sees half a file or half a folder, and a failed run leaves nothing.
+
+Every artifact sqz-export writes (checkpoints, ONNX folders, engines, JSON reports, caches) goes
+through here: it is written under a temporary name in the destination's own folder (same file
+system, so the final rename is atomic) and renamed into place only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqz_export.errors import UserError
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Writes ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def check_replaceable(out_dir: str | os.PathLike[str], marker: str, kind: str) -> Path:
+    """The resolved destination, after checking it is absent, empty, or a folder of this kind.
+
+    Call it before long work too, so a bad ``-o`` fails at once rather than at the end.
+
+    Raises:
+        UserError: ``out_dir`` exists, is not empty, and is not a folder of this kind.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not (out / marker).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} exists and is not an sqz-export {kind}; refusing to overwrite it")
+    return out
+
+
+@contextlib.contextmanager
+def replace_folder(out_dir: str | os.PathLike[str], marker: str, kind: str) -> Iterator[Path]:
+    """Yields an empty temporary folder beside ``out_dir`` that replaces it when the block succeeds.
+
+    Args:
+        out_dir: the destination folder.
+        marker: a file every folder of this kind holds; an existing non-empty ``out_dir`` without it
+            is someone else's data and is never overwritten.
+        kind: what the folder is, for the error message ("checkpoint", "ONNX folder").
+
+    Raises:
+        UserError: see :func:`check_replaceable`.
+    """
+    out = check_replaceable(out_dir, marker, kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
