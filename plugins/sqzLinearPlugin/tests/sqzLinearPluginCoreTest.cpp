@@ -1,4 +1,5 @@
 // Unit tests of the SqzLinear plugin core (plain C++: no TensorRT, no CUDA). Exit status = failures.
+#include "sqzTestCheck.h"
 #include "sqzLinearPluginCore.h"
 
 #include <cstdint>
@@ -11,17 +12,6 @@ using namespace sqz::plugin;
 namespace
 {
 
-int gFailures = 0;
-
-#define EXPECT(cond)                                                                                                   \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        if (!(cond))                                                                                                   \
-        {                                                                                                              \
-            std::cerr << __FILE__ << ":" << __LINE__ << ": expected " #cond << std::endl;                              \
-            ++gFailures;                                                                                               \
-        }                                                                                                              \
-    } while (0)
 
 //! The error is non-empty and mentions every fragment (messages must name the attribute/tensor).
 void expectError(std::string const& error, std::vector<std::string> const& fragments, int line)
@@ -35,7 +25,7 @@ void expectError(std::string const& error, std::vector<std::string> const& fragm
     {
         std::cerr << __FILE__ << ":" << line << ": error message '" << error << "' lacks an expected fragment"
                   << std::endl;
-        ++gFailures;
+        ++sqz::test::failures();
     }
 }
 #define EXPECT_ERROR(error, ...) expectError((error), {__VA_ARGS__}, __LINE__)
@@ -260,9 +250,9 @@ int main()
     testShapes();
     testTypes();
     testSerializationRoundTrip();
-    if (gFailures)
+    if (sqz::test::failures())
     {
-        std::cerr << gFailures << " check(s) failed" << std::endl;
+        std::cerr << sqz::test::failures() << " check(s) failed" << std::endl;
         return 1;
     }
     std::cout << "sqzLinearPluginCoreTest: all checks passed" << std::endl;

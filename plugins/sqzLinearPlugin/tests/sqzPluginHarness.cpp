@@ -5,6 +5,7 @@
  *
  * Usage: sqzPluginHarness /path/to/libsqz_trt_plugin.so      (exit status = number of failed checks)
  */
+#include "sqzTestCheck.h"
 #include "NvInferRuntime.h"
 
 #include <cstring>
@@ -20,17 +21,6 @@ using namespace nvinfer1;
 namespace
 {
 
-int gFailures = 0;
-
-#define EXPECT(cond)                                                                                                   \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        if (!(cond))                                                                                                   \
-        {                                                                                                              \
-            std::cerr << __FILE__ << ":" << __LINE__ << ": expected " #cond << std::endl;                              \
-            ++gFailures;                                                                                               \
-        }                                                                                                              \
-    } while (0)
 
 //! Stand-in for TensorRT's logger: records messages so checks can assert what the plugin reported.
 class RecordingLogger : public ILogger
@@ -445,9 +435,9 @@ int main(int argc, char** argv)
         checkCreator(*static_cast<IPluginCreatorV3One*>(creators[i]), logger);
     }
     EXPECT(logger.errors.empty());
-    if (gFailures)
+    if (sqz::test::failures())
     {
-        std::cerr << gFailures << " check(s) failed" << std::endl;
+        std::cerr << sqz::test::failures() << " check(s) failed" << std::endl;
         return 1;
     }
     std::cout << "sqzPluginHarness: " << nbCreators << " creator(s), all checks passed" << std::endl;

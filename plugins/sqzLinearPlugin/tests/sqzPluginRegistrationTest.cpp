@@ -6,6 +6,7 @@
  *
  * Usage: sqzPluginRegistrationTest /path/to/libnvinfer.so.<major> /path/to/libsqz_trt_plugin.so
  */
+#include "sqzTestCheck.h"
 #include "NvInferRuntime.h"
 
 #include <cstring>
@@ -17,17 +18,6 @@ using namespace nvinfer1;
 namespace
 {
 
-int gFailures = 0;
-
-#define EXPECT(cond)                                                                                                   \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        if (!(cond))                                                                                                   \
-        {                                                                                                              \
-            std::cerr << __FILE__ << ":" << __LINE__ << ": expected " #cond << std::endl;                              \
-            ++gFailures;                                                                                               \
-        }                                                                                                              \
-    } while (0)
 
 } // namespace
 
@@ -86,9 +76,9 @@ int main(int argc, char** argv)
     getCreators(nbCreators);
     EXPECT(registry->getCreator("SqzLinear", "1", "sqz") == selfRegistered);
 
-    if (gFailures)
+    if (sqz::test::failures())
     {
-        std::cerr << gFailures << " check(s) failed" << std::endl;
+        std::cerr << sqz::test::failures() << " check(s) failed" << std::endl;
         return 1;
     }
     std::cout << "sqzPluginRegistrationTest: self registration and getCreators hand-over passed" << std::endl;
