@@ -62,6 +62,7 @@ def quiet_third_party_output(verbose: bool) -> None:
         hf_logging.set_verbosity_error()
     if not progress_enabled():
         hf_logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # bars drawn with tqdm directly (the GGUF loader's)
 
 
 def main(argv: list[str] | None = None) -> int:
