@@ -60,11 +60,12 @@ def main() -> None:
     print(f"fp32 perplexity {fp.perplexity:.3f}", flush=True)
 
     start = time.perf_counter()
-    fisher = load_or_compute_fisher(
+    fisher, computed = load_or_compute_fisher(
         loaded.model, windows["calibration"], layers, cache=args.fisher, source=loaded.source, autocast_dtype=torch.bfloat16, progress=False
     )
     fisher_s = time.perf_counter() - start
-    print(f"fisher {fisher_s:.1f}s (0 if reused from {args.fisher})", flush=True)
+    fisher_key = "fisher" if computed else "fisher_cache_read"
+    print(f"{fisher_key} {fisher_s:.1f}s", flush=True)
 
     for method, bits, sparsity in CONFIGS:
         name = f"{method}-{bits}-{sparsity}"
@@ -77,7 +78,7 @@ def main() -> None:
         ppl = perplexity(model, evaluation)
         timings = dict(result.timings)
         if method == "squeezellm":
-            timings["fisher"] = fisher_s
+            timings[fisher_key] = fisher_s
         nnz = sum(layer.sparse.nnz for layer in result.packed.values() if layer.sparse is not None)
         row = {
             "config": name,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import TINY_VOCAB, make_tiny_model
 from tolerances import tolerance
 
+from sqz_export.data import TokenWindows
 from sqz_export.errors import UserError
 from sqz_export.models import quantizable_linears
-from sqz_export.quantize.fisher import compute_fisher
+from sqz_export.quantize.fisher import compute_fisher, load_or_compute_fisher
 
 BF16_AGGREGATE_BOUND = 0.1
 """bf16 gradients carry ~3 significant digits; their squares agree with fp32 to a few percent in norm."""
@@ -74,3 +77,23 @@ def test_rejects_bad_windows(windows: torch.Tensor) -> None:
     model = make_tiny_model("llama")
     with pytest.raises(UserError, match="window"):
         compute_fisher(model, windows, quantizable_linears(model), progress=False)
+
+
+def test_cache_is_reused_only_for_the_same_model_and_calibration(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", seed=2)
+    layers = quantizable_linears(model)
+    tokens = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    calibration = TokenWindows(tokens, "text.txt", "start", 0, 1000)
+    cache = tmp_path / "fisher.safetensors"
+    common = {"cache": cache, "autocast_dtype": None, "progress": False}
+    first, computed = load_or_compute_fisher(model, calibration, layers, source="tiny", **common)
+    assert computed and cache.is_file()
+    again, computed = load_or_compute_fisher(model, calibration, layers, source="tiny", **common)
+    assert not computed
+    for name in layers:
+        assert torch.equal(again[name], first[name])
+    _, computed = load_or_compute_fisher(model, calibration, layers, source="another model", **common)
+    assert computed  # a cache made for another source is never trusted
+    longer = TokenWindows(torch.cat([tokens, tokens]), "text.txt", "start", 0, 1000)
+    _, computed = load_or_compute_fisher(model, longer, layers, source="another model", **common)
+    assert computed  # nor one made from other calibration windows

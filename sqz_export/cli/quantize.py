@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if calibration is not None:
         logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
         start = time.perf_counter()
-        fisher = load_or_compute_fisher(
+        fisher, computed = load_or_compute_fisher(
             loaded.model,
             calibration,
             layers,
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             autocast_dtype=torch.bfloat16 if args.fisher_dtype == "bf16" else None,
             progress=progress,
         )
-        timings["fisher"] = time.perf_counter() - start
+        timings["fisher" if computed else "fisher_cache_read"] = time.perf_counter() - start
 
     result = quantize_model(loaded.model, fisher, options, layers=layers, progress=progress)
     timings.update(result.timings)

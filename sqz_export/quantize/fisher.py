@@ -108,12 +108,16 @@ def load_or_compute_fisher(
     source: str,
     autocast_dtype: torch.dtype | None,
     progress: bool,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], bool]:
     """Fisher information, reused from ``cache`` when it was computed for this model and calibration.
 
     The Fisher pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
     sweep over settings computes it once. The cache records the model source and the calibration
     windows' description; any difference recomputes it rather than silently reusing stale values.
+
+    Returns:
+        (name -> fp32 Fisher tensor, whether it was computed now rather than read from the cache),
+        so callers report a computation time only for a real computation.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -123,7 +127,7 @@ def load_or_compute_fisher(
         with safe_open(str(cache), framework="pt") as handle:
             if (handle.metadata() or {}).get("sqz_fisher_key") == key and set(handle.keys()) == set(layers):
                 logger.info("reusing Fisher information from %s", cache)
-                return {name: handle.get_tensor(name) for name in layers}
+                return {name: handle.get_tensor(name) for name in layers}, False
         logger.info("Fisher cache %s was made for another model or calibration; recomputing", cache)
     fisher = compute_fisher(model, calibration.tokens, layers, autocast_dtype=autocast_dtype, progress=progress)
     if cache is not None:
@@ -131,4 +135,4 @@ def load_or_compute_fisher(
         tmp = cache.with_name(f".{cache.name}.tmp")
         save_file({name: tensor.contiguous() for name, tensor in fisher.items()}, str(tmp), metadata={"sqz_fisher_key": key})
         tmp.replace(cache)
-    return fisher
+    return fisher, True
