@@ -17,6 +17,12 @@ from pathlib import Path
 from sqz_export.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Writes ``data`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +30,7 @@ def write_bytes(path: Path, data: bytes | memoryview) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,6 +73,10 @@ def replace_folder(out_dir: str | os.PathLike[str], marker: str, kind: str) -> I
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+        for child in tmp.iterdir():
+            if child.is_file():
+                os.chmod(child, 0o666 & ~_umask())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -114,6 +114,16 @@ def _dense_state(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tenso
     return state
 
 
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Saves a tokenizer in its compact form.
+
+    A fast tokenizer loaded from a GGUF file names the whole GGUF (weights included) as its slow
+    "vocab file"; the legacy format would copy those ~100 MB next to every checkpoint and export.
+    tokenizer.json alone reloads the same fast tokenizer.
+    """
+    tokenizer.save_pretrained(str(folder), legacy_format=False if getattr(tokenizer, "is_fast", False) else None)
+
+
 def save_checkpoint(
     out_dir: str | os.PathLike[str],
     model: nn.Module,
@@ -143,7 +153,7 @@ def save_checkpoint(
         config["quantization_config"] = dataclasses.asdict(qconfig)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
         files = {
             path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             for path in sorted(tmp.iterdir())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,18 @@ def test_replace_folder_refuses_a_foreign_folder(tmp_path: Path) -> None:
         with atomic.replace_folder(tmp_path / "precious", "marker", "test folder"):
             pass
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Temporary files and folders are private (0600/0700); the published outputs must not be."""
+    mask = os.umask(0o022)
+    try:
+        atomic.write_bytes(tmp_path / "report.json", b"{}")
+        with atomic.replace_folder(tmp_path / "out", "marker", "test folder") as tmp:
+            (tmp / "marker").write_text("x")
+            os.chmod(tmp / "marker", 0o600)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "marker").stat().st_mode) == 0o644

@@ -192,7 +192,7 @@ def export_checkpoint(
     """
     from transformers import AutoTokenizer
 
-    from sqz_export.checkpoint import build_model, read_checkpoint
+    from sqz_export.checkpoint import build_model, read_checkpoint, save_tokenizer
 
     out = check_replaceable(out_dir, MANIFEST_FILE, "ONNX folder")
     checkpoint = read_checkpoint(checkpoint_dir)
@@ -224,7 +224,7 @@ def export_checkpoint(
         quantized.config.save_pretrained(str(tmp))
         if (checkpoint.path / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
             write_polygraphy_inputs(tmp / MODEL_FILE, tokenizer, tmp / POLYGRAPHY_INPUTS_FILE)
         files = {
             path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
