@@ -16,6 +16,7 @@ from sqz_export.cli.common import (
     print_table,
     write_json,
 )
+from sqz_export.quantize.kmeans import DEFAULT_N_INIT
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the Fisher information (default: 32)")
     parser.add_argument("--fisher", type=Path, metavar="FILE", help="Fisher cache (.safetensors): reused when it matches the model and calibration, written otherwise")
     parser.add_argument("--fisher-dtype", choices=("bf16", "fp32"), default="bf16", help="forward/backward precision for the Fisher pass; accumulation is always fp32 (default: bf16)")
+    parser.add_argument("--kmeans-starts", type=int, default=DEFAULT_N_INIT, help=f"extra seeded k-means starts per row beyond the weighted-quantile start; more is slower and slightly better (default: {DEFAULT_N_INIT})")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device for Fisher and k-means, e.g. cuda (default: cpu)")
     parser.add_argument("--eval-windows", type=int, default=0, help="after quantizing, report perplexity on this many windows from the end of --dataset (default: 0 = skip)")
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         bits=args.bits,
         sparsity=args.sparsity,
         sensitive_fraction=min(args.sensitive_fraction, args.sparsity),
+        kmeans_n_init=args.kmeans_starts,
         seed=args.seed,
         device=args.device,
     )
