@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (kernel choices, refused matches)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"sqz_export.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"sqz_export.cli.{name}":
-                raise
-            continue  # a stage not built yet in this checkout
-        module.register(subparsers)
+        importlib.import_module(f"sqz_export.cli.{name}").register(subparsers)
     return parser
 
 
