@@ -11,6 +11,7 @@
 #pragma once
 
 #include "sqzFormat.h"
+#include "sqzLinear.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -154,6 +155,36 @@ struct GemvParams
     bool wordsVec;           // rows are 16-byte aligned: 128-bit weight loads
     bool xVec;               // x rows are 16-byte aligned (K % 8 == 0): 128-bit activation loads
 };
+
+inline bool isAligned16(void const* ptr)
+{
+    return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
+}
+
+/*
+ * The GEMV's parameters for one call, with the launcher's load-width rules: 128-bit weight loads when
+ * every row starts 16-byte aligned (G * bits words a multiple of 4), 128-bit x loads when K % 8 == 0.
+ * The host emulation forces the 32-bit paths with allowVecWords/allowVecX = false to test them.
+ */
+inline GemvParams makeGemvParams(
+    SqzLinearShape const& s, SqzLinearArgs const& a, bool allowVecWords = true, bool allowVecX = true)
+{
+    GemvParams p{};
+    p.x = a.x;
+    p.qweight = reinterpret_cast<uint32_t const*>(a.qweight);
+    p.lut = static_cast<__half const*>(a.lut);
+    p.rowPtr = s.nnz > 0 ? a.rowPtr : nullptr;
+    p.col = a.col;
+    p.val = static_cast<__half const*>(a.val);
+    p.y = a.y;
+    p.m = s.m;
+    p.K = s.inFeatures;
+    p.N = s.outFeatures;
+    p.groups = (s.inFeatures + format::kGROUP_SIZE - 1) / format::kGROUP_SIZE;
+    p.wordsVec = allowVecWords && (static_cast<int64_t>(p.groups) * s.bits) % 4 == 0 && isAligned16(a.qweight);
+    p.xVec = allowVecX && s.inFeatures % 8 == 0 && isAligned16(a.x);
+    return p;
+}
 
 /*
  * One group (32 indices, k0 .. k0+31) against MT rows of x: decode each index once, look it up once,

@@ -353,11 +353,6 @@ __global__ void __launch_bounds__(kGEMM_THREADS) sqzGemmKernel(GemmParams const 
 
 // ---- launch helpers --------------------------------------------------------------------------
 
-bool aligned16(void const* ptr)
-{
-    return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
-}
-
 int64_t paddedRows(SqzLinearShape const& s)
 {
     return config::paddedRows(s.outFeatures);
@@ -443,7 +438,7 @@ void launchDequantGemm(SqzLinearShape const& s, SqzLinearArgs const& a, cudaStre
     p.K = s.inFeatures;
     p.N = s.outFeatures;
     p.paddedK = static_cast<int32_t>(paddedCols(s));
-    p.xVec = s.inFeatures % 8 == 0 && aligned16(a.x);
+    p.xVec = s.inFeatures % 8 == 0 && detail::isAligned16(a.x);
     // gridDim.y limit: m <= 65535 * 64 rows per launch is checked by sqzLinearValidate.
     dim3 const grid(nPad / kTILE_N, (s.m + kTILE_M - 1) / kTILE_M);
     sqzGemmKernel<T><<<grid, kGEMM_THREADS, 0, stream>>>(p);
@@ -484,20 +479,7 @@ cudaError_t sqzLinearLaunch(
     }
     if (kind == KernelKind::kGemv)
     {
-        GemvParams p{};
-        p.x = a.x;
-        p.qweight = reinterpret_cast<uint32_t const*>(a.qweight);
-        p.lut = static_cast<__half const*>(a.lut);
-        p.rowPtr = s.nnz > 0 ? a.rowPtr : nullptr;
-        p.col = a.col;
-        p.val = static_cast<__half const*>(a.val);
-        p.y = a.y;
-        p.m = s.m;
-        p.K = s.inFeatures;
-        p.N = s.outFeatures;
-        p.groups = static_cast<int32_t>(paddedCols(s) / kGROUP_SIZE);
-        p.wordsVec = (static_cast<int64_t>(p.groups) * s.bits) % 4 == 0 && aligned16(a.qweight);
-        p.xVec = s.inFeatures % 8 == 0 && aligned16(a.x);
+        GemvParams const p = detail::makeGemvParams(s, a);
         if (s.dtype == DataType::kHALF)
         {
             launchGemvBits<__half>(s.bits, p, stream);
@@ -509,7 +491,7 @@ cudaError_t sqzLinearLaunch(
     }
     else if (kind == KernelKind::kDequantGemm)
     {
-        if (a.workspace == nullptr || a.workspaceBytes < sqzLinearWorkspaceSizeFor(s, kind) || !aligned16(a.workspace))
+        if (a.workspace == nullptr || a.workspaceBytes < sqzLinearWorkspaceSizeFor(s, kind) || !detail::isAligned16(a.workspace))
         {
             return cudaErrorInvalidValue;
         }

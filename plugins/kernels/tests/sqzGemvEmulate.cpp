@@ -11,11 +11,6 @@ namespace
 
 constexpr int kEMULATED_TILE = 4; //!< m-tile of the emulation; per-row sums do not depend on the tile size
 
-bool aligned16(void const* p)
-{
-    return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
-
 template <int BITS, typename T>
 void emulate(detail::GemvParams const& p)
 {
@@ -83,21 +78,7 @@ char const* sqzGemvEmulate(
     {
         return error;
     }
-    detail::GemvParams p{};
-    p.x = a.x;
-    p.qweight = reinterpret_cast<uint32_t const*>(a.qweight);
-    p.lut = static_cast<__half const*>(a.lut);
-    p.rowPtr = s.nnz > 0 ? a.rowPtr : nullptr;
-    p.col = a.col;
-    p.val = static_cast<__half const*>(a.val);
-    p.y = a.y;
-    p.m = s.m;
-    p.K = s.inFeatures;
-    p.N = s.outFeatures;
-    p.groups = (s.inFeatures + format::kGROUP_SIZE - 1) / format::kGROUP_SIZE;
-    // The launcher's rules (sqzLinearLaunch), unless a scalar path is forced.
-    p.wordsVec = !forceScalarWords && (static_cast<int64_t>(p.groups) * s.bits) % 4 == 0 && aligned16(a.qweight);
-    p.xVec = !forceScalarX && s.inFeatures % 8 == 0 && aligned16(a.x);
+    detail::GemvParams const p = detail::makeGemvParams(s, a, !forceScalarWords, !forceScalarX);
     if (s.dtype == DataType::kHALF)
     {
         emulateBits<__half>(s.bits, p);
