@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -294,17 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         r.speedup_vs_fp16 = baseline.ms_per_token / r.ms_per_token if baseline else None
     print(format_table(results))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "benchmark": "decode",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": benchutil.environment(device),
-            "model": dataclasses.asdict(cfg),
-            "settings": {k: v for k, v in vars(args).items() if k != "out"},
-            "results": [dataclasses.asdict(r) for r in results],
-        }
-        args.out.write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.out}")
+        benchutil.write_report(
+            args.out,
+            "decode",
+            device,
+            args,
+            model=dataclasses.asdict(cfg),
+            results=[dataclasses.asdict(r) for r in results],
+        )
     return 0
 
 

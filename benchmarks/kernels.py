@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -163,17 +161,14 @@ def main(argv: list[str] | None = None) -> int:
                     logger.info("%s", format_table(rows[-1:], copy_rate).splitlines()[-1])
     print(format_table(rows, copy_rate))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "benchmark": "kernels",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": benchutil.environment(device),
-            "settings": {k: v for k, v in vars(args).items() if k != "out"},
-            "copy_rate_bytes_per_s": copy_rate,
-            "rows": [dataclasses.asdict(r) for r in rows],
-        }
-        args.out.write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.out}")
+        benchutil.write_report(
+            args.out,
+            "kernels",
+            device,
+            args,
+            copy_rate_bytes_per_s=copy_rate,
+            rows=[dataclasses.asdict(r) for r in rows],
+        )
     return 0
 
 

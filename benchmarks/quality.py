@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sqz_export import atomic
 from sqz_export.data import load_windows
 from sqz_export.evaluate import perplexity
 from sqz_export.models import load_model, quantizable_linears
@@ -106,8 +107,7 @@ def main() -> None:
         "evaluation": windows["evaluation"].describe(),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic.write_text(args.out, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

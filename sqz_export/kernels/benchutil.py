@@ -8,14 +8,19 @@ On CPU (dry runs) the same calls are timed with perf_counter.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
+from sqz_export import atomic
 from sqz_export.formats import (
     DEFAULT_CHUNK_NNZ,
     PackedLinear,
@@ -148,3 +153,17 @@ def environment(device: torch.device) -> dict[str, object]:
         )
         info["cuda"] = torch.version.cuda
     return info
+
+
+def write_report(out: Path, benchmark: str, device: torch.device, args: argparse.Namespace, **results: object) -> None:
+    """Writes a benchmark's JSON (atomically) with the envelope every report shares: what ran, when,
+    where, and with which settings; ``results`` are the benchmark's own keys."""
+    report = {
+        "benchmark": benchmark,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        **results,
+    }
+    atomic.write_text(out, json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
