@@ -2,8 +2,11 @@
 
 For every (shape, M, bits, sparsity): median time per call of torch.ops.sqz (the CUDA kernel the
 launcher picks, or --kernel), of torch.matmul with an FP16 weight (cuBLAS) and the device copy rate,
-all measured in the same run. Calls are timed as CUDA-graph replays with CUDA events, inputs rotated
-over more than twice the L2 cache; see sqz_export/kernels/benchutil.py. Prints a table, writes JSON.
+all measured in the same run. At M = 1 (dense, fp16) it also times the seed's kernel design
+(benchmarks/baselines/seedDesignGemv.cu: one thread per row, LUTs reloaded per K block, fp32 atomics).
+Calls are timed as CUDA-graph replays with CUDA events, inputs rotated over more than twice the L2
+cache; see sqz_export/kernels/benchutil.py. Every timed kernel's output is first checked against the
+fp32 reference. Prints a table and the issue's acceptance checks, writes JSON.
 
     python benchmarks/kernels.py --out runs/kernels.json
     python benchmarks/kernels.py --device cpu --shapes 64x96 --m 1 --iters 3 --repeats 2   # dry run
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -20,14 +24,21 @@ from pathlib import Path
 import torch
 
 from sqz_export import kernels
-from sqz_export.formats import to_rowmajor
-from sqz_export.kernels import benchutil
+from sqz_export.formats import PackedLinear, to_rowmajor
+from sqz_export.kernels import benchutil, build
 from sqz_export.runtime import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 
 # (N, K) = (out_features, in_features) of the LLaMA-7B / 13B linears.
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "12288x4096", "13824x5120"]
+LLAMA_7B_SHAPES = {(4096, 4096), (11008, 4096), (4096, 11008)}
+"""The shapes the acceptance checks are judged on."""
+
+BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
+SANITY_REL_ERR = 0.02
+"""A timed kernel whose max error exceeds this fraction of max |y| is broken: its time is not reported.
+A guard against timing garbage, far looser than the correctness tests' tolerance table."""
 
 
 @dataclasses.dataclass
@@ -48,6 +59,18 @@ class Row:
     gbps: float
     copy_fraction: float
     max_abs_err: float
+    seed_design_us: float | None = None
+    vs_seed_design: float | None = None
+
+
+@dataclasses.dataclass
+class Criterion:
+    """One acceptance check of issue 4, evaluated on this run's rows (None: not measured in this run)."""
+
+    name: str
+    target: str
+    measured: float | None
+    passed: bool | None
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -73,6 +96,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run of the logic")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     return parser
+
+
+@functools.cache
+def seed_design_extension():
+    """The seed-design baseline GEMV, compiled like the product's extension (on first use)."""
+    return build.build_extension(
+        "sqz_seed_design_ext",
+        [BASELINE_DIR / "seedDesignBinding.cpp", BASELINE_DIR / "seedDesignGemv.cu"],
+        [BASELINE_DIR, build.PLUGINS_DIR / "common"],
+    )
+
+
+def check_sanity(what: str, got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max abs error of ``got`` against the fp32 reference; raises if the kernel is plainly wrong."""
+    err = float((got.float() - reference).abs().max())
+    scale = float(reference.abs().max())
+    if err > SANITY_REL_ERR * max(scale, 1e-6):
+        raise RuntimeError(
+            f"{what}: max abs error {err:.3g} against the fp32 reference is over {SANITY_REL_ERR:.0%} of max |y| "
+            f"({scale:.3g}); its timing would be meaningless"
+        )
+    return err
+
+
+def time_seed_design(
+    args: argparse.Namespace,
+    device: torch.device,
+    layers: list[PackedLinear],
+    xs: list[torch.Tensor],
+    bits: int,
+    reference: torch.Tensor,
+) -> float:
+    """Seconds per call of the seed-design GEMV (memset of y + one kernel) on the same rotated inputs."""
+    ext = seed_design_extension()
+    y = torch.empty(layers[0].out_features, dtype=torch.float32, device=device)
+    inputs = [(x.reshape(-1), layer.qweight.contiguous(), layer.lut) for layer, x in zip(layers, xs)]
+    ext.gemv(*inputs[0], y, bits)
+    check_sanity(f"seed-design GEMV {layers[0].out_features}x{layers[0].in_features} {bits}-bit", y[None], reference)
+    calls = [lambda i=i: ext.gemv(*inputs[i], y, bits) for i in range(len(inputs))]
+    return benchutil.time_per_call(calls, device, args.iters, args.repeats)
 
 
 def measure(
@@ -106,9 +169,13 @@ def measure(
         kernel_name = "torch reference (cpu)"
         got = sqz_call(0)().float()
     weight = sqz_reference_weight(op_inputs[0][0], op_inputs[0][1], *op_inputs[0][2:5], bits, k)
-    max_err = float((got - xs[0].float() @ weight.t()).abs().max())
+    reference = xs[0].float() @ weight.t()
     del weight
+    max_err = check_sanity(f"sqz {kernel_name} {n}x{k} M={m} {bits}-bit", got, reference)
     sqz_seconds = benchutil.time_per_call([sqz_call(i) for i in range(copies)], device, args.iters, args.repeats)
+    seed_seconds = None
+    if device.type == "cuda" and m == 1 and density == 0 and dtype == torch.float16 and bits in (3, 4):
+        seed_seconds = time_seed_design(args, device, layers, xs, bits, reference)
 
     dense_bytes = n * k * 2
     dense_copies = benchutil.rotation_count(dense_bytes, l2)
@@ -123,6 +190,8 @@ def measure(
         kernel=kernel_name, sqz_us=sqz_seconds * 1e6, cublas_fp16_us=dense_seconds * 1e6,
         speedup=dense_seconds / sqz_seconds, sqz_bytes=sqz_bytes, gbps=rate / 1e9,
         copy_fraction=rate / copy_rate, max_abs_err=max_err,
+        seed_design_us=seed_seconds * 1e6 if seed_seconds is not None else None,
+        vs_seed_design=seed_seconds / sqz_seconds if seed_seconds is not None else None,
     )  # fmt: skip
 
 
@@ -131,14 +200,47 @@ def format_table(rows: list[Row], copy_rate: float) -> str:
         f"device copy rate: {copy_rate / 1e9:.0f} GB/s (read + write)",
         (
             f"{'N x K':>12} {'M':>3} {'bits':>4} {'sparse':>7} {'sqz us':>8} {'cuBLAS us':>9} {'speedup':>7} "
-            f"{'GB/s':>7} {'%copy':>6} {'max err':>8}  kernel"
+            f"{'GB/s':>7} {'%copy':>6} {'seed us':>8} {'vs seed':>7} {'max err':>8}  kernel"
         ),
     ]
     for r in rows:
+        seed_us = f"{r.seed_design_us:>8.2f}" if r.seed_design_us is not None else f"{'-':>8}"
+        vs_seed = f"{r.vs_seed_design:>6.2f}x" if r.vs_seed_design is not None else f"{'-':>7}"
         lines.append(
             f"{r.n:>5} x {r.k:<5} {r.m:>3} {r.bits:>4} {r.density * 100:>6.2f}% {r.sqz_us:>8.2f} {r.cublas_fp16_us:>9.2f} "
-            f"{r.speedup:>6.2f}x {r.gbps:>7.0f} {r.copy_fraction * 100:>5.1f}% {r.max_abs_err:>8.1e}  {r.kernel.split(' ')[0]}"
+            f"{r.speedup:>6.2f}x {r.gbps:>7.0f} {r.copy_fraction * 100:>5.1f}% {seed_us} {vs_seed} "
+            f"{r.max_abs_err:>8.1e}  {r.kernel.split(' ')[0]}"
         )
+    return "\n".join(lines)
+
+
+def acceptance(rows: list[Row]) -> list[Criterion]:
+    """Issue 4's kernel criteria on the batch-1 LLaMA-7B rows of this run (GPU runs only)."""
+    batch1 = [r for r in rows if r.m == 1 and (r.n, r.k) in LLAMA_7B_SHAPES and r.bits in (3, 4)]
+    dense = {(r.n, r.k, r.bits): r for r in batch1 if r.density == 0}
+    fractions = [r.copy_fraction for r in dense.values()]
+    overheads = [
+        r.sqz_us / dense[(r.n, r.k, r.bits)].sqz_us - 1 for r in batch1 if r.density > 0 and (r.n, r.k, r.bits) in dense
+    ]
+    vs_seed = [r.vs_seed_design for r in dense.values() if r.vs_seed_design is not None]
+
+    def check(name: str, target: str, values: list[float], worst, ok) -> Criterion:
+        measured = worst(values) if values else None
+        return Criterion(name, target, measured, ok(measured) if measured is not None else None)
+
+    return [
+        check("worst fraction of copy bandwidth, M=1 dense 3/4-bit", ">= 0.70", fractions, min, lambda v: v >= 0.70),
+        check("worst sparse overhead over dense, M=1 3/4-bit", "<= 0.15", overheads, max, lambda v: v <= 0.15),
+        check("worst speedup over the seed design, M=1 dense 3/4-bit", ">= 2.0", vs_seed, min, lambda v: v >= 2.0),
+    ]
+
+
+def format_acceptance(criteria: list[Criterion]) -> str:
+    lines = ["acceptance (issue 4; batch-1 LLaMA-7B shapes of this run):"]
+    for c in criteria:
+        verdict = "not measured" if c.passed is None else ("PASS" if c.passed else "FAIL")
+        measured = f"{c.measured:.3f}" if c.measured is not None else "-"
+        lines.append(f"  {c.name:<56} {measured:>7} (target {c.target})  {verdict}")
     return "\n".join(lines)
 
 
@@ -160,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.empty_cache()  # the rotated copies of the finished row
                     logger.info("%s", format_table(rows[-1:], copy_rate).splitlines()[-1])
     print(format_table(rows, copy_rate))
+    criteria = acceptance(rows) if device.type == "cuda" else []
+    print(format_acceptance(criteria) if criteria else "acceptance: not evaluated (CPU dry-run timings mean nothing)")
     if args.out is not None:
         benchutil.write_report(
             args.out,
@@ -168,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             args,
             copy_rate_bytes_per_s=copy_rate,
             rows=[dataclasses.asdict(r) for r in rows],
+            acceptance=[dataclasses.asdict(c) for c in criteria],
         )
     return 0
 

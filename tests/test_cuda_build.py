@@ -1,8 +1,9 @@
-"""The CUDA kernels compile (nvcc, warnings as errors) and the C++ format mirror matches formats.py.
+"""The CUDA sources compile (nvcc, warnings as errors) and the C++ format mirror matches formats.py.
 
-No GPU is needed: CI machines have nvcc but no device, so this is what proves the .cu builds there.
-The source is compiled once per session (`-c`, sm_80 by default: about a minute on 2 cores); set
-SQZ_CUDA_TEST_ARCHS="80,90" to check more architectures.
+No GPU is needed: CI machines have nvcc but no device, so this is what proves the .cu files build
+there. The kernels are compiled once per session (`-c`, sm_80 by default: about a minute on 2 cores);
+set SQZ_CUDA_TEST_ARCHS="80,90" to check more architectures. The torch bindings, which only the GPU
+machine links, are type-checked here against the installed torch headers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,11 @@ from sqz_export import formats
 REPO = Path(__file__).resolve().parents[1]
 COMMON = REPO / "plugins" / "common"
 KERNELS = REPO / "plugins" / "kernels"
+BASELINES = REPO / "benchmarks" / "baselines"
 NVCC = shutil.which("nvcc")
+CXX = shutil.which("g++")
 ARCHS = [a.strip() for a in os.environ.get("SQZ_CUDA_TEST_ARCHS", "80").split(",") if a.strip()]
+WARNINGS_AS_ERRORS = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +36,7 @@ def nvcc_build(tmp_path_factory: pytest.TempPathFactory) -> subprocess.Completed
     out = tmp_path_factory.mktemp("nvcc") / "sqzLinear.o"
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     cmd = [
-        NVCC, "-std=c++17", "-O3", *gencode, f"-I{COMMON}", f"-I{KERNELS}",
-        "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v",
+        NVCC, "-std=c++17", "-O3", *gencode, f"-I{COMMON}", f"-I{KERNELS}", *WARNINGS_AS_ERRORS, "-Xptxas", "-v",
         "-c", str(KERNELS / "sqzLinear.cu"), "-o", str(out),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
@@ -55,6 +59,51 @@ def test_gemv_kernels_do_not_spill(nvcc_build: subprocess.CompletedProcess[str])
             if stores:
                 spills.append(f"{kernel.split('function')[-1].strip()}: {line.strip()}")
     assert not spills, "GEMV kernels spill:\n" + "\n".join(spills)
+
+
+def test_seed_design_baseline_compiles(tmp_path: Path) -> None:
+    """benchmarks/kernels.py builds this baseline on the GPU machine; a compile error must show up in CI."""
+    if NVCC is None:
+        pytest.skip("nvcc not found on PATH")
+    cmd = [
+        NVCC, "-std=c++17", "-O3", f"-gencode=arch=compute_{ARCHS[0]},code=sm_{ARCHS[0]}", f"-I{COMMON}",
+        f"-I{BASELINES}", *WARNINGS_AS_ERRORS, "-c", str(BASELINES / "seedDesignGemv.cu"), "-o", str(tmp_path / "b.o"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+
+
+def _cuda_include_dir() -> Path | None:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", Path(NVCC).resolve().parents[1] if NVCC else None):
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.mark.parametrize(
+    "binding", [REPO / "sqz_export" / "kernels" / "binding.cpp", BASELINES / "seedDesignBinding.cpp"], ids=lambda p: p.name
+)
+def test_torch_binding_type_checks(binding: Path, tmp_path: Path) -> None:
+    """g++ -fsyntax-only against torch's headers: catches API misuse before a GPU session's JIT build.
+
+    A CPU build of torch ships the c10/cuda headers but not the one its CMake generates
+    (cuda_cmake_macros.h), so the test writes that one-line header itself.
+    """
+    from torch.utils import cpp_extension
+
+    cuda_include = _cuda_include_dir()
+    if CXX is None or cuda_include is None:
+        pytest.skip("needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
+    generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    system = [tmp_path, *cpp_extension.include_paths(), sysconfig.get_paths()["include"], cuda_include]
+    cmd = [
+        CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DTORCH_EXTENSION_NAME=probe",
+        *[f"-isystem{p}" for p in system], f"-I{COMMON}", f"-I{BASELINES}", str(binding),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
 
 
 def _cpp_constant(name: str) -> str:

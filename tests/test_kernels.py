@@ -414,6 +414,31 @@ def test_kernels_benchmark_dry_run(tmp_path: Path) -> None:
     assert all(r["max_abs_err"] < 1e-2 and r["sqz_us"] > 0 and r["cublas_fp16_us"] > 0 for r in rows)
 
 
+def test_kernels_benchmark_acceptance_checks() -> None:
+    """The issue's three kernel criteria are computed from the right rows, with None when not measured."""
+    bench = _load_benchmark("kernels")
+
+    def row(n: int, k: int, bits: int, density: float, sqz_us: float, fraction: float, seed_us: float | None):
+        return bench.Row(
+            n=n, k=k, m=1, bits=bits, density=density, nnz=0, kernel="gemv", sqz_us=sqz_us, cublas_fp16_us=40.0,
+            speedup=40.0 / sqz_us, sqz_bytes=1, gbps=1.0, copy_fraction=fraction, max_abs_err=0.0,
+            seed_design_us=seed_us, vs_seed_design=seed_us / sqz_us if seed_us else None,
+        )  # fmt: skip
+
+    rows = [
+        row(4096, 4096, 3, 0.0, 4.0, 0.75, 13.0),
+        row(4096, 4096, 3, 0.0045, 4.4, 0.70, None),
+        row(11008, 4096, 4, 0.0, 10.0, 0.72, 19.0),
+        row(11008, 4096, 4, 0.0045, 12.0, 0.60, None),
+        row(12288, 4096, 3, 0.0, 1.0, 0.10, 1.0),  # not a 7B shape: ignored
+    ]
+    bandwidth, sparse, seed = bench.acceptance(rows)
+    assert bandwidth.measured == pytest.approx(0.72) and bandwidth.passed is True
+    assert sparse.measured == pytest.approx(0.2) and sparse.passed is False
+    assert seed.measured == pytest.approx(1.9) and seed.passed is False
+    assert all(c.measured is None and c.passed is None for c in bench.acceptance(rows[4:]))
+
+
 def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
     import json
 
