@@ -256,6 +256,20 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def acceptance_line(results: list[Result], device: torch.device) -> str:
+    """Issue 4's end-to-end criterion: dense 3-bit decode at least 3x faster per token than FP16."""
+    if device.type != "cuda":
+        return "acceptance: not evaluated (CPU dry-run timings mean nothing)"
+    sqz3 = next((r for r in results if r.variant == "sqz3"), None)
+    if sqz3 is None or sqz3.speedup_vs_fp16 is None:
+        return "acceptance: not evaluated (needs the fp16 and sqz3 variants in one run)"
+    verdict = "PASS" if sqz3.speedup_vs_fp16 >= 3.0 else "FAIL"
+    return (
+        f"acceptance (issue 4): sqz3 decode speedup over fp16 {sqz3.speedup_vs_fp16:.2f}x "
+        f"(target >= 3.0, {sqz3.layers} layers)  {verdict}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="llama-7b")
@@ -291,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r.speedup_vs_fp16 = baseline.ms_per_token / r.ms_per_token if baseline else None
     print(format_table(results))
+    print(acceptance_line(results, device))
     if args.out is not None:
         benchutil.write_report(
             args.out,
