@@ -289,9 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available (use --device cpu for a dry run)", file=sys.stderr)
+    device = benchutil.benchmark_device(args.device)
+    if device is None:
         return 2
     cfg = CONFIGS[args.config]
     if args.layers is not None:

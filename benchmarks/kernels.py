@@ -247,9 +247,8 @@ def format_acceptance(criteria: list[Criterion]) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available (use --device cpu for a dry run)", file=sys.stderr)
+    device = benchutil.benchmark_device(args.device)
+    if device is None:
         return 2
     copy_rate = benchutil.copy_bandwidth(device)
     rows = []

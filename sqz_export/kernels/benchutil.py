@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -79,6 +80,15 @@ def random_packed(
             chunk_nnz=chunk_nnz,
         )
     return PackedLinear(bits, in_features, out_features, qweight, lut, sparse)
+
+
+def benchmark_device(name: str) -> torch.device | None:
+    """The device a benchmark runs on, or None after saying why (``--device cuda`` without a GPU)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {name} but no CUDA device is available (use --device cpu for a dry run)", file=sys.stderr)
+        return None
+    return device
 
 
 def rotation_count(bytes_per_copy: int, l2_bytes: int) -> int:
