@@ -258,7 +258,9 @@ def test_cpp_reference_integer_case_is_exact(cpp_reference: ctypes.CDLL, dtype: 
 
 # (K, N): 3-bit K = 256 takes the 128-bit weight path (G % 4 == 0), K = 100 the 32-bit one; K = 520 has
 # 128-bit x loads but a K tail; K = 45 neither.
-EMULATED_SHAPES = [(45, 7), (100, 33), (256, 40), (520, 65)]
+# (K, N); K = 4224: 132 groups = 33 three-bit units, so the lane loops take a second, partial step
+# in which only some lanes are active (the others still take part in every LUT shuffle).
+EMULATED_SHAPES = [(45, 7), (100, 33), (256, 40), (520, 65), (4224, 9)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -288,8 +290,9 @@ def test_gemv_lane_code_exact_cases(cpp_reference: ctypes.CDLL, bits: int) -> No
 
 # ---- CUDA kernels ---------------------------------------------------------------------------------
 
-# (K, N): odd tails; 3-bit K % 128 != 0 (32-bit word path); K % 8 == 0 but not % 32; one LLaMA width.
-GPU_SHAPES = [(45, 7), (100, 33), (520, 65), (4096, 128)]
+# (K, N): odd tails; 3-bit K % 128 != 0 (32-bit word path); K % 8 == 0 but not % 32; one LLaMA width;
+# a partial second lane step (K = 4224).
+GPU_SHAPES = [(45, 7), (100, 33), (520, 65), (4096, 128), (4224, 33)]
 GPU_MS = [1, 2, 4, 5, 16, 17, 70]
 
 

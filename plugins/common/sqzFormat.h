@@ -75,10 +75,11 @@ static_assert(unitGroups(3) * 3 % 4 == 0 && unitGroups(4) * 4 % 4 == 0 && unitGr
     "a vector unit must be a whole number of 128-bit loads");
 static_assert(kLAYOUT_ROWMAJOR == 2 && kLAYOUT_KMAJOR == 1, "layout ids are part of the file format");
 
-//! Index j (0..31) of one group whose BITS words are `w`. With j a compile-time constant (unrolled
-//! loops) the word choice and both shifts fold away; straddling indices (3-bit j = 10, 21) read two words.
+//! The group's bit stream from index j (0..31) on: index j in the low BITS bits, the bits above it
+//! unspecified (the following indices). With j a compile-time constant (unrolled loops) the word
+//! choice and the shifts fold away; straddling indices (3-bit j = 10, 21) read two words.
 template <int BITS>
-SQZ_HOST_DEVICE uint32_t groupIndex(uint32_t const* w, int j)
+SQZ_HOST_DEVICE uint32_t groupBits(uint32_t const* w, int j)
 {
     int const bit = BITS * j;
     int const word = bit >> 5;
@@ -88,7 +89,14 @@ SQZ_HOST_DEVICE uint32_t groupIndex(uint32_t const* w, int j)
     {
         v |= w[word + 1] << (32 - shift);
     }
-    return v & ((1u << BITS) - 1u);
+    return v;
+}
+
+//! Index j (0..31) of one group whose BITS words are `w`.
+template <int BITS>
+SQZ_HOST_DEVICE uint32_t groupIndex(uint32_t const* w, int j)
+{
+    return groupBits<BITS>(w, j) & ((1u << BITS) - 1u);
 }
 
 //! Index k of one layout-2 row (runtime bits): the row's words are one bit stream (see the header comment).

@@ -1,11 +1,12 @@
 /*
  * sqzGemvLane.cuh: the per-lane work of the SqzLinear GEMV kernel, as __host__ __device__ code.
  *
- * sqzGemvKernel (sqzLinear.cu) is: copy the row's LUT to shared memory, gemvLanePartial() on every
- * lane, warp-shuffle sum, store. Everything data-dependent (group -> lane mapping, 128-bit vs 32-bit
- * weight loads, vector vs scalar x loads, the K tail, the CSR row walk) is in gemvLanePartial, so a
- * host test can run it for lanes 0..31 and check it against the reference without a GPU
- * (tests/test_kernels.py drives it through sqzGemvEmulate in a small host library).
+ * sqzGemvKernel (sqzLinear.cu) is: load the row's LUT, gemvLanePartial() on every lane, warp-shuffle
+ * sum, store. Everything data-dependent (group -> lane mapping, 128-bit vs 32-bit weight loads, vector
+ * vs scalar x loads, the K tail, the CSR row walk) is in gemvLanePartial, so a host test can run it
+ * for lanes 0..31 and check it against the reference without a GPU (tests/test_kernels.py drives it
+ * through sqzGemvEmulate in a small host library). The LUT lookup is a template parameter: a
+ * warp-shuffle from registers on the device (ShuffleLut), a table read on the host and for 8-bit (TableLut).
  * Layout and lane-mapping pictures: the comment block at the top of sqzLinear.cu.
  */
 #pragma once
@@ -15,6 +16,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_functions.h>
 #include <vector_types.h>
 
 #include <math.h>
@@ -139,6 +141,49 @@ SQZ_UNROLL
 
 // ---- GEMV per-lane work -------------------------------------------------------------------------
 
+/*
+ * LUT lookups. `bits` are the group's stream bits from the index on (format::groupBits): the index is
+ * their low BITS bits, the rest is the following indices.
+ *
+ * ShuffleLut (device, BITS <= 5): lane l holds LUT[l mod 2^BITS] in a register, i.e. the table
+ * repeated 32 / 2^BITS times across the warp. A lookup is one __shfl_sync with the raw stream bits as
+ * the source lane: shfl reads its source lane modulo 32, and lane (v mod 32) holds LUT[v mod 2^BITS],
+ * so the index needs neither a mask nor address arithmetic (shift + shfl per weight, against shift +
+ * mask + add + LDS from a shared table). shfl is warp-collective, so every lane of the warp must make
+ * the same lookups in the same order: the lane loops of gemvLanePartial have warp-uniform trip counts,
+ * and lanes past the end look up (harmless) zero words and drop the result.
+ *
+ * TableLut: a table in memory (shared memory on the device for 8-bit, whose 256 entries do not fit in
+ * a warp; the row's LUT as fp32 in the host emulation). Same values, so the same sums, bit for bit.
+ */
+template <int BITS>
+struct TableLut
+{
+    float const* table; // [2^BITS] fp32
+
+    SQZ_HOST_DEVICE float operator()(uint32_t bits) const
+    {
+        return table[bits & ((1u << BITS) - 1u)];
+    }
+};
+
+template <int BITS>
+struct ShuffleLut
+{
+    static_assert(BITS <= 5, "a warp holds at most 32 LUT entries");
+    float entry; // LUT[lane mod 2^BITS]
+
+    SQZ_HOST_DEVICE float operator()(uint32_t bits) const
+    {
+#if defined(__CUDA_ARCH__)
+        return __shfl_sync(0xFFFFFFFFu, entry, static_cast<int>(bits));
+#else
+        static_cast<void>(bits);
+        return entry; // never called on the host: the emulation uses TableLut
+#endif
+    }
+};
+
 struct GemvParams
 {
     void const* x;           // [m, K], T
@@ -189,11 +234,12 @@ inline GemvParams makeGemvParams(
 /*
  * One group (32 indices, k0 .. k0+31) against MT rows of x: decode each index once, look it up once,
  * then fma it into every x row of the tile. Eight indices at a time (one 128-bit x load per row), so
- * only 8 looked-up weights are live. Lanes past K (last group) read no x. The order of the fmas into
- * acc[r] is k0, k0+1, ... in both the vector and the scalar branch.
+ * only 8 looked-up weights are live. The lookups run on every lane (see ShuffleLut); an inactive lane
+ * (no group here) reads no x and adds nothing, and the x reads of the last group stop at K. The order
+ * of the fmas into acc[r] is k0, k0+1, ... in both the vector and the scalar branch.
  */
-template <int BITS, int MT, typename T>
-SQZ_HOST_DEVICE void gemvGroup(uint32_t const* w, int32_t k0, float const* lut, T const* xTile, int32_t K,
+template <int BITS, int MT, typename T, typename Lut>
+SQZ_HOST_DEVICE void gemvGroup(uint32_t const* w, bool active, int32_t k0, Lut const& lut, T const* xTile, int32_t K,
     int32_t rowsInTile, bool xVec, float (&acc)[MT])
 {
     bool const vec = xVec && k0 + format::kGROUP_SIZE <= K;
@@ -205,12 +251,12 @@ SQZ_UNROLL
 SQZ_UNROLL
         for (int e = 0; e < 8; ++e)
         {
-            wv[e] = lut[format::groupIndex<BITS>(w, 8 * c + e)];
+            wv[e] = lut(format::groupBits<BITS>(w, 8 * c + e));
         }
 SQZ_UNROLL
         for (int r = 0; r < MT; ++r)
         {
-            if (r < rowsInTile)
+            if (active && r < rowsInTile)
             {
                 T const* xr = xTile + static_cast<int64_t>(r) * K + k0 + 8 * c;
                 if (vec)
@@ -241,14 +287,15 @@ SQZ_UNROLL
 
 /*
  * Lane `lane`'s fp32 partial sums of y[m0 .. m0+rowsInTile-1, n] (acc[r], zeroed here): its share of
- * row n's packed groups, then its share of row n's CSR non-zeros. `lut` is row n's LUT as fp32.
+ * row n's packed groups, then its share of row n's CSR non-zeros. `lut` looks up row n's LUT as fp32.
  *   dense:  units u = lane, lane + 32, ... (a unit = unitGroups(BITS) groups = whole 128-bit loads);
  *           without 16-byte aligned rows the same groups are read as 32-bit words, in the same order.
+ *           Both loops step all 32 lanes together (warp-uniform trip counts, for ShuffleLut).
  *   sparse: non-zeros row_ptr[n] + lane, + 32, ...
  */
-template <int BITS, int MT, typename T>
+template <int BITS, int MT, typename T, typename Lut>
 SQZ_HOST_DEVICE void gemvLanePartial(
-    GemvParams const& p, int32_t n, int lane, float const* lut, int32_t m0, int32_t rowsInTile, float (&acc)[MT])
+    GemvParams const& p, int32_t n, int lane, Lut const& lut, int32_t m0, int32_t rowsInTile, float (&acc)[MT])
 {
     constexpr int kUNIT_GROUPS = format::unitGroups(BITS);
     constexpr int kUNIT_WORDS = kUNIT_GROUPS * BITS; // multiple of 4
@@ -265,14 +312,16 @@ SQZ_UNROLL
     if (p.wordsVec)
     {
         int32_t const units = p.groups / kUNIT_GROUPS;
-        for (int32_t u = lane; u < units; u += 32)
+        for (int32_t u0 = 0; u0 < units; u0 += 32)
         {
+            int32_t const u = u0 + lane;
+            bool const active = u < units;
             uint32_t w[kUNIT_WORDS];
             uint4 const* src = reinterpret_cast<uint4 const*>(row + static_cast<int64_t>(u) * kUNIT_WORDS);
 SQZ_UNROLL
             for (int v = 0; v < kUNIT_WORDS / 4; ++v)
             {
-                uint4 const q = loadStreaming(src + v);
+                uint4 const q = active ? loadStreaming(src + v) : make_uint4(0u, 0u, 0u, 0u);
                 w[4 * v] = q.x;
                 w[4 * v + 1] = q.y;
                 w[4 * v + 2] = q.z;
@@ -281,8 +330,8 @@ SQZ_UNROLL
 SQZ_UNROLL
             for (int g = 0; g < kUNIT_GROUPS; ++g)
             {
-                gemvGroup<BITS, MT, T>(w + g * BITS, (u * kUNIT_GROUPS + g) * format::kGROUP_SIZE, lut, xTile, p.K,
-                    rowsInTile, p.xVec, acc);
+                gemvGroup<BITS, MT, T>(w + g * BITS, active, (u * kUNIT_GROUPS + g) * format::kGROUP_SIZE, lut, xTile,
+                    p.K, rowsInTile, p.xVec, acc);
             }
         }
     }
@@ -290,17 +339,19 @@ SQZ_UNROLL
     {
         // Group g goes to lane (g / unit) % 32 as in the vector path, so the per-lane summation order
         // (and the result) is the same whichever path runs.
-        for (int32_t g0 = lane * kUNIT_GROUPS; g0 < p.groups; g0 += 32 * kUNIT_GROUPS)
+        for (int32_t g0 = 0; g0 < p.groups; g0 += 32 * kUNIT_GROUPS)
         {
-            for (int32_t g = g0; g < imin(g0 + kUNIT_GROUPS, p.groups); ++g)
+            for (int gi = 0; gi < kUNIT_GROUPS; ++gi)
             {
+                int32_t const g = g0 + lane * kUNIT_GROUPS + gi;
+                bool const active = g < p.groups;
                 uint32_t w[BITS];
 SQZ_UNROLL
                 for (int b = 0; b < BITS; ++b)
                 {
-                    w[b] = loadStreaming(row + static_cast<int64_t>(g) * BITS + b);
+                    w[b] = active ? loadStreaming(row + static_cast<int64_t>(g) * BITS + b) : 0u;
                 }
-                gemvGroup<BITS, MT, T>(w, g * format::kGROUP_SIZE, lut, xTile, p.K, rowsInTile, p.xVec, acc);
+                gemvGroup<BITS, MT, T>(w, active, g * format::kGROUP_SIZE, lut, xTile, p.K, rowsInTile, p.xVec, acc);
             }
         }
     }

@@ -38,9 +38,11 @@
  * row, so the warp reads 32 consecutive units (3-bit: 32 x 48 B = 1.5 KB) per step, and the x
  * elements it needs (32 consecutive k per group) with 128-bit loads when K % 8 == 0.
  *
- * LUT: the warp copies its row's 2^b fp16 entries into its own shared-memory slot as fp32. For b <= 5
- * the 2^b words sit in distinct banks, so the 32 data-dependent lookups of a warp never conflict
- * (equal words broadcast); no conversion is needed on the hot path.
+ * LUT: for b <= 5 each lane holds one fp32 entry, LUT[lane mod 2^b] (the table repeated across the
+ * warp), and a lookup is a __shfl_sync whose source lane is the unmasked stream bits (shfl reads its
+ * source lane mod 32): one shift + one shuffle per weight, no mask, no address arithmetic, no shared
+ * memory (detail::ShuffleLut). The lane loops are warp-uniform so every lane takes part in every
+ * shuffle. 8-bit LUTs (256 entries) stay in a per-warp shared-memory slot as fp32 (detail::TableLut).
  *
  * Sparse part, why per row: the warp that owns output row n walks row_ptr[n]..row_ptr[n+1] with its
  * 32 lanes, inside the same launch, and folds the products into the same per-lane sums before the
@@ -107,12 +109,40 @@ __device__ __forceinline__ float warpSum(float v)
  *             row_ptr[n] + lane, + 32, ...; fp32 partial sums acc[MT]
  *   per warp: butterfly shuffle reduction, lane r writes y[m0 + r, n]
  */
+//! The warp's LUT of row n: in registers for a shuffle lookup up to 5 bits, in shared memory for 8 bits.
+template <int BITS, bool kSHUFFLE = (BITS <= 5)>
+struct GemvLut;
+
+template <int BITS>
+struct GemvLut<BITS, true>
+{
+    using Lookup = detail::ShuffleLut<BITS>;
+    __device__ static Lookup load(__half const* lutRow, int /*warp*/, int lane)
+    {
+        return Lookup{__half2float(lutRow[lane & ((1 << BITS) - 1)])};
+    }
+};
+
+template <int BITS>
+struct GemvLut<BITS, false>
+{
+    using Lookup = detail::TableLut<BITS>;
+    __device__ static Lookup load(__half const* lutRow, int warp, int lane)
+    {
+        constexpr int kLUT = 1 << BITS;
+        __shared__ float sLut[kGEMV_WARPS][kLUT]; // fp32 copy of each warp's LUT row
+        for (int i = lane; i < kLUT; i += 32)
+        {
+            sLut[warp][i] = __half2float(lutRow[i]);
+        }
+        __syncwarp();
+        return Lookup{sLut[warp]};
+    }
+};
+
 template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams const p)
 {
-    constexpr int kLUT = 1 << BITS;
-    __shared__ float sLut[kGEMV_WARPS][kLUT]; // fp32 copy of each warp's LUT row
-
     int const warp = static_cast<int>(threadIdx.x) >> 5;
     int const lane = static_cast<int>(threadIdx.x) & 31;
     int32_t const n = static_cast<int32_t>(blockIdx.x) * kGEMV_WARPS + warp;
@@ -120,11 +150,7 @@ __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams 
     {
         return; // the whole warp leaves; the kernel has no block-wide barrier
     }
-    for (int i = lane; i < kLUT; i += 32)
-    {
-        sLut[warp][i] = __half2float(p.lut[static_cast<int64_t>(n) * kLUT + i]);
-    }
-    __syncwarp();
+    auto const lut = GemvLut<BITS>::load(p.lut + static_cast<int64_t>(n) * (1 << BITS), warp, lane);
 
     T* y = static_cast<T*>(p.y);
     int32_t const mTiles = (p.m + MT - 1) / MT;
@@ -133,7 +159,7 @@ __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams 
         int32_t const m0 = tile * MT;
         int32_t const rowsInTile = min(MT, p.m - m0);
         float acc[MT];
-        detail::gemvLanePartial<BITS, MT, T>(p, n, lane, sLut[warp], m0, rowsInTile, acc);
+        detail::gemvLanePartial<BITS, MT, T>(p, n, lane, lut, m0, rowsInTile, acc);
 #pragma unroll
         for (int r = 0; r < MT; ++r)
         {

@@ -29,7 +29,8 @@ void emulate(detail::GemvParams const& p)
             float partial[32][kEMULATED_TILE];
             for (int lane = 0; lane < 32; ++lane)
             {
-                detail::gemvLanePartial<BITS, kEMULATED_TILE, T>(p, n, lane, lut, m0, rowsInTile, partial[lane]);
+                detail::gemvLanePartial<BITS, kEMULATED_TILE, T>(
+                    p, n, lane, detail::TableLut<BITS>{lut}, m0, rowsInTile, partial[lane]);
             }
             for (int r = 0; r < rowsInTile; ++r)
             {
