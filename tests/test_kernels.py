@@ -257,28 +257,44 @@ def test_cpp_reference_integer_case_is_exact(cpp_reference: ctypes.CDLL, dtype: 
 
 
 # (K, N): 3-bit K = 256 takes the 128-bit weight path (G % 4 == 0), K = 100 the 32-bit one; K = 520 has
-# 128-bit x loads but a K tail; K = 45 neither.
-# (K, N); K = 4224: 132 groups = 33 three-bit units, so the lane loops take a second, partial step
-# in which only some lanes are active (the others still take part in every LUT shuffle).
+# 128-bit x loads but a K tail; K = 45 neither. K = 4224: 132 groups = 33 three-bit units, so the lane
+# loops take a second, partial step in which only some lanes are active (the others still take part
+# in every LUT shuffle). Odd N leaves the last warp of a two-rows-per-warp tiling with one row.
 EMULATED_SHAPES = [(45, 7), (100, 33), (256, 40), (520, 65), (4224, 9)]
 
 
+@pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", EMULATED_SHAPES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gemv_lane_code_matches_op_on_host(
-    cpp_reference: ctypes.CDLL, bits: int, shape: tuple[int, int], density: float, dtype: torch.dtype
+    cpp_reference: ctypes.CDLL, bits: int, shape: tuple[int, int], density: float, dtype: torch.dtype, m: int
 ) -> None:
-    """The GEMV kernel's per-lane code (sqzGemvLane.cuh) run for 32 lanes on the CPU: right results, and
-    the 128-bit and the 32-bit load paths give bit-identical outputs (same per-lane summation order)."""
+    """The GEMV kernel's per-lane code (sqzGemvLane.cuh) run for 32 lanes on the CPU, in the tiling the
+    launcher picks for m (m = 1: two output rows per warp up to 5 bits; m = 5: one): right results,
+    and the 128-bit and the 32-bit load paths give bit-identical outputs (same per-lane summation order)."""
     k, n = shape
     layer = random_layer(n, k, bits, density, seed=bits + k)
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     fast = run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True)
     scalar = run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True, force_scalar=True)
     torch.testing.assert_close(fast, run_op(layer, x), **tolerance("sqz_linear", dtype))
     assert torch.equal(fast, scalar)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gemv_tiling_does_not_change_bits(cpp_reference: ctypes.CDLL, bits: int) -> None:
+    """Every m-tile (1..16 rows of x) and rows-per-warp choice sums each output in the same order, so
+    17 rows at once (two 16-row tiles) equal the same rows taken 1, 2, 3 or 5 at a time, bit for bit.
+    The GPU bitwise test relies on this too: it compares one launch with the host emulation."""
+    k, n = 520, 65
+    layer = random_layer(n, k, bits, 0.005, seed=bits)
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(bits)).to(torch.float16)
+    whole = run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True)
+    for rows in (1, 2, 3, 5):
+        parts = [run_cpp_reference(cpp_reference, layer, x[i : i + rows], emulate_gemv=True) for i in range(0, 17, rows)]
+        assert torch.equal(torch.cat(parts), whole), f"{rows} rows at a time"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -231,42 +231,68 @@ inline GemvParams makeGemvParams(
     return p;
 }
 
-/*
- * One group (32 indices, k0 .. k0+31) against MT rows of x: decode each index once, look it up once,
- * then fma it into every x row of the tile. Eight indices at a time (one 128-bit x load per row), so
- * only 8 looked-up weights are live. The lookups run on every lane (see ShuffleLut); an inactive lane
- * (no group here) reads no x and adds nothing, and the x reads of the last group stop at K. The order
- * of the fmas into acc[r] is k0, k0+1, ... in both the vector and the scalar branch.
- */
-template <int BITS, int MT, typename T, typename Lut>
-SQZ_HOST_DEVICE void gemvGroup(uint32_t const* w, bool active, int32_t k0, Lut const& lut, T const* xTile, int32_t K,
-    int32_t rowsInTile, bool xVec, float (&acc)[MT])
+//! Rows of x per GEMV m-tile: the smallest of 1, 2, 4, 8, 16 that holds m (16 above; the kernel then
+//! loops over m-tiles). The launcher and the host emulation both pick the kernel instance by it.
+inline int gemvTileRows(int32_t m)
 {
-    bool const vec = xVec && k0 + format::kGROUP_SIZE <= K;
-    int32_t const valid = imin(format::kGROUP_SIZE, K - k0);
+    return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16;
+}
+
+//! Output rows per warp of the GEMV for `BITS` and an m-tile of `MT`: two rows share each x load and
+//! conversion when the accumulators fit (MT <= 4; shuffle LUTs only), one row otherwise. The kernel,
+//! the launcher and the host emulation all take it from here.
+SQZ_CONSTEXPR int gemvRowsPerWarp(int bits, int mt)
+{
+    return bits <= 5 && mt <= 4 ? 2 : 1;
+}
+
+/*
+ * One group (32 indices, k0 .. k0+31) of NT weight rows against MT rows of x: decode each index once,
+ * look it up once, then fma it into every x row of the tile. Eight indices at a time: one 128-bit x
+ * load (kVEC) or up to 8 scalar loads, and 8 conversions, per x row serve all NT weight rows, and only
+ * 8 * NT looked-up weights are live. The lookups run on every lane (see ShuffleLut); an inactive lane
+ * (no group here) reads no x and adds nothing. Scalar x reads stop at K (`valid` indices). The order
+ * of the fmas into acc[j][r] is k0, k0+1, ... in both variants, whatever NT and MT are.
+ */
+template <bool kVEC, int BITS, int MT, int NT, typename T, typename Lut>
+SQZ_HOST_DEVICE void gemvGroupChunks(uint32_t const* const (&w)[NT], bool active, T const* xGroup, Lut const (&lut)[NT],
+    int32_t K, int32_t valid, int32_t rowsInTile, float (&acc)[NT][MT])
+{
 SQZ_UNROLL
     for (int c = 0; c < format::kGROUP_SIZE / 8; ++c)
     {
-        float wv[8];
+        float wv[NT][8];
 SQZ_UNROLL
-        for (int e = 0; e < 8; ++e)
+        for (int j = 0; j < NT; ++j)
         {
-            wv[e] = lut(format::groupBits<BITS>(w, 8 * c + e));
+SQZ_UNROLL
+            for (int e = 0; e < 8; ++e)
+            {
+                wv[j][e] = lut[j](format::groupBits<BITS>(w[j], 8 * c + e));
+            }
+        }
+        if (!active)
+        {
+            continue; // the lookups above are warp-collective; nothing else is
         }
 SQZ_UNROLL
         for (int r = 0; r < MT; ++r)
         {
-            if (active && r < rowsInTile)
+            if (r < rowsInTile)
             {
-                T const* xr = xTile + static_cast<int64_t>(r) * K + k0 + 8 * c;
-                if (vec)
+                T const* xr = xGroup + static_cast<int64_t>(r) * K + 8 * c;
+                if constexpr (kVEC)
                 {
                     float xf[8];
                     Io<T>::unpack8(loadCached(reinterpret_cast<uint4 const*>(xr)), xf);
 SQZ_UNROLL
-                    for (int e = 0; e < 8; ++e)
+                    for (int j = 0; j < NT; ++j)
                     {
-                        acc[r] = fmaf(wv[e], xf[e], acc[r]);
+SQZ_UNROLL
+                        for (int e = 0; e < 8; ++e)
+                        {
+                            acc[j][r] = fmaf(wv[j][e], xf[e], acc[j][r]);
+                        }
                     }
                 }
                 else
@@ -276,7 +302,12 @@ SQZ_UNROLL
                     {
                         if (8 * c + e < valid)
                         {
-                            acc[r] = fmaf(wv[e], Io<T>::toFloat(xr[e]), acc[r]);
+                            float const xv = Io<T>::toFloat(xr[e]);
+SQZ_UNROLL
+                            for (int j = 0; j < NT; ++j)
+                            {
+                                acc[j][r] = fmaf(wv[j][e], xv, acc[j][r]);
+                            }
                         }
                     }
                 }
@@ -285,28 +316,60 @@ SQZ_UNROLL
     }
 }
 
+//! gemvGroupChunks with 128-bit x loads when the whole group is inside K and x rows are 16-byte aligned.
+template <int BITS, int MT, int NT, typename T, typename Lut>
+SQZ_HOST_DEVICE void gemvGroup(uint32_t const* const (&w)[NT], bool active, int32_t k0, Lut const (&lut)[NT],
+    T const* xTile, int32_t K, int32_t rowsInTile, bool xVec, float (&acc)[NT][MT])
+{
+    int32_t const valid = imin(format::kGROUP_SIZE, K - k0);
+    T const* xGroup = xTile + k0;
+    if (xVec && valid == format::kGROUP_SIZE)
+    {
+        gemvGroupChunks<true, BITS, MT, NT, T>(w, active, xGroup, lut, K, valid, rowsInTile, acc);
+    }
+    else
+    {
+        gemvGroupChunks<false, BITS, MT, NT, T>(w, active, xGroup, lut, K, valid, rowsInTile, acc);
+    }
+}
+
 /*
- * Lane `lane`'s fp32 partial sums of y[m0 .. m0+rowsInTile-1, n] (acc[r], zeroed here): its share of
- * row n's packed groups, then its share of row n's CSR non-zeros. `lut` looks up row n's LUT as fp32.
+ * Lane `lane`'s fp32 partial sums of y[m0 .. m0+rowsInTile-1, n0 + j] (acc[j][r], zeroed here) for the
+ * warp's NT output rows n0 .. n0+NT-1 (rows >= N are skipped: their sums are never stored): its share
+ * of each row's packed groups, then its share of each row's CSR non-zeros. `lut[j]` looks up row
+ * n0 + j's LUT as fp32.
  *   dense:  units u = lane, lane + 32, ... (a unit = unitGroups(BITS) groups = whole 128-bit loads);
  *           without 16-byte aligned rows the same groups are read as 32-bit words, in the same order.
  *           Both loops step all 32 lanes together (warp-uniform trip counts, for ShuffleLut).
  *   sparse: non-zeros row_ptr[n] + lane, + 32, ...
+ * Per output element the summation order depends on neither NT nor MT, so every tiling gives the
+ * same bits.
  */
-template <int BITS, int MT, typename T, typename Lut>
-SQZ_HOST_DEVICE void gemvLanePartial(
-    GemvParams const& p, int32_t n, int lane, Lut const& lut, int32_t m0, int32_t rowsInTile, float (&acc)[MT])
+template <int BITS, int MT, int NT, typename T, typename Lut>
+SQZ_HOST_DEVICE void gemvLanePartial(GemvParams const& p, int32_t n0, int lane, Lut const (&lut)[NT], int32_t m0,
+    int32_t rowsInTile, float (&acc)[NT][MT])
 {
     constexpr int kUNIT_GROUPS = format::unitGroups(BITS);
     constexpr int kUNIT_WORDS = kUNIT_GROUPS * BITS; // multiple of 4
     static_assert(kUNIT_WORDS % 4 == 0, "a unit is whole 128-bit loads");
 SQZ_UNROLL
-    for (int r = 0; r < MT; ++r)
+    for (int j = 0; j < NT; ++j)
     {
-        acc[r] = 0.0f;
+SQZ_UNROLL
+        for (int r = 0; r < MT; ++r)
+        {
+            acc[j][r] = 0.0f;
+        }
     }
     int64_t const wordsPerRow = static_cast<int64_t>(p.groups) * BITS;
-    uint32_t const* row = p.qweight + static_cast<int64_t>(n) * wordsPerRow;
+    uint32_t const* rows[NT];
+    bool rowValid[NT];
+SQZ_UNROLL
+    for (int j = 0; j < NT; ++j)
+    {
+        rowValid[j] = n0 + j < p.N; // warp-uniform
+        rows[j] = p.qweight + static_cast<int64_t>(rowValid[j] ? n0 + j : n0) * wordsPerRow;
+    }
     T const* xTile = static_cast<T const*>(p.x) + static_cast<int64_t>(m0) * p.K;
 
     if (p.wordsVec)
@@ -316,22 +379,32 @@ SQZ_UNROLL
         {
             int32_t const u = u0 + lane;
             bool const active = u < units;
-            uint32_t w[kUNIT_WORDS];
-            uint4 const* src = reinterpret_cast<uint4 const*>(row + static_cast<int64_t>(u) * kUNIT_WORDS);
+            uint32_t w[NT][kUNIT_WORDS];
 SQZ_UNROLL
-            for (int v = 0; v < kUNIT_WORDS / 4; ++v)
+            for (int j = 0; j < NT; ++j)
             {
-                uint4 const q = active ? loadStreaming(src + v) : make_uint4(0u, 0u, 0u, 0u);
-                w[4 * v] = q.x;
-                w[4 * v + 1] = q.y;
-                w[4 * v + 2] = q.z;
-                w[4 * v + 3] = q.w;
+                uint4 const* src = reinterpret_cast<uint4 const*>(rows[j] + static_cast<int64_t>(u) * kUNIT_WORDS);
+SQZ_UNROLL
+                for (int v = 0; v < kUNIT_WORDS / 4; ++v)
+                {
+                    uint4 const q = active && rowValid[j] ? loadStreaming(src + v) : make_uint4(0u, 0u, 0u, 0u);
+                    w[j][4 * v] = q.x;
+                    w[j][4 * v + 1] = q.y;
+                    w[j][4 * v + 2] = q.z;
+                    w[j][4 * v + 3] = q.w;
+                }
             }
 SQZ_UNROLL
             for (int g = 0; g < kUNIT_GROUPS; ++g)
             {
-                gemvGroup<BITS, MT, T>(w + g * BITS, active, (u * kUNIT_GROUPS + g) * format::kGROUP_SIZE, lut, xTile,
-                    p.K, rowsInTile, p.xVec, acc);
+                uint32_t const* wg[NT];
+SQZ_UNROLL
+                for (int j = 0; j < NT; ++j)
+                {
+                    wg[j] = w[j] + g * BITS;
+                }
+                gemvGroup<BITS, MT, NT, T>(wg, active, (u * kUNIT_GROUPS + g) * format::kGROUP_SIZE, lut, xTile, p.K,
+                    rowsInTile, p.xVec, acc);
             }
         }
     }
@@ -345,31 +418,45 @@ SQZ_UNROLL
             {
                 int32_t const g = g0 + lane * kUNIT_GROUPS + gi;
                 bool const active = g < p.groups;
-                uint32_t w[BITS];
+                uint32_t w[NT][BITS];
+                uint32_t const* wg[NT];
 SQZ_UNROLL
-                for (int b = 0; b < BITS; ++b)
+                for (int j = 0; j < NT; ++j)
                 {
-                    w[b] = active ? loadStreaming(row + static_cast<int64_t>(g) * BITS + b) : 0u;
+SQZ_UNROLL
+                    for (int b = 0; b < BITS; ++b)
+                    {
+                        w[j][b] = active && rowValid[j] ? loadStreaming(rows[j] + static_cast<int64_t>(g) * BITS + b) : 0u;
+                    }
+                    wg[j] = w[j];
                 }
-                gemvGroup<BITS, MT, T>(w, active, g * format::kGROUP_SIZE, lut, xTile, p.K, rowsInTile, p.xVec, acc);
+                gemvGroup<BITS, MT, NT, T>(wg, active, g * format::kGROUP_SIZE, lut, xTile, p.K, rowsInTile, p.xVec, acc);
             }
         }
     }
 
-    // Sparse part: the warp owns row n, so its lanes add the row's non-zeros to their own partial sums.
+    // Sparse part: the warp owns its rows, so its lanes add each row's non-zeros to their own partial sums.
     if (p.rowPtr != nullptr)
     {
-        int32_t const nzEnd = p.rowPtr[n + 1];
-        for (int32_t j = p.rowPtr[n] + lane; j < nzEnd; j += 32)
-        {
-            int32_t const c = loadCached(p.col + j);
-            float const v = __half2float(p.val[j]);
 SQZ_UNROLL
-            for (int r = 0; r < MT; ++r)
+        for (int j = 0; j < NT; ++j)
+        {
+            if (!rowValid[j])
             {
-                if (r < rowsInTile)
+                continue;
+            }
+            int32_t const nzEnd = p.rowPtr[n0 + j + 1];
+            for (int32_t k = p.rowPtr[n0 + j] + lane; k < nzEnd; k += 32)
+            {
+                int32_t const c = loadCached(p.col + k);
+                float const v = __half2float(p.val[k]);
+SQZ_UNROLL
+                for (int r = 0; r < MT; ++r)
                 {
-                    acc[r] = fmaf(v, Io<T>::toFloat(xTile[static_cast<int64_t>(r) * p.K + c]), acc[r]);
+                    if (r < rowsInTile)
+                    {
+                        acc[j][r] = fmaf(v, Io<T>::toFloat(xTile[static_cast<int64_t>(r) * p.K + c]), acc[j][r]);
+                    }
                 }
             }
         }

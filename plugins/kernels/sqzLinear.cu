@@ -4,11 +4,11 @@
  *   y[m, n] = sum_k x[m, k] * (LUT[n, idx[n, k]] + S[n, k])
  *
  * Two kernel families, picked explicitly by m (sqzLinearChooseKernel):
- *   kGemv (m <= kGEMV_MAX_M = 16, decode and small batches): one warp owns one output row n for a
- *     tile of up to 16 rows of x; it streams the row's packed words once (128-bit loads), decodes
- *     each index once and applies it to every x row of the tile, walks row n's CSR non-zeros itself,
- *     and reduces its 32 lanes with shuffles. Weight bytes are read once per m-tile, so m <= 16 reads
- *     them exactly once.
+ *   kGemv (m <= kGEMV_MAX_M = 16, decode and small batches): one warp owns one output row (two for
+ *     m <= 4 and b <= 5, which then share every x load and conversion) for a tile of up to 16 rows of
+ *     x; it streams the rows' packed words once (128-bit loads), decodes each index once and applies
+ *     it to every x row of the tile, walks the rows' CSR non-zeros itself, and reduces its 32 lanes
+ *     with shuffles. Weight bytes are read once per m-tile, so m <= 16 reads them exactly once.
  *   kDequantGemm (m > 16, prefill): W is dequantized once into the workspace, then a tensor-core
  *     (WMMA, fp32 accumulate) tiled GEMM computes x W^T; its epilogue adds the sparse part and rounds.
  *
@@ -102,14 +102,7 @@ __device__ __forceinline__ float warpSum(float v)
 
 // ---- GEMV ------------------------------------------------------------------------------------
 
-/*
- * Fused LUT-dequant GEMV + CSR row walk. Block = kGEMV_WARPS warps, warp w of block b owns output
- * row n = b * kGEMV_WARPS + w; blockIdx.y strides over m-tiles of MT rows of x.
- *   per lane: units u = lane, lane + 32, ... of row n (whole K per warp), then non-zeros
- *             row_ptr[n] + lane, + 32, ...; fp32 partial sums acc[MT]
- *   per warp: butterfly shuffle reduction, lane r writes y[m0 + r, n]
- */
-//! The warp's LUT of row n: in registers for a shuffle lookup up to 5 bits, in shared memory for 8 bits.
+//! The warp's LUT of one row: in registers for a shuffle lookup up to 5 bits, in shared memory for 8 bits.
 template <int BITS, bool kSHUFFLE = (BITS <= 5)>
 struct GemvLut;
 
@@ -127,6 +120,7 @@ template <int BITS>
 struct GemvLut<BITS, false>
 {
     using Lookup = detail::TableLut<BITS>;
+    //! One slot per warp: a warp owns one row here (gemvRowsPerWarp is 1 without shuffle LUTs).
     __device__ static Lookup load(__half const* lutRow, int warp, int lane)
     {
         constexpr int kLUT = 1 << BITS;
@@ -140,17 +134,35 @@ struct GemvLut<BITS, false>
     }
 };
 
+/*
+ * Fused LUT-dequant GEMV + CSR row walk. Block = kGEMV_WARPS warps, warp w of block b owns the NT
+ * output rows n0 = (b * kGEMV_WARPS + w) * NT .. n0 + NT - 1 (NT = gemvRowsPerWarp: 2 shares each x
+ * load and conversion between two rows); blockIdx.y strides over m-tiles of MT rows of x.
+ *   per lane: units u = lane, lane + 32, ... of each row (whole K per warp), then non-zeros
+ *             row_ptr[n] + lane, + 32, ...; fp32 partial sums acc[NT][MT]
+ *   per warp: butterfly shuffle reduction, lane j * MT + r writes y[m0 + r, n0 + j]
+ */
 template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams const p)
 {
+    constexpr int NT = detail::gemvRowsPerWarp(BITS, MT);
+    static_assert(NT * MT <= 32, "one lane per output element of the warp stores it");
+    static_assert(NT == 1 || BITS <= 5, "shared-memory LUTs have one slot per warp");
+    using Lut = GemvLut<BITS>;
     int const warp = static_cast<int>(threadIdx.x) >> 5;
     int const lane = static_cast<int>(threadIdx.x) & 31;
-    int32_t const n = static_cast<int32_t>(blockIdx.x) * kGEMV_WARPS + warp;
-    if (n >= p.N)
+    int32_t const n0 = (static_cast<int32_t>(blockIdx.x) * kGEMV_WARPS + warp) * NT;
+    if (n0 >= p.N)
     {
         return; // the whole warp leaves; the kernel has no block-wide barrier
     }
-    auto const lut = GemvLut<BITS>::load(p.lut + static_cast<int64_t>(n) * (1 << BITS), warp, lane);
+    typename Lut::Lookup lut[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+    {
+        int32_t const n = min(n0 + j, p.N - 1); // a row past N looks up row N-1's table; its sums are dropped
+        lut[j] = Lut::load(p.lut + static_cast<int64_t>(n) * (1 << BITS), warp, lane);
+    }
 
     T* y = static_cast<T*>(p.y);
     int32_t const mTiles = (p.m + MT - 1) / MT;
@@ -158,15 +170,19 @@ __global__ void __launch_bounds__(kGEMV_WARPS * 32, 1) sqzGemvKernel(GemvParams 
     {
         int32_t const m0 = tile * MT;
         int32_t const rowsInTile = min(MT, p.m - m0);
-        float acc[MT];
-        detail::gemvLanePartial<BITS, MT, T>(p, n, lane, lut, m0, rowsInTile, acc);
+        float acc[NT][MT];
+        detail::gemvLanePartial<BITS, MT, NT, T>(p, n0, lane, lut, m0, rowsInTile, acc);
 #pragma unroll
-        for (int r = 0; r < MT; ++r)
+        for (int j = 0; j < NT; ++j)
         {
-            float const sum = warpSum(acc[r]);
-            if (lane == r && r < rowsInTile)
+#pragma unroll
+            for (int r = 0; r < MT; ++r)
             {
-                y[static_cast<int64_t>(m0 + r) * p.N + n] = Io<T>::fromFloat(sum);
+                float const sum = warpSum(acc[j][r]);
+                if (lane == j * MT + r && r < rowsInTile && n0 + j < p.N)
+                {
+                    y[static_cast<int64_t>(m0 + r) * p.N + n0 + j] = Io<T>::fromFloat(sum);
+                }
             }
         }
     }
@@ -392,34 +408,23 @@ int64_t paddedCols(SqzLinearShape const& s)
 template <int BITS, int MT, typename T>
 void launchGemvTile(GemvParams const& p, cudaStream_t stream)
 {
+    constexpr int kROWS_PER_BLOCK = kGEMV_WARPS * detail::gemvRowsPerWarp(BITS, MT);
     int32_t const mTiles = (p.m + MT - 1) / MT;
-    dim3 const grid((p.N + kGEMV_WARPS - 1) / kGEMV_WARPS, mTiles < kMAX_GRID_Y ? mTiles : kMAX_GRID_Y);
+    dim3 const grid((p.N + kROWS_PER_BLOCK - 1) / kROWS_PER_BLOCK, mTiles < kMAX_GRID_Y ? mTiles : kMAX_GRID_Y);
     sqzGemvKernel<BITS, MT, T><<<grid, kGEMV_WARPS * 32, 0, stream>>>(p);
 }
 
-//! m-tile = the smallest of 1, 2, 4, 8, 16 that holds m (16 for larger m, looped over blockIdx.y).
+//! The m-tile by detail::gemvTileRows (shared with the host emulation).
 template <int BITS, typename T>
 void launchGemv(GemvParams const& p, cudaStream_t stream)
 {
-    if (p.m <= 1)
+    switch (detail::gemvTileRows(p.m))
     {
-        launchGemvTile<BITS, 1, T>(p, stream);
-    }
-    else if (p.m <= 2)
-    {
-        launchGemvTile<BITS, 2, T>(p, stream);
-    }
-    else if (p.m <= 4)
-    {
-        launchGemvTile<BITS, 4, T>(p, stream);
-    }
-    else if (p.m <= 8)
-    {
-        launchGemvTile<BITS, 8, T>(p, stream);
-    }
-    else
-    {
-        launchGemvTile<BITS, 16, T>(p, stream);
+    case 1: launchGemvTile<BITS, 1, T>(p, stream); break;
+    case 2: launchGemvTile<BITS, 2, T>(p, stream); break;
+    case 4: launchGemvTile<BITS, 4, T>(p, stream); break;
+    case 8: launchGemvTile<BITS, 8, T>(p, stream); break;
+    default: launchGemvTile<BITS, 16, T>(p, stream); break;
     }
 }
 
