@@ -475,11 +475,13 @@ def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_cuda_gemv_equals_host_emulation_bitwise(cpp_reference: ctypes.CDLL, bits: int, dtype: torch.dtype) -> None:
-    """The GPU runs the same lane code and butterfly as sqzGemvEmulate, so the bits must agree."""
+    """The GPU runs the same lane code, tiling and butterfly as sqzGemvEmulate, so the bits must agree
+    (M = 1 and 3: two output rows per warp; M = 5: one)."""
     for k, n in EMULATED_SHAPES:
         layer = random_layer(n, k, bits, 0.005, seed=k)
-        x = torch.randn(5, k, generator=torch.Generator().manual_seed(n)).to(dtype)
-        y, name = _poisoned_launch(layer, x, "gemv")
-        assert torch.equal(y.cpu(), run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True)), (
-            f"{name} K={k} N={n}"
-        )
+        for m in (1, 3, 5):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+            y, name = _poisoned_launch(layer, x, "gemv")
+            assert torch.equal(y.cpu(), run_cpp_reference(cpp_reference, layer, x, emulate_gemv=True)), (
+                f"{name} K={k} N={n} M={m}"
+            )
