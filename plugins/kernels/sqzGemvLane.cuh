@@ -249,15 +249,19 @@ SQZ_CONSTEXPR int gemvRowsPerWarp(int bits, int mt)
 /*
  * One group (32 indices, k0 .. k0+31) of NT weight rows against MT rows of x: decode each index once,
  * look it up once, then fma it into every x row of the tile. Eight indices at a time: one 128-bit x
- * load (kVEC) or up to 8 scalar loads, and 8 conversions, per x row serve all NT weight rows, and only
- * 8 * NT looked-up weights are live. The lookups run on every lane (see ShuffleLut); an inactive lane
- * (no group here) reads no x and adds nothing. Scalar x reads stop at K (`valid` indices). The order
- * of the fmas into acc[j][r] is k0, k0+1, ... in both variants, whatever NT and MT are.
+ * load (whole group inside K, aligned x rows) or up to 8 scalar loads, and 8 conversions, per x row
+ * serve all NT weight rows, and only 8 * NT looked-up weights are live. The lookups are warp-collective
+ * (see ShuffleLut), so they sit outside every lane-dependent branch: all 32 lanes run them at the same
+ * instruction, then an inactive lane (no group here) skips the rest. Scalar x reads stop at K. The
+ * order of the fmas into acc[j][r] is k0, k0+1, ... in both x paths, whatever NT and MT are.
  */
-template <bool kVEC, int BITS, int MT, int NT, typename T, typename Lut>
-SQZ_HOST_DEVICE void gemvGroupChunks(uint32_t const* const (&w)[NT], bool active, T const* xGroup, Lut const (&lut)[NT],
-    int32_t K, int32_t valid, int32_t rowsInTile, float (&acc)[NT][MT])
+template <int BITS, int MT, int NT, typename T, typename Lut>
+SQZ_HOST_DEVICE void gemvGroup(uint32_t const* const (&w)[NT], bool active, int32_t k0, Lut const (&lut)[NT],
+    T const* xTile, int32_t K, int32_t rowsInTile, bool xVec, float (&acc)[NT][MT])
 {
+    int32_t const valid = imin(format::kGROUP_SIZE, K - k0);
+    bool const vec = xVec && valid == format::kGROUP_SIZE;
+    T const* xGroup = xTile + k0; // x[m0, k0]; row r of the tile is K elements further per r
 SQZ_UNROLL
     for (int c = 0; c < format::kGROUP_SIZE / 8; ++c)
     {
@@ -273,7 +277,7 @@ SQZ_UNROLL
         }
         if (!active)
         {
-            continue; // the lookups above are warp-collective; nothing else is
+            continue;
         }
 SQZ_UNROLL
         for (int r = 0; r < MT; ++r)
@@ -281,7 +285,7 @@ SQZ_UNROLL
             if (r < rowsInTile)
             {
                 T const* xr = xGroup + static_cast<int64_t>(r) * K + 8 * c;
-                if constexpr (kVEC)
+                if (vec)
                 {
                     float xf[8];
                     Io<T>::unpack8(loadCached(reinterpret_cast<uint4 const*>(xr)), xf);
@@ -313,23 +317,6 @@ SQZ_UNROLL
                 }
             }
         }
-    }
-}
-
-//! gemvGroupChunks with 128-bit x loads when the whole group is inside K and x rows are 16-byte aligned.
-template <int BITS, int MT, int NT, typename T, typename Lut>
-SQZ_HOST_DEVICE void gemvGroup(uint32_t const* const (&w)[NT], bool active, int32_t k0, Lut const (&lut)[NT],
-    T const* xTile, int32_t K, int32_t rowsInTile, bool xVec, float (&acc)[NT][MT])
-{
-    int32_t const valid = imin(format::kGROUP_SIZE, K - k0);
-    T const* xGroup = xTile + k0;
-    if (xVec && valid == format::kGROUP_SIZE)
-    {
-        gemvGroupChunks<true, BITS, MT, NT, T>(w, active, xGroup, lut, K, valid, rowsInTile, acc);
-    }
-    else
-    {
-        gemvGroupChunks<false, BITS, MT, NT, T>(w, active, xGroup, lut, K, valid, rowsInTile, acc);
     }
 }
 
