@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check in one command: build the SqzLinear CUDA extension, run the gpu-marked tests, run both
-# kernel benchmarks, and write every log and JSON into OUT_DIR.
+# GPU check in one command: build the SqzLinear CUDA extension, run the gpu-marked tests, run the
+# kernel benchmarks (decode shapes, then a short prefill sweep) and the decode benchmark, and write
+# every log and JSON into OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [all|build|tests|kernels|decode]...     (default: all)
+#   scripts/gpu_check.sh OUT_DIR [all|build|tests|kernels|prefill|decode]...     (default: all)
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), DECODE_ARGS (extra
 # arguments for benchmarks/decode.py, e.g. "--layers 8"), KERNELS_ARGS (for benchmarks/kernels.py).
@@ -14,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  echo "usage: scripts/gpu_check.sh OUT_DIR [all|build|tests|kernels|decode]..." >&2
+  echo "usage: scripts/gpu_check.sh OUT_DIR [all|build|tests|kernels|prefill|decode]..." >&2
   exit 2
 fi
 OUT=$1
@@ -63,6 +64,11 @@ fi
 if want kernels; then
   # shellcheck disable=SC2086
   run_step kernels "$PY" benchmarks/kernels.py --out "$OUT/kernels.json" ${KERNELS_ARGS:-}
+fi
+if want prefill; then
+  # The M > 16 path (dequantize + tensor-core GEMM) against cuBLAS FP16 at prompt-sized M.
+  run_step prefill "$PY" benchmarks/kernels.py --m 128 512 --shapes 4096x4096 11008x4096 --iters 50 \
+    --out "$OUT/kernels_prefill.json"
 fi
 if want decode; then
   # shellcheck disable=SC2086
