@@ -20,6 +20,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @functools.cache
-def seed_design_extension():
+def seed_design_extension() -> ModuleType:
     """The seed-design baseline GEMV, compiled like the product's extension (on first use)."""
     return build.build_extension(
         "sqz_seed_design_ext",
