@@ -5,7 +5,7 @@ RTN is the reference point SqueezeLLM is compared against. The definition is GPT
 inherits): the range is the row's [min, max] widened to include 0, scale = range / (2**bits - 1), and
 the zero point is *rounded* to an integer, so 0 is exactly a grid level. That rounding matters: on the
 embedded SmolLM2 a plain min-max grid (0 generally between two levels) scored 51.6 / 15,704 perplexity
-at 4 / 3 bits, this grid 35.1 / 425, against the seed's published 35.6 / 441.
+at 4 / 3 bits, this grid 35.1 / 435 (benchmarks/quality.py), against the seed's published 35.6 / 441.
 
 Writing the grid as the LUT row of each channel (level j = scale * (j - zero)) puts it in the same
 packed format as the k-means codebooks, so checkpoints, ONNX export and kernels need no second code path.
