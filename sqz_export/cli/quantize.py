@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_argument(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write (replaced atomically)")
-    parser.add_argument("--method", choices=("squeezellm", "rtn"), default="squeezellm", help="squeezellm (default) or the uniform round-to-nearest baseline rtn")
+    parser.add_argument("--method", choices=("squeezellm", "rtn"), default="squeezellm", help="squeezellm (default) or rtn, the round-to-nearest baseline (GPTQ's per-channel asymmetric uniform grid)")
     parser.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=3, help="bits per weight index (default: 3)")
     parser.add_argument("--sparsity", type=fraction, default=0.0045, help="fraction of weights kept exact, e.g. 0.0045 or 0.45%% (default: 0.45%%; 0 = dense only)")
     parser.add_argument("--sensitive-fraction", type=fraction, default=0.0005, help="part of --sparsity chosen by Fisher sensitivity; the rest are magnitude outliers (default: 0.05%%)")
