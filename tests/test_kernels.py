@@ -283,6 +283,32 @@ def test_gemv_lane_code_matches_op_on_host(
     assert torch.equal(fast, scalar)
 
 
+def test_gemv_lane_code_stays_in_bounds(tmp_path: Path) -> None:
+    """sqzGemvBoundsTest under AddressSanitizer: the lane code reads no byte past any buffer, for every
+    bits / tail / alignment / tiling case. A stray read gives right results on the host and a fault or
+    garbage on the GPU, so it needs its own check."""
+    compiler = shutil.which("g++")
+    include = _cuda_include_dir()
+    if compiler is None or include is None:
+        pytest.skip("needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
+    kernels_dir = REPO / "plugins" / "kernels"
+    binary = tmp_path / "sqzGemvBoundsTest"
+    cmd = [
+        compiler, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+        f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", f"-I{kernels_dir / 'tests'}", f"-I{include}",
+        str(kernels_dir / "tests" / "sqzGemvBoundsTest.cpp"), str(kernels_dir / "tests" / "sqzGemvEmulate.cpp"),
+        str(kernels_dir / "sqzLinearPolicy.cpp"), "-o", str(binary),
+    ]  # fmt: skip
+    build = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    if build.returncode != 0 and ("asan" in build.stderr or "ubsan" in build.stderr):
+        pytest.skip(f"the compiler has no AddressSanitizer/UBSan runtime: {build.stderr.strip()[-300:]}")
+    assert build.returncode == 0, build.stderr[-6000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stderr[-6000:]
+    assert "stayed in bounds" in run.stdout
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gemv_tiling_does_not_change_bits(cpp_reference: ctypes.CDLL, bits: int) -> None:
     """Every m-tile (1..16 rows of x) and rows-per-warp choice sums each output in the same order, so
