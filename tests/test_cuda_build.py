@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from toolchain import cuda_include_dir
 
 from sqz_export import formats
 
@@ -73,13 +74,6 @@ def test_seed_design_baseline_compiles(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-6000:]
 
 
-def _cuda_include_dir() -> Path | None:
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", Path(NVCC).resolve().parents[1] if NVCC else None):
-        if root and (Path(root) / "include" / "cuda_runtime_api.h").exists():
-            return Path(root) / "include"
-    return None
-
-
 @pytest.mark.parametrize(
     "binding", [REPO / "sqz_export" / "kernels" / "binding.cpp", BASELINES / "seedDesignBinding.cpp"], ids=lambda p: p.name
 )
@@ -91,7 +85,7 @@ def test_torch_binding_type_checks(binding: Path, tmp_path: Path) -> None:
     """
     from torch.utils import cpp_extension
 
-    cuda_include = _cuda_include_dir()
+    cuda_include = cuda_include_dir()
     if CXX is None or cuda_include is None:
         pytest.skip("needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
     generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"

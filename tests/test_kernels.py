@@ -8,7 +8,6 @@ kernels with the CPU op on the same inputs, with y poisoned (NaN) before the lau
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tolerances import tolerance
+from toolchain import cuda_include_dir
 
 from sqz_export import kernels
 from sqz_export.formats import FormatError, PackedLinear, SparsePart, pack_indices, to_rowmajor
@@ -181,17 +181,6 @@ extern "C" const char* sqz_linear_ref(int m, int k, int n, int bits, int nnz, in
 """
 
 
-def _cuda_include_dir() -> Path | None:
-    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parents[1]))
-    for root in candidates:
-        if root and (Path(root) / "include" / "cuda_runtime_api.h").exists():
-            return Path(root) / "include"
-    return None
-
-
 @pytest.fixture(scope="session")
 def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     """sqzLinearRef.cpp, sqzLinearPolicy.cpp and the GEMV host emulation as a shared library (built once).
@@ -199,7 +188,7 @@ def cpp_reference(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     -ffp-contract=off: the emulation's only fp math is explicit fmaf and the butterfly adds, as on the GPU.
     """
     compiler = shutil.which("g++") or shutil.which("c++")
-    include = _cuda_include_dir()
+    include = cuda_include_dir()
     if compiler is None or include is None:
         pytest.skip("the C++ reference needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
     out = tmp_path_factory.mktemp("sqzref")
@@ -288,7 +277,7 @@ def test_gemv_lane_code_stays_in_bounds(tmp_path: Path) -> None:
     bits / tail / alignment / tiling case. A stray read gives right results on the host and a fault or
     garbage on the GPU, so it needs its own check."""
     compiler = shutil.which("g++")
-    include = _cuda_include_dir()
+    include = cuda_include_dir()
     if compiler is None or include is None:
         pytest.skip("needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
     kernels_dir = REPO / "plugins" / "kernels"
