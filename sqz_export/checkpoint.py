@@ -84,6 +84,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"sha256", "bytes"}}`` of every file in ``folder``: the "files" entry of the manifests
+    that checkpoints and ONNX folders carry, so a reader can tell a truncated or edited file."""
+    return {
+        path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+    }
+
+
 def _packed_tensors(name: str, layer: PackedLinear) -> dict[str, torch.Tensor]:
     tensors = {f"{name}.qweight": layer.qweight, f"{name}.lut": layer.lut}
     if layer.bias is not None:
@@ -154,15 +164,10 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-        files = {
-            path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            for path in sorted(tmp.iterdir())
-            if path.is_file()
-        }
         manifest = {
             "format": "sqz-export checkpoint",
             "format_version": FORMAT_VERSION,
-            "files": files,
+            "files": file_checksums(tmp),
             "modules": {name: layer.describe() for name, layer in packed.items()},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

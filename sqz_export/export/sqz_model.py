@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -164,14 +163,6 @@ def write_polygraphy_inputs(onnx_path: Path, tokenizer: Any, target: Path) -> No
     target.write_text(to_json([DecoderSignature.from_onnx(onnx_path).feed([token_ids])]))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -192,7 +183,7 @@ def export_checkpoint(
     """
     from transformers import AutoTokenizer
 
-    from sqz_export.checkpoint import build_model, read_checkpoint, save_tokenizer
+    from sqz_export.checkpoint import build_model, file_checksums, read_checkpoint, save_tokenizer
 
     out = check_replaceable(out_dir, MANIFEST_FILE, "ONNX folder")
     checkpoint = read_checkpoint(checkpoint_dir)
@@ -226,11 +217,7 @@ def export_checkpoint(
             tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
             save_tokenizer(tokenizer, tmp)
             write_polygraphy_inputs(tmp / MODEL_FILE, tokenizer, tmp / POLYGRAPHY_INPUTS_FILE)
-        files = {
-            path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
-            for path in sorted(tmp.iterdir())
-            if path.is_file()
-        }
+        files = file_checksums(tmp)
         manifest = {
             "format": MANIFEST_FORMAT,
             "created_by": f"sqz-export {__version__}",
