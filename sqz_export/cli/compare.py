@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_json_argument, positive_int, write_json
+from sqz_export.cli.common import add_dataset_argument, add_json_argument, positive_int, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,13 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, help="checkpoint for the torch reference (default: the one recorded at export)"
     )
-    parser.add_argument(
-        "--dataset",
-        default="wikipedia",
-        help="text for the windows: 'wikipedia' (offline sample, default), or a .txt/.jsonl file",
-    )
+    add_dataset_argument(parser)
     parser.add_argument("--windows", type=positive_int, default=1, help="token windows to compare (default: 1)")
-    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: 512)")
     parser.add_argument(
         "--iterations", type=positive_int, default=10, help="timed runs per runner, after 2 warm-up runs (default: 10)"
     )

@@ -25,6 +25,7 @@ from polygraphy.comparator.struct import IterationResult, RunResults
 
 from sqz_export.compare.report import CompareReport, Latency, PairStats, top1_agreement
 from sqz_export.compare.runners import TorchRunner, onnxrt_runner, trt_runner
+from sqz_export.defaults import DEFAULT_DATASET
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
@@ -50,7 +51,7 @@ class CompareOptions:
     """Checkpoint for the torch reference; default: the one recorded in the manifest, when it exists."""
     engine: Path | None = None
     plugin: Path | None = None
-    dataset: str = "wikipedia"
+    dataset: str = DEFAULT_DATASET
     windows: int = 1
     seq_len: int = 512
     iterations: int = 10
