@@ -206,6 +206,13 @@ inline bool isAligned16(void const* ptr)
     return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
 
+//! Every row of x starts 16-byte aligned (K % 8 == 0 and x aligned): 8 activations are one 128-bit
+//! load. The rule of both kernel families.
+inline bool xRowsAligned16(SqzLinearShape const& s, void const* x)
+{
+    return s.inFeatures % 8 == 0 && isAligned16(x);
+}
+
 /*
  * The GEMV's parameters for one call, with the launcher's load-width rules: 128-bit weight loads when
  * every row starts 16-byte aligned (G * bits words a multiple of 4), 128-bit x loads when K % 8 == 0.
@@ -227,7 +234,7 @@ inline GemvParams makeGemvParams(
     p.N = s.outFeatures;
     p.groups = (s.inFeatures + format::kGROUP_SIZE - 1) / format::kGROUP_SIZE;
     p.wordsVec = allowVecWords && (static_cast<int64_t>(p.groups) * s.bits) % 4 == 0 && isAligned16(a.qweight);
-    p.xVec = allowVecX && s.inFeatures % 8 == 0 && isAligned16(a.x);
+    p.xVec = allowVecX && xRowsAligned16(s, a.x);
     return p;
 }
 

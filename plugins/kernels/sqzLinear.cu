@@ -469,7 +469,7 @@ void launchDequantGemm(SqzLinearShape const& s, SqzLinearArgs const& a, cudaStre
     p.K = s.inFeatures;
     p.N = s.outFeatures;
     p.paddedK = static_cast<int32_t>(paddedCols(s));
-    p.xVec = s.inFeatures % 8 == 0 && detail::isAligned16(a.x);
+    p.xVec = detail::xRowsAligned16(s, a.x);
     // gridDim.y limit: m <= 65535 * 64 rows per launch is checked by sqzLinearValidate.
     dim3 const grid(nPad / kTILE_N, (s.m + kTILE_M - 1) / kTILE_M);
     sqzGemmKernel<T><<<grid, kGEMM_THREADS, 0, stream>>>(p);
