@@ -22,6 +22,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // Full unrolling keeps the decoded words and the accumulators in registers on the device; host
 // compilers (nvcc's host pass, the emulation in tests) do not know the pragma.
@@ -236,6 +237,22 @@ inline GemvParams makeGemvParams(
     p.wordsVec = allowVecWords && (static_cast<int64_t>(p.groups) * s.bits) % 4 == 0 && isAligned16(a.qweight);
     p.xVec = allowVecX && xRowsAligned16(s, a.x);
     return p;
+}
+
+//! Calls f(std::integral_constant<int, b>{}) for the supported width b == bits: the one switch that
+//! turns the runtime bit width into a template argument (launcher and host emulation). bits is
+//! validated (sqzLinearValidate) before this is reached.
+template <typename F>
+inline void withBits(int32_t bits, F&& f)
+{
+    switch (bits)
+    {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: break;
+    }
 }
 
 //! Rows of x per GEMV m-tile: the smallest of 1, 2, 4, 8, 16 that holds m (16 above; the kernel then

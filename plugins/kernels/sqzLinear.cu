@@ -429,19 +429,6 @@ void launchGemv(GemvParams const& p, cudaStream_t stream)
 }
 
 template <typename T>
-void launchGemvBits(int32_t bits, GemvParams const& p, cudaStream_t stream)
-{
-    switch (bits)
-    {
-    case 2: launchGemv<2, T>(p, stream); break;
-    case 3: launchGemv<3, T>(p, stream); break;
-    case 4: launchGemv<4, T>(p, stream); break;
-    case 8: launchGemv<8, T>(p, stream); break;
-    default: break; // unreachable: validated
-    }
-}
-
-template <typename T>
 void launchDequantGemm(SqzLinearShape const& s, SqzLinearArgs const& a, cudaStream_t stream)
 {
     auto const* qweight = reinterpret_cast<uint32_t const*>(a.qweight);
@@ -450,14 +437,10 @@ void launchDequantGemm(SqzLinearShape const& s, SqzLinearArgs const& a, cudaStre
     int32_t const groups = static_cast<int32_t>(paddedCols(s) / kGROUP_SIZE);
     int32_t const nPad = static_cast<int32_t>(paddedRows(s));
     dim3 const dqGrid((nPad + kDEQUANT_WARPS - 1) / kDEQUANT_WARPS);
-    switch (s.bits)
-    {
-    case 2: sqzDequantKernel<2, T><<<dqGrid, kDEQUANT_WARPS * 32, 0, stream>>>(qweight, lut, ws, s.inFeatures, s.outFeatures, nPad, groups); break;
-    case 3: sqzDequantKernel<3, T><<<dqGrid, kDEQUANT_WARPS * 32, 0, stream>>>(qweight, lut, ws, s.inFeatures, s.outFeatures, nPad, groups); break;
-    case 4: sqzDequantKernel<4, T><<<dqGrid, kDEQUANT_WARPS * 32, 0, stream>>>(qweight, lut, ws, s.inFeatures, s.outFeatures, nPad, groups); break;
-    case 8: sqzDequantKernel<8, T><<<dqGrid, kDEQUANT_WARPS * 32, 0, stream>>>(qweight, lut, ws, s.inFeatures, s.outFeatures, nPad, groups); break;
-    default: return;
-    }
+    detail::withBits(s.bits, [&](auto bits) {
+        sqzDequantKernel<decltype(bits)::value, T>
+            <<<dqGrid, kDEQUANT_WARPS * 32, 0, stream>>>(qweight, lut, ws, s.inFeatures, s.outFeatures, nPad, groups);
+    });
     GemmParams p{};
     p.x = a.x;
     p.ws = ws;
@@ -511,14 +494,16 @@ cudaError_t sqzLinearLaunch(
     if (kind == KernelKind::kGemv)
     {
         GemvParams const p = detail::makeGemvParams(s, a);
-        if (s.dtype == DataType::kHALF)
-        {
-            launchGemvBits<__half>(s.bits, p, stream);
-        }
-        else
-        {
-            launchGemvBits<__nv_bfloat16>(s.bits, p, stream);
-        }
+        detail::withBits(s.bits, [&](auto bits) {
+            if (s.dtype == DataType::kHALF)
+            {
+                launchGemv<decltype(bits)::value, __half>(p, stream);
+            }
+            else
+            {
+                launchGemv<decltype(bits)::value, __nv_bfloat16>(p, stream);
+            }
+        });
     }
     else if (kind == KernelKind::kDequantGemm)
     {

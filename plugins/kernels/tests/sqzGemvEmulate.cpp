@@ -79,19 +79,6 @@ void emulate(detail::GemvParams const& p)
     }
 }
 
-template <typename T>
-void emulateBits(int32_t bits, detail::GemvParams const& p)
-{
-    switch (bits)
-    {
-    case 2: emulate<2, T>(p); break;
-    case 3: emulate<3, T>(p); break;
-    case 4: emulate<4, T>(p); break;
-    case 8: emulate<8, T>(p); break;
-    default: break;
-    }
-}
-
 } // namespace
 
 char const* sqzGemvEmulate(
@@ -102,14 +89,16 @@ char const* sqzGemvEmulate(
         return error;
     }
     detail::GemvParams const p = detail::makeGemvParams(s, a, !forceScalarWords, !forceScalarX);
-    if (s.dtype == DataType::kHALF)
-    {
-        emulateBits<__half>(s.bits, p);
-    }
-    else
-    {
-        emulateBits<__nv_bfloat16>(s.bits, p);
-    }
+    detail::withBits(s.bits, [&](auto bits) {
+        if (s.dtype == DataType::kHALF)
+        {
+            emulate<decltype(bits)::value, __half>(p);
+        }
+        else
+        {
+            emulate<decltype(bits)::value, __nv_bfloat16>(p);
+        }
+    });
     return nullptr;
 }
 
