@@ -43,7 +43,7 @@ SPARSE_TENSORS = ("sparse_row_ptr", "sparse_col", "sparse_val", "sparse_chunk_ro
 class QuantizationConfig:
     """What config.json records under ``quantization_config``."""
 
-    quant_method: str  # "squeezellm" or "rtn"
+    quant_method: str  # "lnq", "squeezellm", "gptq" or "rtn" (quantize.pipeline.METHODS)
     bits: int
     sparsity: float  # target fraction of exact weights (0 = dense only)
     sensitive_fraction: float
@@ -55,6 +55,8 @@ class QuantizationConfig:
     format_version: int = FORMAT_VERSION
     created_by: str = f"sqz-export {__version__}"
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    method_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The method's own settings (quantize.pipeline.QuantizeOptions.settings); empty in older checkpoints."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> QuantizationConfig:

@@ -4,6 +4,9 @@ Sources:
   * ``wikipedia`` (default, offline): the English Wikipedia dump sample shipped in the gensim 4.4.0
     wheel, fetched with ``pip download --no-deps`` (the wheel is never installed or imported), wiki
     markup stripped, cached as plain text.
+  * ``news`` (offline): the Lee background corpus from the same wheel, 300 news articles of the
+    Australian Broadcasting Corporation (Lee, Pincombe & Welsh, 2005), one per line: a second English
+    text of another domain and style, to check that quality gains measured on Wikipedia carry over.
   * ``wikitext2`` / ``c4``: through the ``datasets`` package when online (calibration from the train
     split, evaluation from the test/validation split, as GPTQ and SqueezeLLM do).
   * a local ``.txt`` or ``.jsonl`` (field ``text``) file.
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 GENSIM_WHEEL = "gensim==4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
+OFFLINE_DATASETS = (DEFAULT_DATASET, "news")
 ONLINE_DATASETS = ("wikitext2", "c4")
 
 
@@ -103,16 +108,16 @@ def wiki_articles(xml_bytes: bytes) -> list[str]:
     return articles
 
 
-def _download_wiki_dump() -> bytes:
-    """The compressed dump from the gensim wheel (pip download, no install); cached."""
-    target = cache_dir() / "enwiki-sample.xml.bz2"
-    override = os.environ.get("SQZ_WIKI_BZ2")
+def _gensim_wheel_member(member: str, cache_name: str, override_env: str) -> bytes:
+    """One file of the gensim wheel (pip download, no install); cached, or read from ``$override_env``."""
+    target = cache_dir() / cache_name
+    override = os.environ.get(override_env)
     if override:
         return Path(override).read_bytes()
     if target.is_file():
         return target.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
-        logger.info("fetching the Wikipedia sample: pip download --no-deps %s", GENSIM_WHEEL)
+        logger.info("fetching %s: pip download --no-deps %s", member.rsplit("/", 1)[-1], GENSIM_WHEEL)
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, GENSIM_WHEEL],
             capture_output=True,
@@ -121,12 +126,11 @@ def _download_wiki_dump() -> bytes:
         wheels = list(Path(tmp).glob("gensim-*.whl"))
         if result.returncode != 0 or not wheels:
             raise UserError(
-                f"could not download {GENSIM_WHEEL} for the offline Wikipedia sample (pip said: "
-                f"{result.stderr.strip()[-300:]}); set SQZ_WIKI_BZ2 to a local copy of {WIKI_MEMBER.split('/')[-1]} "
-                "or pass --dataset FILE.txt"
+                f"could not download {GENSIM_WHEEL} for the offline text {member.rsplit('/', 1)[-1]} (pip said: "
+                f"{result.stderr.strip()[-300:]}); set {override_env} to a local copy of it or pass --dataset FILE.txt"
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
-            data = wheel.read(WIKI_MEMBER)
+            data = wheel.read(member)
     atomic.write_bytes(target, data)
     return data
 
@@ -136,9 +140,15 @@ def wikipedia_text() -> str:
     cached = cache_dir() / "enwiki-sample.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
-    text = "\n\n".join(wiki_articles(bz2.decompress(_download_wiki_dump())))
+    text = "\n\n".join(wiki_articles(bz2.decompress(_gensim_wheel_member(WIKI_MEMBER, "enwiki-sample.xml.bz2", "SQZ_WIKI_BZ2"))))
     atomic.write_text(cached, text)
     return text
+
+
+def news_text() -> str:
+    """The Lee background corpus (300 ABC news articles) with articles separated by blank lines."""
+    raw = _gensim_wheel_member(NEWS_MEMBER, "lee_background.cor", "SQZ_NEWS_TEXT").decode("utf-8")
+    return "\n\n".join(line.strip() for line in raw.splitlines() if line.strip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,10 +268,12 @@ def load_windows(
 
     if dataset == DEFAULT_DATASET:
         text = wikipedia_text()
+    elif dataset == "news":
+        text = news_text()
     elif Path(dataset).suffix in (".txt", ".jsonl") or Path(dataset).exists():
         text = _local_text(Path(dataset))
     else:
-        raise UserError(f"unknown dataset {dataset!r}; expected 'wikipedia', 'wikitext2', 'c4', or a .txt/.jsonl file")
+        raise UserError(f"unknown dataset {dataset!r}; expected 'wikipedia', 'news', 'wikitext2', 'c4', or a .txt/.jsonl file")
     stream = _tokenize(tokenizer, text)
     total = int(stream.numel())
     calib_end = parts["calibration"][0] * parts["calibration"][1] if "calibration" in parts else 0

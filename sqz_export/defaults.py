@@ -17,3 +17,16 @@ DEFAULT_N_INIT = 1
 rows with real Fisher: one extra start lowers the objective by a further ~1.5-2% for ~1.6x the k-means
 time, and 3-bit dense perplexity from 39.13 to 37.79 (benchmarks/quality.py); the whole model still
 quantizes in well under a minute on 2 cores."""
+
+METHODS = ("lnq", "squeezellm", "gptq", "rtn")
+"""Quantization methods, all writing SqueezeLLM's format (see sqz_export.quantize.pipeline)."""
+
+DEFAULT_METHOD = "lnq"
+"""SqueezeLLM's start refined by GuidedQuant's LNQ: the lowest perplexity at every bits/sparsity setting
+measured (README, benchmarks/quality.py)."""
+
+DEFAULT_HESSIAN_GROUPS = 1
+"""Output-row groups sharing one gradient-weighted Hessian per layer (GuidedQuant's g)."""
+
+DEFAULT_LNQ_ITERATIONS = 2
+"""Rounds of (LUT refit, index coordinate descent) from the SqueezeLLM start."""

@@ -1,4 +1,4 @@
-"""quantize_model / quantize_weight: options, errors, RTN grid, and end-to-end logits on tiny models."""
+"""quantize_model / quantize_weight: options, errors, RTN grid, LNQ guarantees, end-to-end logits on tiny models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from tiny_models import TINY_VOCAB, make_tiny_model
 from sqz_export.errors import UserError
 from sqz_export.models import quantizable_linears
 from sqz_export.quantize import QuantizeOptions, quantize_model, quantize_weight
-from sqz_export.quantize.fisher import compute_fisher
+from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, collect_statistics, row_groups
+from sqz_export.quantize.lnq import RowStack, objective
 from sqz_export.runtime import replace_linears
 
 # Relative L2 error bounds of the logits of a 2-layer model with random weights. Uniform b-bit
@@ -20,6 +21,13 @@ from sqz_export.runtime import replace_linears
 # linearly into the logits. Measured (seed 0), 3-bit / 4-bit: squeezellm 0.16 / 0.08 (llama),
 # 0.17 / 0.08 (opt); rtn 0.20 / 0.10 (llama), 0.22 / 0.12 (opt).
 LOGITS_RELATIVE_BOUND = {3: 0.35, 4: 0.15}
+METHODS = ("lnq", "squeezellm", "gptq", "rtn")
+PHASES = {
+    "lnq": {"sparse_split", "kmeans", "lnq", "sparse_select", "pack", "quantize_wall"},
+    "squeezellm": {"sparse_split", "kmeans", "pack", "quantize_wall"},
+    "gptq": {"sparse_split", "gptq", "pack", "quantize_wall"},
+    "rtn": {"sparse_split", "kmeans", "pack", "quantize_wall"},
+}
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -27,10 +35,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
-def calibrated(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def calibrated(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, CalibrationStats]:
     model = make_tiny_model(request.param, seed=0)
     windows = torch.randint(0, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    return model, compute_fisher(model, windows, quantizable_linears(model), autocast_dtype=None, progress=False)
+    everything = StatisticsRequest(fisher=True, guided_groups=2, xtx=True)
+    return model, collect_statistics(model, windows, quantizable_linears(model), everything, autocast_dtype=None, progress=False)
 
 
 def quantized_logits(model: torch.nn.Module, packed: dict, tokens: torch.Tensor) -> torch.Tensor:
@@ -48,36 +57,83 @@ def test_logits_close_to_fp_and_better_with_more_bits(calibrated) -> None:
     with torch.no_grad():
         reference = model(tokens).logits
     errors = {}
-    for method in ("squeezellm", "rtn"):
+    for method in METHODS:
         for bits in (3, 4):
-            result = quantize_model(model, fisher, QuantizeOptions(method=method, bits=bits), layers, progress=False)
+            options = QuantizeOptions(method=method, bits=bits, hessian_groups=2)
+            result = quantize_model(model, fisher if method != "rtn" else None, options, layers, progress=False)
             assert set(result.packed) == set(layers)
-            assert set(result.timings) == {"sparse_split", "kmeans", "pack", "quantize_wall"}
+            assert set(result.timings) == PHASES[method]
             for name, packed in result.packed.items():
                 packed.validate(name)
-                assert packed.bits == bits and packed.sparse is not None
+                assert packed.bits == bits and (packed.sparse is not None or method == "lnq")
                 if layers[name].bias is not None:
                     assert packed.bias.dtype == torch.float16
                     torch.testing.assert_close(packed.bias, layers[name].bias.detach().half())
             errors[method, bits] = relative_error(quantized_logits(model, result.packed, tokens), reference)
             assert errors[method, bits] < LOGITS_RELATIVE_BOUND[bits], (method, bits, errors[method, bits])
-    for method in ("squeezellm", "rtn"):
+    for method in METHODS:
         assert errors[method, 4] < errors[method, 3]
     for bits in (3, 4):
         assert errors["squeezellm", bits] < errors["rtn", bits]
+        assert errors["gptq", bits] < errors["rtn", bits]
+        assert errors["lnq", bits] < errors["rtn", bits]
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # the model was not modified
 
 
-def test_parallel_workers_give_identical_results(calibrated) -> None:
-    model, fisher = calibrated
+@pytest.mark.parametrize("method", ["squeezellm", "lnq", "gptq"])
+def test_parallel_workers_and_reruns_give_identical_results(calibrated, method: str) -> None:
+    model, stats = calibrated
     layers = quantizable_linears(model)
-    one = quantize_model(model, fisher, QuantizeOptions(bits=3, workers=1), layers, progress=False)
-    two = quantize_model(model, fisher, QuantizeOptions(bits=3, workers=2), layers, progress=False)
+    runs = [quantize_model(model, stats, QuantizeOptions(method=method, bits=3, workers=workers, hessian_groups=2), layers, progress=False) for workers in (1, 2, 2)]
     for name in layers:
-        assert torch.equal(one.packed[name].qweight, two.packed[name].qweight)
-        assert torch.equal(one.packed[name].lut, two.packed[name].lut)
-        assert torch.equal(one.packed[name].sparse.val, two.packed[name].sparse.val)
+        for other in runs[1:]:
+            assert torch.equal(runs[0].packed[name].qweight, other.packed[name].qweight)
+            assert torch.equal(runs[0].packed[name].lut, other.packed[name].lut)
+            assert (runs[0].packed[name].sparse is None) == (other.packed[name].sparse is None)
+            if other.packed[name].sparse is not None:
+                assert torch.equal(runs[0].packed[name].sparse.col, other.packed[name].sparse.col)
+                assert torch.equal(runs[0].packed[name].sparse.val, other.packed[name].sparse.val)
+
+
+def layer_objective(stats: CalibrationStats, name: str, weight: torch.Tensor, packed, groups: int) -> torch.Tensor:  # noqa: ANN001
+    """Per-row LNQ objective of a packed layer (exact positions carry no error)."""
+    exact = None
+    if packed.sparse is not None:  # positions from the CSR structure: a stored residual may be 0
+        exact = torch.zeros_like(weight, dtype=torch.bool)
+        rows = torch.repeat_interleave(torch.arange(packed.out_features), packed.sparse.row_ptr.diff().long())
+        exact[rows, packed.sparse.col.long()] = True
+    stack = RowStack(weight.detach().float(), exact, stats.guided[name], row_groups(weight.shape[0], groups))
+    return objective(stack, packed.lut.float(), packed.indices().long())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.02])
+def test_lnq_is_never_worse_than_its_squeezellm_start(calibrated, sparsity: float) -> None:
+    """With the paper's exact positions, every row's objective is at most the SqueezeLLM solution's."""
+    model, stats = calibrated
+    layers = quantizable_linears(model)
+    common = {"bits": 3, "sparsity": sparsity, "sensitive_fraction": min(0.0005, sparsity), "hessian_groups": 2}
+    start = quantize_model(model, stats, QuantizeOptions(method="squeezellm", **common), layers, progress=False)
+    refined = quantize_model(model, stats, QuantizeOptions(method="lnq", sparse_selection="paper", **common), layers, progress=False)
+    total_start = total_refined = 0.0
+    for name, layer in layers.items():
+        before = layer_objective(stats, name, layer.weight, start.packed[name], 2)
+        after = layer_objective(stats, name, layer.weight, refined.packed[name], 2)
+        assert bool((after <= before * (1 + 1e-5) + 1e-12).all()), name
+        total_start, total_refined = total_start + float(before.sum()), total_refined + float(after.sum())
+    assert total_refined < 0.9 * total_start
+    for history in refined.objective.values():
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:])), history
+
+
+def test_objective_sparse_selection_fills_the_model_budget_exactly(calibrated) -> None:
+    model, stats = calibrated
+    layers = quantizable_linears(model)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    for sparsity in (0.001, 0.0045, 0.03):
+        result = quantize_model(model, stats, QuantizeOptions(method="lnq", bits=3, sparsity=sparsity, sensitive_fraction=0.0, hessian_groups=2), layers, progress=False)
+        nnz = sum(p.sparse.nnz for p in result.packed.values() if p.sparse is not None)
+        assert nnz == round(sparsity * total)
 
 
 def test_rtn_lut_is_gptqs_asymmetric_grid_of_each_row() -> None:
@@ -107,7 +163,11 @@ def test_rtn_lut_is_gptqs_asymmetric_grid_of_each_row() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"method": "gptq"}, "method 'gptq'"),
+        ({"method": "awq"}, "method 'awq'"),
+        ({"hessian_groups": 0}, "hessian_groups"),
+        ({"lnq_iterations": -1}, "lnq_iterations"),
+        ({"sparse_selection": "random"}, "sparse_selection 'random'"),
+        ({"method": "squeezellm", "sparse_selection": "objective"}, "needs the LNQ objective"),
         ({"bits": 5}, "bits=5"),
         ({"sparsity": 0.2}, "sparsity=0.2"),
         ({"sparsity": -0.01}, "sparsity=-0.01"),
@@ -123,14 +183,17 @@ def test_invalid_options_raise_user_error(changes: dict, message: str) -> None:
         QuantizeOptions(**changes).validate()
 
 
-def test_squeezellm_needs_fisher_rtn_does_not() -> None:
+def test_methods_need_their_statistics_rtn_none() -> None:
     model = make_tiny_model("llama")
     layers = quantizable_linears(model)
-    with pytest.raises(UserError, match="Fisher"):
-        quantize_model(model, None, QuantizeOptions(), layers, progress=False)
+    for method, needed in (("squeezellm", "Fisher"), ("lnq", "Fisher"), ("gptq", "X\\^T X")):
+        with pytest.raises(UserError, match=needed):
+            quantize_model(model, None, QuantizeOptions(method=method), layers, progress=False)
     partial = {name: torch.ones_like(layer.weight) for name, layer in list(layers.items())[1:]}
     with pytest.raises(UserError, match=f"first {next(iter(layers))!r}"):
-        quantize_model(model, partial, QuantizeOptions(), layers, progress=False)
+        quantize_model(model, partial, QuantizeOptions(method="squeezellm"), layers, progress=False)
+    with pytest.raises(UserError, match="gradient-weighted Hessians"):
+        quantize_model(model, {name: torch.ones_like(layer.weight) for name, layer in layers.items()}, QuantizeOptions(method="lnq"), layers, progress=False)
     result = quantize_model(model, None, QuantizeOptions(method="rtn", bits=4), layers, progress=False)
     assert len(result.packed) == len(layers)
 
@@ -138,7 +201,9 @@ def test_squeezellm_needs_fisher_rtn_does_not() -> None:
 def test_weight_errors_name_the_layer() -> None:
     weight = torch.randn(8, 32)
     with pytest.raises(UserError, match="layer.x: Fisher information has shape"):
-        quantize_weight(weight, torch.ones(8, 31), QuantizeOptions(), name="layer.x")
+        quantize_weight(weight, torch.ones(8, 31), QuantizeOptions(method="squeezellm"), name="layer.x")
+    with pytest.raises(UserError, match="layer.h: Hessian has shape"):
+        quantize_weight(weight, torch.ones(8, 32), QuantizeOptions(method="lnq"), hessian=torch.eye(31), name="layer.h")
     weight[0, 0] = float("inf")
     with pytest.raises(UserError, match="layer.y: weight contains NaN"):
-        quantize_weight(weight, torch.ones(8, 32), QuantizeOptions(), name="layer.y")
+        quantize_weight(weight, torch.ones(8, 32), QuantizeOptions(method="squeezellm"), name="layer.y")

@@ -16,6 +16,8 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float]] = {
     ("sqz_linear", torch.bfloat16): (1e-1, 4e-2),
     # Hooked vs brute-force Fisher: the same gradients, only the fp32 accumulation order of grad**2 differs.
     ("fisher", torch.float32): (0.0, 1e-6),
+    # Hooked vs token-by-token Hessians: the same products, summed in another order (fp32).
+    ("hessian", torch.float32): (1e-5, 1e-5),
     # Whole-model logits: quantized torch reference vs the same model run elsewhere (ORT, kernels).
     ("model_logits", torch.float32): (1e-3, 1e-3),
     ("model_logits", torch.float16): (5e-2, 2e-2),

@@ -24,7 +24,7 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
-        help=f"'wikipedia' (offline sample, default), 'wikitext2' or 'c4' (need datasets + internet), or a .txt/.jsonl file (default: {DEFAULT_DATASET})",
+        help=f"'wikipedia' (offline sample, default), 'news' (offline ABC news articles), 'wikitext2' or 'c4' (need datasets + internet), or a .txt/.jsonl file (default: {DEFAULT_DATASET})",
     )
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: 512)")
 

@@ -1,4 +1,4 @@
-"""``sqz-export quantize``: FP model + calibration text -> packed SqueezeLLM (or RTN) checkpoint."""
+"""``sqz-export quantize``: FP model + calibration text -> packed checkpoint (LNQ, SqueezeLLM, GPTQ or RTN)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sqz_export.cli.common import (
     print_table,
     write_json,
 )
-from sqz_export.defaults import DEFAULT_N_INIT
+from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -24,23 +24,42 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quantize",
-        help="quantize a causal LM to a packed SqueezeLLM checkpoint",
+        help="quantize a causal LM to a packed SqueezeLLM-format checkpoint",
         description=(
-            "Quantize every linear layer of the decoder blocks with SqueezeLLM: Fisher-weighted non-uniform "
-            "k-means per output channel plus a dense-and-sparse split that keeps a small fraction of outlier "
-            "and sensitive weights exact. Writes a checkpoint folder (safetensors + config.json)."
+            "Quantize every linear layer of the decoder blocks into SqueezeLLM's format: a non-uniform fp16 "
+            "LUT per output channel, packed indices, and a sparse part that keeps a small fraction of the "
+            "weights exact. The default method, lnq, starts from SqueezeLLM's Fisher-weighted k-means and "
+            "refines LUTs and indices on GuidedQuant's gradient-weighted Hessians, choosing the exact weights "
+            "of the whole model by the objective decrease they buy. Writes a checkpoint folder "
+            "(safetensors + config.json)."
         ),
     )
     add_model_argument(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write (replaced atomically)")
-    parser.add_argument("--method", choices=("squeezellm", "rtn"), default="squeezellm", help="squeezellm (default) or rtn, the round-to-nearest baseline (GPTQ's per-channel asymmetric uniform grid)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help=(
+            f"{DEFAULT_METHOD} (default): SqueezeLLM start + GuidedQuant LNQ refinement + objective-chosen sparse part; "
+            "squeezellm: the paper's algorithm (Fisher-weighted k-means, magnitude + sensitivity split); "
+            "gptq: uniform per-channel grid with GPTQ's error feedback; rtn: round-to-nearest on that grid, no calibration"
+        ),
+    )
     parser.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=3, help="bits per weight index (default: 3)")
     parser.add_argument("--sparsity", type=fraction, default=0.0045, help="fraction of weights kept exact, e.g. 0.0045 or 0.45%% (default: 0.45%%; 0 = dense only)")
-    parser.add_argument("--sensitive-fraction", type=fraction, default=0.0005, help="part of --sparsity chosen by Fisher sensitivity; the rest are magnitude outliers (default: 0.05%%)")
+    parser.add_argument("--sensitive-fraction", type=fraction, default=0.0005, help="paper selection: part of --sparsity chosen by Fisher sensitivity, the rest are magnitude outliers (default: 0.05%%; for lnq it shapes the start)")
+    parser.add_argument(
+        "--sparse-selection",
+        choices=("objective", "paper"),
+        help="how exact weights are chosen: objective (lnq's default: model-wide ranking by the objective decrease) or paper (per matrix: magnitude + Fisher; the other methods' default)",
+    )
+    parser.add_argument("--hessian-groups", type=positive_int, default=DEFAULT_HESSIAN_GROUPS, help=f"lnq: output-row groups per layer sharing one gradient-weighted Hessian (GuidedQuant's g; default: {DEFAULT_HESSIAN_GROUPS})")
+    parser.add_argument("--lnq-iterations", type=int, default=DEFAULT_LNQ_ITERATIONS, help=f"lnq: rounds of LUT refit + index coordinate descent (default: {DEFAULT_LNQ_ITERATIONS})")
     add_dataset_argument(parser)
-    parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the Fisher information (default: 32)")
-    parser.add_argument("--fisher", type=Path, metavar="FILE", help="Fisher cache (.safetensors): reused when it matches the model and calibration, written otherwise")
-    parser.add_argument("--fisher-dtype", choices=("bf16", "fp32"), default="bf16", help="forward/backward precision for the Fisher pass; accumulation is always fp32 (default: bf16)")
+    parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the statistics (default: 32)")
+    parser.add_argument("--stats", "--fisher", dest="stats", type=Path, metavar="FILE", help="calibration statistics cache (.safetensors): reused when it matches the model, calibration and method, written otherwise")
+    parser.add_argument("--fisher-dtype", choices=("bf16", "fp32"), default="bf16", help="forward/backward precision of the calibration pass; accumulation is always fp32 (default: bf16)")
     parser.add_argument("--kmeans-starts", type=int, default=DEFAULT_N_INIT, help=f"extra seeded k-means starts per row beyond the weighted-quantile start; more is slower and slightly better (default: {DEFAULT_N_INIT})")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device for Fisher and k-means, e.g. cuda (default: cpu)")
@@ -59,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.evaluate import perplexity
     from sqz_export.models import load_model, quantizable_linears
     from sqz_export.quantize import QuantizeOptions, quantize_model
-    from sqz_export.quantize.fisher import load_or_compute_fisher
+    from sqz_export.quantize.calibration import load_or_collect_statistics
 
     progress = progress_enabled()
     options = QuantizeOptions(
@@ -70,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
         kmeans_n_init=args.kmeans_starts,
         seed=args.seed,
         device=args.device,
+        hessian_groups=args.hessian_groups,
+        lnq_iterations=args.lnq_iterations,
+        sparse_selection=args.sparse_selection,
     )
+    options.validate()
+    request = options.statistics()
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(args.model, torch.float32)
@@ -81,26 +105,28 @@ def run(args: argparse.Namespace) -> int:
     windows = load_windows(
         loaded.tokenizer,
         args.dataset,
-        calibration=(args.calib_windows, args.seq_len) if args.method == "squeezellm" else None,
+        calibration=(args.calib_windows, args.seq_len) if request is not None else None,
         evaluation=(args.eval_windows, args.seq_len) if args.eval_windows else None,
     )
     calibration = windows.get("calibration")
-    fisher = None
+    stats = None
     if calibration is not None:
         logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
         start = time.perf_counter()
-        fisher, computed = load_or_compute_fisher(
+        stats, computed = load_or_collect_statistics(
             loaded.model,
             calibration,
             layers,
-            cache=args.fisher,
+            request,
+            cache=args.stats,
             source=loaded.source,
             autocast_dtype=torch.bfloat16 if args.fisher_dtype == "bf16" else None,
             progress=progress,
         )
-        timings["fisher" if computed else "fisher_cache_read"] = time.perf_counter() - start
+        timings["calibration" if computed else "calibration_cache_read"] = time.perf_counter() - start
 
-    result = quantize_model(loaded.model, fisher, options, layers=layers, progress=progress)
+    result = quantize_model(loaded.model, stats, options, layers=layers, progress=progress)
+    del stats
     timings.update(result.timings)
     qconfig = QuantizationConfig(
         quant_method=options.method,
@@ -111,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         source_model=loaded.source,
         calibration=calibration.describe() if calibration is not None else None,
         chunk_nnz=options.chunk_nnz,
+        method_settings=options.settings(),
         timings={key: round(value, 3) for key, value in timings.items()},
     )
     if args.output.exists() and args.output.resolve() == Path(loaded.source).resolve():

@@ -1,8 +1,17 @@
-"""Quantize a model's linear layers: dense/sparse split -> per-row codebook -> packed ``PackedLinear``.
+"""Quantize a model's linear layers into packed ``PackedLinear`` layers, one method at a time.
 
-One layer at a time (``quantize_weight``), several layers in parallel on CPU (``quantize_model``).
-The model is never modified: the result is a dict of packed layers that ``runtime.replace_linears`` or
-``checkpoint.save_checkpoint`` consume.
+Every method writes the same format (a per-row fp16 LUT, packed indices, a CSR residual):
+
+* ``squeezellm`` (the paper): dense/sparse split (magnitude outliers + Fisher-sensitive values, per
+  matrix) -> Fisher-weighted k-means LUT per row -> nearest indices.
+* ``lnq`` (default): the same start, then GuidedQuant's LNQ rounds (lnq.py) on the gradient-weighted
+  Hessians, then the sparse positions of the whole model re-chosen by the exact objective decrease they
+  buy, and one more round on those positions.
+* ``gptq``: RTN's uniform grid per row with GPTQ's error feedback (gptq.py); ``rtn``: the grid alone.
+
+One layer at a time (``quantize_weight``), or the model's layers in batches of equal in_features run in
+parallel on CPU (``quantize_model``). The model is never modified: the result is a dict of packed
+layers that ``runtime.replace_linears`` or ``checkpoint.save_checkpoint`` consume.
 """
 
 from __future__ import annotations
@@ -16,34 +25,42 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, METHODS
 from sqz_export.errors import UserError
 from sqz_export.formats import DEFAULT_CHUNK_NNZ, SUPPORTED_BITS, PackedLinear, pack_indices
+from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, row_groups
+from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
+from sqz_export.quantize.lnq import RowStack, exactness_gain, refine
 from sqz_export.quantize.rtn import rtn_codebook
 from sqz_export.quantize.sparse import build_sparse_part, select_sparse
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("squeezellm", "rtn")
+SPARSE_SELECTIONS = ("objective", "paper")
+"""objective: global ranking by the exact decrease of the LNQ objective (lnq only); paper: per matrix,
+magnitude outliers + most Fisher-sensitive values (magnitude only without Fisher: gptq, rtn)."""
 MAX_SPARSITY = 0.2
 """Upper bound (exclusive) on the exact fraction: beyond it a sparse part stops paying for itself."""
 MAX_CPU_WORKERS = 4
 """Batches quantized at once on CPU; each holds a few fp64 copies of its matrices, so memory caps this."""
 BATCH_WEIGHTS = 1 << 22
 """Weights per k-means call when stacking layers (4M: a SmolLM2 block's q..up; ~130 MB of fp64 state)."""
-PHASES = ("sparse_split", "kmeans", "pack")
+PHASES = ("sparse_split", "kmeans", "gptq", "lnq", "sparse_select", "pack")
 
 
 @dataclasses.dataclass
 class QuantizeOptions:
     """Settings of one quantization run (recorded in the checkpoint's quantization_config)."""
 
-    method: str = "squeezellm"
+    method: str = DEFAULT_METHOD
     bits: int = 3
     sparsity: float = 0.0045
-    """Fraction of each matrix kept exact (0 = dense only)."""
+    """Fraction of the weights kept exact (0 = dense only): per matrix with the paper's selection, over
+    the whole model with the objective's."""
     sensitive_fraction: float = 0.0005
-    """Part of ``sparsity`` chosen by Fisher sensitivity; the rest (sparsity - this) are magnitude outliers."""
+    """Part of ``sparsity`` chosen by Fisher sensitivity; the rest (sparsity - this) are magnitude outliers.
+    With lnq's objective selection this only shapes the SqueezeLLM start."""
     kmeans_max_iter: int = DEFAULT_MAX_ITER
     kmeans_n_init: int = DEFAULT_N_INIT
     seed: int = 0
@@ -51,6 +68,35 @@ class QuantizeOptions:
     device: str = "cpu"
     workers: int | None = None
     """Layers quantized in parallel; None = min(torch threads, 4) on CPU, 1 on an accelerator."""
+    hessian_groups: int = DEFAULT_HESSIAN_GROUPS
+    """lnq: groups of output rows sharing one gradient-weighted Hessian (GuidedQuant's g)."""
+    lnq_iterations: int = DEFAULT_LNQ_ITERATIONS
+    """lnq: rounds of (LUT refit, index coordinate descent) from the SqueezeLLM start."""
+    sparse_selection: str | None = None
+    """How exact positions are chosen; None = the method's own: objective for lnq, paper otherwise."""
+
+    @property
+    def selection(self) -> str:
+        return self.sparse_selection or ("objective" if self.method == "lnq" else "paper")
+
+    def statistics(self) -> StatisticsRequest | None:
+        """The calibration statistics this method needs (None: no calibration)."""
+        if self.method == "rtn":
+            return None
+        if self.method == "gptq":
+            return StatisticsRequest(fisher=False, xtx=True)
+        return StatisticsRequest(fisher=True, guided_groups=self.hessian_groups if self.method == "lnq" else 0)
+
+    def settings(self) -> dict[str, object]:
+        """The method-specific settings a checkpoint records (with method, bits and sparsity)."""
+        settings: dict[str, object] = {"sparse_selection": self.selection if self.sparsity > 0 else None}
+        if self.method in ("lnq", "squeezellm"):
+            settings.update(kmeans_max_iter=self.kmeans_max_iter, kmeans_n_init=self.kmeans_n_init, seed=self.seed)
+        if self.method == "lnq":
+            settings.update(hessian_groups=self.hessian_groups, lnq_iterations=self.lnq_iterations)
+        if self.method == "gptq":
+            settings.update(block=GPTQ_BLOCK, damp=GPTQ_DAMP)
+        return settings
 
     def validate(self) -> None:
         """Raises UserError naming the first invalid option and what was expected."""
@@ -73,6 +119,14 @@ class QuantizeOptions:
             raise UserError(f"chunk_nnz={self.chunk_nnz} must be at least 1")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"workers={self.workers} must be at least 1")
+        if self.hessian_groups < 1:
+            raise UserError(f"hessian_groups={self.hessian_groups} must be at least 1")
+        if self.lnq_iterations < 0:
+            raise UserError(f"lnq_iterations={self.lnq_iterations} must be >= 0")
+        if self.sparse_selection is not None and self.sparse_selection not in SPARSE_SELECTIONS:
+            raise UserError(f"sparse_selection {self.sparse_selection!r} is not supported; expected one of {', '.join(SPARSE_SELECTIONS)}")
+        if self.selection == "objective" and self.method != "lnq":
+            raise UserError(f"sparse_selection 'objective' needs the LNQ objective (method 'lnq'), not method {self.method!r}")
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -86,49 +140,59 @@ class QuantizeResult:
     packed: dict[str, PackedLinear]
     """Packed layers keyed by module name."""
     timings: dict[str, float]
-    """Seconds per phase ("sparse_split", "kmeans", "pack") summed over batches, plus "quantize_wall"
-    (wall clock of the whole call; smaller than the sum when batches run in parallel)."""
+    """Seconds per phase (``PHASES``) summed over batches, plus "quantize_wall" (wall clock of the whole
+    call; smaller than the sum when batches run in parallel)."""
+    objective: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """lnq: the summed objective of each refinement batch, before and after every step (non-increasing)."""
 
 
 @dataclasses.dataclass
 class _Matrix:
-    """One layer's validated inputs on the compute device, and its exact positions."""
+    """One layer's validated inputs on the compute device, its exact positions and its solution so far."""
 
     name: str
     weight: torch.Tensor  # fp32 [N, K]
     fisher: torch.Tensor | None  # fp32 [N, K]
+    hessian: torch.Tensor | None  # fp32 [G, K, K]: lnq's guided Hessians, or gptq's X^T X (G = 1)
     bias: torch.Tensor | None
     mask: torch.Tensor | None  # bool [N, K], the sparse part's positions
+    lut: torch.Tensor | None = None  # fp32 [N, C] of fp16 values, ascending
+    indices: torch.Tensor | None = None  # uint8 [N, K] between phases (C <= 256)
+    values: torch.Tensor | None = None  # fp32 [N, K], what exact positions reproduce (gptq); None = weight
 
 
-def _prepare(name: str, weight: torch.Tensor, fisher: torch.Tensor | None, bias: torch.Tensor | None, options: QuantizeOptions) -> _Matrix:
-    """Validates one layer's inputs (errors name the layer) and selects its sparse positions."""
+def _prepare(name: str, weight: torch.Tensor, stats: CalibrationStats, bias: torch.Tensor | None, options: QuantizeOptions) -> _Matrix:
+    """Validates one layer's inputs (errors name the layer) and selects its sparse positions (paper's rule)."""
     if weight.dim() != 2:
         raise UserError(f"{name}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if options.method == "squeezellm" and fisher is None:
-        raise UserError(f"{name}: SqueezeLLM needs the Fisher information of this layer (or use method 'rtn')")
-    if fisher is not None and fisher.shape != weight.shape:
-        raise UserError(f"{name}: Fisher information has shape {tuple(fisher.shape)}, expected the weight's {tuple(weight.shape)}")
     device = torch.device(options.device)
     w = weight.detach().to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise UserError(f"{name}: weight contains NaN or infinite values")
+    fisher = stats.fisher.get(name) if options.method in ("lnq", "squeezellm") else None
+    if fisher is not None and fisher.shape != w.shape:
+        raise UserError(f"{name}: Fisher information has shape {tuple(fisher.shape)}, expected the weight's {tuple(w.shape)}")
+    hessian = {"lnq": stats.guided, "gptq": stats.xtx}.get(options.method, {}).get(name)
+    if hessian is not None and (hessian.dim() != 3 or hessian.shape[1:] != (w.shape[1], w.shape[1])):
+        raise UserError(f"{name}: Hessian has shape {tuple(hessian.shape)}, expected [groups, {w.shape[1]}, {w.shape[1]}]")
     f = fisher.detach().to(device=device, dtype=torch.float32) if fisher is not None else None
+    h = hessian.detach().to(device=device, dtype=torch.float32) if hessian is not None else None
     mask = select_sparse(w, f, options.sparsity, options.sensitive_fraction).mask if options.sparsity > 0 else None
-    return _Matrix(name=name, weight=w, fisher=f, bias=bias, mask=mask)
+    return _Matrix(name=name, weight=w, fisher=f, hessian=h, bias=bias, mask=mask)
 
 
-def _codebooks(matrices: list[_Matrix], options: QuantizeOptions) -> list[torch.Tensor]:
-    """Per-row codebooks (fp32 [N_i, 2**bits]) of matrices with equal in_features, in one k-means call.
+def _start(matrices: list[_Matrix], options: QuantizeOptions) -> None:
+    """Per-row codebooks (k-means or RTN grid) of matrices with equal in_features, in one call, and indices.
 
     Rows are clustered independently, so stacking the rows of several matrices changes no result (with
     extra random starts, only which random levels a row draws). It issues fewer, larger torch ops: about
     the same speed on one thread (measured), but less Python dispatch under the GIL that the parallel
-    workers share.
+    workers share. Indices are the nearest entries of the fp16 codebook actually stored; gptq then
+    replaces them by its error-feedback sweep.
     """
     w = torch.cat([m.weight for m in matrices])
     mask = None if matrices[0].mask is None else torch.cat([m.mask for m in matrices])
-    if options.method == "rtn":
+    if options.method in ("rtn", "gptq"):
         centroids = rtn_codebook(w, options.bits, mask)
     else:
         f = torch.cat([m.fisher for m in matrices])
@@ -139,24 +203,78 @@ def _codebooks(matrices: list[_Matrix], options: QuantizeOptions) -> list[torch.
             names = ", ".join(m.name for m in matrices)
             logger.warning("%s: %d Fisher values were negative, NaN or infinite and were treated as 0", names, result.sanitized)
         centroids = result.centroids
-    return list(torch.split(centroids, [m.weight.shape[0] for m in matrices]))
+    for matrix, lut in zip(matrices, torch.split(centroids, [m.weight.shape[0] for m in matrices])):
+        lut = lut.to(torch.float16)  # rounding is monotone: rows stay ascending
+        if not bool(torch.isfinite(lut).all()):
+            raise UserError(f"{matrix.name}: a codebook value does not fit in fp16 (|w| > 65504)")
+        matrix.lut = lut.to(torch.float32)
+        if options.method == "gptq":
+            indices, matrix.values = gptq_quantize(matrix.weight, matrix.lut, matrix.hessian[0], matrix.mask)
+        else:
+            indices = assign_indices(matrix.weight, matrix.lut)
+        matrix.indices = indices.to(torch.uint8)
 
 
-def _pack(matrix: _Matrix, centroids: torch.Tensor, options: QuantizeOptions) -> PackedLinear:
-    """fp16 LUT, nearest-entry indices, sparse residuals, packed and validated."""
-    w = matrix.weight
-    lut = centroids.to(torch.float16)  # rounding is monotone: rows stay ascending
-    if not bool(torch.isfinite(lut).all()):
-        raise UserError(f"{matrix.name}: a codebook value does not fit in fp16 (|w| > 65504)")
-    lut32 = lut.to(torch.float32)
-    indices = assign_indices(w, lut32)  # nearest entry of the fp16 codebook actually stored
+def _stack(matrices: list[_Matrix]) -> tuple[RowStack, torch.Tensor, torch.Tensor]:
+    """The rows of matrices with equal in_features as one LNQ problem, with their LUTs and indices."""
+    segments: list[tuple[int, int]] = []
+    offset = 0
+    for m in matrices:
+        segments += [(offset + start, offset + end) for start, end in row_groups(m.weight.shape[0], m.hessian.shape[0])]
+        offset += m.weight.shape[0]
+    masks = [m.mask if m.mask is not None else torch.zeros_like(m.weight, dtype=torch.bool) for m in matrices]
+    stack = RowStack(
+        weight=torch.cat([m.weight for m in matrices]),
+        exact=torch.cat(masks) if any(m.mask is not None for m in matrices) else None,
+        hessians=torch.cat([m.hessian for m in matrices]),
+        segments=segments,
+    )
+    return stack, torch.cat([m.lut for m in matrices]), torch.cat([m.indices for m in matrices]).to(torch.int64)
+
+
+def _refine(matrices: list[_Matrix], iterations: int) -> list[float]:
+    """LNQ rounds on the stacked rows; stores each matrix's new LUT and indices; returns the history."""
+    stack, lut, indices = _stack(matrices)
+    lut, indices, history = refine(stack, lut, indices, iterations)
+    sizes = [m.weight.shape[0] for m in matrices]
+    for m, part_lut, part_indices in zip(matrices, torch.split(lut, sizes), torch.split(indices, sizes)):
+        m.lut, m.indices = part_lut.contiguous(), part_indices.to(torch.uint8)
+    return history
+
+
+def _top_gains(matrices: list[_Matrix], budget: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """The ``budget`` largest exactness gains of a batch: (values [<=budget], per matrix its flat positions)."""
+    stack, lut, indices = _stack(matrices)
+    gains = exactness_gain(stack, lut, indices).reshape(-1)
+    values, flat = torch.topk(gains, min(budget, gains.numel()), sorted=False)
+    flat, order = torch.sort(flat)  # matrix by matrix, so each matrix's values are one contiguous run
+    return values[order], _split_positions(matrices, flat)
+
+
+def _split_positions(matrices: list[_Matrix], flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Sorted flat positions in a stack of ``matrices`` -> (name, its positions within that matrix) per matrix."""
+    out = []
+    offset = 0
+    for m in matrices:
+        size = m.weight.numel()
+        inside = (flat >= offset) & (flat < offset + size)
+        out.append((m.name, flat[inside] - offset))
+        offset += size
+    return out
+
+
+def _pack(matrix: _Matrix, options: QuantizeOptions) -> PackedLinear:
+    """fp16 LUT, packed indices, sparse residuals (exact positions reproduce ``values``), validated."""
+    lut = matrix.lut.to(torch.float16)
+    indices = matrix.indices.to(torch.int64)
     sparse = None
     if matrix.mask is not None:
-        sparse = build_sparse_part(w, torch.gather(lut32, 1, indices), matrix.mask, options.chunk_nnz)
+        target = matrix.values if matrix.values is not None else matrix.weight
+        sparse = build_sparse_part(target, torch.gather(matrix.lut, 1, indices), matrix.mask, options.chunk_nnz)
     packed = PackedLinear(
         bits=options.bits,
-        in_features=w.shape[1],
-        out_features=w.shape[0],
+        in_features=matrix.weight.shape[1],
+        out_features=matrix.weight.shape[0],
         qweight=pack_indices(indices.cpu(), options.bits),
         lut=lut.cpu().contiguous(),
         sparse=sparse,
@@ -166,21 +284,201 @@ def _pack(matrix: _Matrix, centroids: torch.Tensor, options: QuantizeOptions) ->
     return packed
 
 
-def _quantize_batch(
-    items: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]], options: QuantizeOptions
-) -> tuple[list[tuple[str, PackedLinear]], dict[str, float]]:
-    """(name, weight, fisher, bias) of matrices with equal in_features -> packed layers and seconds per phase."""
-    spent = dict.fromkeys(PHASES, 0.0)
+def _batches(shapes: Mapping[str, tuple[int, int]], max_weights: int, by_width: bool = False) -> list[list[str]]:
+    """Layer names with equal in_features, up to ``max_weights`` weights per batch.
+
+    Consecutive layers only (the k-means start: a block's q/k/v/o/gate/up), or, ``by_width``, all layers
+    of a width in model order (LNQ, whose column loop then serves every down_proj of several blocks).
+    """
+    names = list(shapes)
+    if by_width:
+        names.sort(key=lambda name: shapes[name][1])  # stable: model order within a width
+    batches: list[list[str]] = []
+    size = 0
+    for name in names:
+        n, k = shapes[name]
+        if batches and shapes[batches[-1][0]][1] == k and size + n * k <= max_weights:
+            batches[-1].append(name)
+            size += n * k
+        else:
+            batches.append([name])
+            size = n * k
+    return batches
+
+
+def as_statistics(statistics: CalibrationStats | Mapping[str, torch.Tensor] | None) -> CalibrationStats:
+    """Calibration statistics; a plain mapping is SqueezeLLM's Fisher alone (the API before LNQ)."""
+    if statistics is None:
+        return CalibrationStats()
+    if isinstance(statistics, CalibrationStats):
+        return statistics
+    return CalibrationStats(fisher=dict(statistics))
+
+
+def _check_statistics(names: list[str], stats: CalibrationStats, options: QuantizeOptions) -> None:
+    request = options.statistics()
+    if request is None:
+        return
+    labels = {"fisher": "Fisher information", "guided": "gradient-weighted Hessians", "xtx": "input Hessians (X^T X)"}
+    for statistic in request.names():
+        available = stats.get(statistic)
+        missing = [name for name in names if name not in available]
+        if len(missing) == len(names):
+            raise UserError(f"method {options.method!r} needs {labels[statistic]} from calibration data; pass them, or use method 'rtn'")
+        if missing:
+            raise UserError(f"{labels[statistic]} lack {len(missing)} layer(s), first {missing[0]!r}; recompute them for this model")
+
+
+def _quantize(
+    items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats, options: QuantizeOptions, progress: bool
+) -> QuantizeResult:
+    """(weight, bias) per layer name -> packed layers: start, gptq or LNQ refinement, sparse choice, pack.
+
+    Batches run in ``options.workers`` threads with one torch thread each (torch ops release the GIL):
+    k-means and the LNQ column loop are many small ops, which scale better across layers than across
+    intra-op threads, whose synchronization costs most of the gain on such ops.
+    """
+    from tqdm.auto import tqdm
+
+    options.validate()
+    _check_statistics(list(items), statistics, options)
+    device = torch.device(options.device)
+    workers = options.workers or (1 if device.type != "cpu" else min(torch.get_num_threads(), MAX_CPU_WORKERS))
+    timings = dict.fromkeys(PHASES, 0.0)
+    shapes = {name: tuple(weight.shape) if weight.dim() == 2 else (0, 0) for name, (weight, _) in items.items()}
+    matrices: dict[str, _Matrix] = {}
+    packed: dict[str, PackedLinear] = {}
+    objective: dict[str, list[float]] = {}
+    lnq = options.method == "lnq"
+    global_sparse = lnq and options.selection == "objective" and options.sparsity > 0
+    budget = round(options.sparsity * sum(n * k for n, k in shapes.values()))
+
+    def timed(phase: str, spent: dict[str, float], started: float) -> float:
+        now = time.perf_counter()
+        spent[phase] = spent.get(phase, 0.0) + now - started
+        return now
+
+    def start_batch(names: list[str]) -> tuple[list[_Matrix], dict[str, float]]:
+        spent: dict[str, float] = {}
+        clock = time.perf_counter()
+        batch = [_prepare(name, items[name][0], statistics, items[name][1], options) for name in names]
+        clock = timed("sparse_split", spent, clock)
+        _start(batch, options)
+        timed("gptq" if options.method == "gptq" else "kmeans", spent, clock)
+        return batch, spent
+
+    def refine_batch(names: list[str]) -> tuple[list[float], tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None, dict[str, float]]:
+        spent: dict[str, float] = {}
+        clock = time.perf_counter()
+        batch = [matrices[name] for name in names]
+        history = _refine(batch, options.lnq_iterations)
+        clock = timed("lnq", spent, clock)
+        top = _top_gains(batch, budget) if global_sparse else None
+        timed("sparse_select", spent, clock)
+        return history, top, spent
+
+    def final_batch(names: list[str]) -> tuple[list[tuple[str, PackedLinear]], dict[str, float]]:
+        spent: dict[str, float] = {}
+        clock = time.perf_counter()
+        batch = [matrices[name] for name in names]
+        if global_sparse:
+            objective[",".join(names) + " (final positions)"] = _refine(batch, 1)
+            clock = timed("lnq", spent, clock)
+        results = [(m.name, _pack(m, options)) for m in batch]
+        timed("pack", spent, clock)
+        return results, spent
+
+    def run(phase: str, function, batches: list[list[str]], collect) -> None:  # noqa: ANN001 - local driver
+        bar = tqdm(total=sum(len(batch) for batch in batches), desc=f"{options.method} {options.bits}-bit: {phase}", unit="layer", disable=not progress)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                for names, (*result, spent) in zip(batches, pool.map(function, batches)):
+                    collect(names, *result)
+                    for key, seconds in spent.items():
+                        timings[key] += seconds
+                    bar.update(len(names))
+        finally:
+            bar.close()
+
+    def keep_started(names: list[str], batch: list[_Matrix]) -> None:
+        for m in batch:
+            if lnq:
+                matrices[m.name] = m
+            else:
+                packed[m.name] = _pack(m, options)
+
+    selected = _GlobalTopK(budget)
+
+    def keep_refined(names: list[str], history: list[float], top: tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None) -> None:
+        objective[",".join(names)] = history
+        if top is not None:
+            selected.add(*top)
+
+    def keep_packed(names: list[str], results: list[tuple[str, PackedLinear]]) -> None:
+        for name, layer in results:
+            packed[name] = layer
+            matrices.pop(name)
+
     start = time.perf_counter()
-    matrices = [_prepare(name, weight, fisher, bias, options) for name, weight, fisher, bias in items]
-    spent["sparse_split"] = time.perf_counter() - start
-    start = time.perf_counter()
-    codebooks = _codebooks(matrices, options)
-    spent["kmeans"] = time.perf_counter() - start
-    start = time.perf_counter()
-    packed = [(m.name, _pack(m, c, options)) for m, c in zip(matrices, codebooks)]
-    spent["pack"] = time.perf_counter() - start
-    return packed, spent
+    threads = torch.get_num_threads()
+    try:
+        if workers > 1:
+            torch.set_num_threads(1)
+        run("start", start_batch, _batches(shapes, BATCH_WEIGHTS), keep_started)
+        if lnq:
+            width_batches = _batches(shapes, BATCH_WEIGHTS, by_width=True)
+            run("refine", refine_batch, width_batches, keep_refined)
+            if global_sparse:
+                selected.assign(matrices)
+            run("final", final_batch, width_batches, keep_packed)
+    finally:
+        torch.set_num_threads(threads)
+    timings = {key: value for key, value in timings.items() if value > 0 or key in ("sparse_split", "pack")}
+    timings["quantize_wall"] = time.perf_counter() - start
+    logger.info("quantized %d layers in %.1fs (%s)", len(packed), timings["quantize_wall"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return QuantizeResult(packed={name: packed[name] for name in items}, timings=timings, objective=objective)
+
+
+class _GlobalTopK:
+    """The model-wide ``budget`` largest exactness gains, merged batch by batch (memory O(budget)).
+
+    Gains of all layers are in the same units (an estimate of the loss increase), so one ranking over
+    the model gives the budget to the layers where exactness buys most. Ties at the threshold are
+    broken by topk, so the count is exact.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.names: list[str] = []
+        self.values = torch.empty(0)
+        self.owner = torch.empty(0, dtype=torch.int64)
+        self.flat = torch.empty(0, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor, positions: list[tuple[str, torch.Tensor]]) -> None:
+        """Merges a batch's candidates: ``positions`` lists per matrix the flat positions of ``values``, in order."""
+        owners = []
+        for name, flat in positions:
+            owners.append(torch.full((flat.numel(),), len(self.names), dtype=torch.int64))
+            self.names.append(name)
+        self.values = torch.cat([self.values, values.cpu()])
+        self.owner = torch.cat([self.owner, *owners])
+        self.flat = torch.cat([self.flat, *(flat.cpu() for _, flat in positions)])
+        if self.values.numel() > self.budget:
+            keep = torch.topk(self.values, self.budget, sorted=False).indices
+            self.values, self.owner, self.flat = self.values[keep], self.owner[keep], self.flat[keep]
+
+    def assign(self, matrices: dict[str, _Matrix]) -> None:
+        """Sets every matrix's exact positions to its share of the selection (None where it has none)."""
+        owner_names = [self.names[i] for i in self.owner.tolist()] if self.owner.numel() else []
+        chosen: dict[str, list[int]] = {}
+        for name, flat in zip(owner_names, self.flat.tolist()):
+            chosen.setdefault(name, []).append(flat)
+        for name, m in matrices.items():
+            mask = torch.zeros(m.weight.numel(), dtype=torch.bool, device=m.weight.device)
+            if name in chosen:
+                mask[torch.tensor(chosen[name], dtype=torch.int64, device=mask.device)] = True
+            m.mask = mask.view_as(m.weight) if name in chosen else None
+        logger.info("sparse part: %d exact weights chosen by objective gain, %d of %d layers hold some", self.flat.numel(), len(chosen), len(matrices))
 
 
 def quantize_weight(
@@ -188,6 +486,7 @@ def quantize_weight(
     fisher: torch.Tensor | None,
     options: QuantizeOptions,
     *,
+    hessian: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     name: str = "weight",
     timings: dict[str, float] | None = None,
@@ -197,91 +496,47 @@ def quantize_weight(
     Args:
         weight: the FP weight [N, K] (not modified).
         fisher: Fisher information of the same shape (sample weights of k-means and the sensitivity
-            score of the sparse split); required by squeezellm, optional for rtn.
+            score of the sparse split); required by squeezellm and lnq.
         options: validated here.
+        hessian: lnq: the gradient-weighted Hessians [G, K, K]; gptq: X^T X as [1, K, K] or [K, K].
         bias: optional bias [N], stored as fp16.
         name: layer name used in error messages.
         timings: if given, seconds per phase are added to it.
     """
-    options.validate()
-    [(_, packed)], spent = _quantize_batch([(name, weight, fisher, bias)], options)
+    stats = CalibrationStats(fisher={name: fisher} if fisher is not None else {})
+    if hessian is not None:
+        hessian = hessian if hessian.dim() == 3 else hessian[None]
+        (stats.xtx if options.method == "gptq" else stats.guided)[name] = hessian
+    result = _quantize({name: (weight, bias)}, stats, options, progress=False)
     if timings is not None:
-        for phase, seconds in spent.items():
+        for phase, seconds in result.timings.items():
             timings[phase] = timings.get(phase, 0.0) + seconds
-    return packed
-
-
-def _batches(layers: Mapping[str, nn.Linear], max_weights: int) -> list[list[str]]:
-    """Consecutive layer names with equal in_features, up to ``max_weights`` weights per batch."""
-    batches: list[list[str]] = []
-    size = 0
-    for name, layer in layers.items():
-        numel = layer.weight.numel()
-        if batches and layers[batches[-1][0]].in_features == layer.in_features and size + numel <= max_weights:
-            batches[-1].append(name)
-            size += numel
-        else:
-            batches.append([name])
-            size = numel
-    return batches
+    return result.packed[name]
 
 
 def quantize_model(
     model: nn.Module,
-    fisher: Mapping[str, torch.Tensor] | None,
+    statistics: CalibrationStats | Mapping[str, torch.Tensor] | None,
     options: QuantizeOptions,
     layers: Mapping[str, nn.Linear] | None = None,
     progress: bool = True,
 ) -> QuantizeResult:
     """Quantizes every layer in ``layers`` (default: the decoder's linears); the model is not modified.
 
-    Consecutive layers with equal in_features (e.g. a block's q/k/v/o/gate/up) are clustered in one
-    k-means call of up to ``BATCH_WEIGHTS`` weights. On CPU, ``options.workers`` such batches run in
-    parallel threads with one torch thread each (torch ops release the GIL): k-means is many small ops,
-    which scale better across layers than across intra-op threads, whose synchronization costs most of
-    the gain on such ops, and far more on a busy machine.
+    Args:
+        model: the FP model.
+        statistics: calibration statistics (``calibration.collect_statistics`` with
+            ``options.statistics()``); a plain name -> tensor mapping is the Fisher alone. None for rtn.
+        options: validated here.
+        layers: the linears to quantize, keyed by module name.
+        progress: show progress per phase.
 
     Raises:
-        UserError: invalid options, squeezellm without Fisher information, or a layer missing from it.
+        UserError: invalid options, or a statistic the method needs is missing for some layer.
     """
-    from tqdm.auto import tqdm
-
-    options.validate()
     if layers is None:
         from sqz_export.models import quantizable_linears
 
         layers = quantizable_linears(model)
-    if options.method == "squeezellm":
-        if fisher is None:
-            raise UserError("SqueezeLLM needs Fisher information from calibration data; pass it, or use method 'rtn'")
-        missing = [name for name in layers if name not in fisher]
-        if missing:
-            raise UserError(f"Fisher information lacks {len(missing)} layer(s), first {missing[0]!r}; recompute it for this model")
-    device = torch.device(options.device)
-    workers = options.workers or (1 if device.type != "cpu" else min(torch.get_num_threads(), MAX_CPU_WORKERS))
-    timings = dict.fromkeys(PHASES, 0.0)
-    packed: dict[str, PackedLinear] = {}
-
-    def run(names: list[str]) -> tuple[list[tuple[str, PackedLinear]], dict[str, float]]:
-        items = [(name, layers[name].weight, fisher.get(name) if fisher is not None else None, layers[name].bias) for name in names]
-        return _quantize_batch(items, options)
-
-    start = time.perf_counter()
-    threads = torch.get_num_threads()
-    bar = tqdm(total=len(layers), desc=f"{options.method} {options.bits}-bit", unit="layer", disable=not progress)
-    try:
-        if workers > 1:
-            torch.set_num_threads(1)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            for results, spent in pool.map(run, _batches(layers, BATCH_WEIGHTS)):
-                for name, layer in results:
-                    packed[name] = layer
-                for phase, seconds in spent.items():
-                    timings[phase] += seconds
-                bar.update(len(results))
-    finally:
-        bar.close()
-        torch.set_num_threads(threads)
-    timings["quantize_wall"] = time.perf_counter() - start
-    logger.info("quantized %d layers in %.1fs (%s)", len(packed), timings["quantize_wall"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    return QuantizeResult(packed=packed, timings=timings)
+    items = {name: (layer.weight, layer.bias) for name, layer in layers.items()}
+    return _quantize(items, as_statistics(statistics), options, progress)
