@@ -5,3 +5,9 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input or a missing prerequisite; the message says what was wrong and what was expected."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: the file it concerns (when known) and what went wrong."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason

@@ -92,8 +92,25 @@ def test_cache_is_reused_only_for_the_same_model_and_calibration(tmp_path: Path)
     assert not computed
     for name in layers:
         assert torch.equal(again[name], first[name])
-    _, computed = load_or_compute_fisher(model, calibration, layers, source="another model", **common)
-    assert computed  # a cache made for another source is never trusted
+    written = cache.read_bytes()
+    # A cache made for another source or other windows is never trusted, nor silently replaced.
+    with pytest.raises(UserError, match=r"made for other settings \(source: 'tiny' -> 'another model'\).*--overwrite-cache"):
+        load_or_compute_fisher(model, calibration, layers, source="another model", **common)
     longer = TokenWindows(torch.cat([tokens, tokens]), "text.txt", "start", 0, 1000)
-    _, computed = load_or_compute_fisher(model, longer, layers, source="another model", **common)
-    assert computed  # nor one made from other calibration windows
+    with pytest.raises(UserError, match=r"calibration.num_windows: 2 -> 4"):
+        load_or_compute_fisher(model, longer, layers, source="tiny", **common)
+    assert cache.read_bytes() == written
+    _, computed = load_or_compute_fisher(model, longer, layers, source="tiny", overwrite=True, **common)
+    assert computed  # replaced only when asked
+    _, computed = load_or_compute_fisher(model, longer, layers, source="tiny", **common)
+    assert not computed
+
+
+def test_a_file_that_is_no_cache_is_refused_and_kept(tmp_path: Path) -> None:
+    model = make_tiny_model("llama")
+    calibration = TokenWindows(torch.zeros(1, 8, dtype=torch.int64), "text.txt", "start", 0, 100)
+    cache = tmp_path / "notes.safetensors"
+    cache.write_text("my notes, not a cache")
+    with pytest.raises(UserError, match=r"notes.safetensors is not a safetensors cache"):
+        load_or_compute_fisher(model, calibration, quantizable_linears(model), cache=cache, source="tiny", autocast_dtype=None, progress=False)
+    assert cache.read_text() == "my notes, not a cache"

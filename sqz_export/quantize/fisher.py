@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sqz_export.caches import reusable_cache
 from sqz_export.errors import UserError
+from sqz_export.progress import track
+from sqz_export.tensorfile import save_safetensors
 
 if TYPE_CHECKING:
     from sqz_export.data import TokenWindows
@@ -45,14 +48,12 @@ def compute_fisher(
         layers: the linears whose weights get Fisher information, keyed by module name.
         autocast_dtype: run forward/backward under autocast in this dtype (bf16 halves the time on CPUs
             with bf16 matmuls); None runs in the model's dtype. Accumulation is always fp32.
-        progress: show a progress bar over windows.
+        progress: report progress over windows (a bar at a terminal, log lines elsewhere).
 
     Returns:
         name -> fp32 tensor of the weight's shape. The model's parameters, requires_grad flags and
         train/eval mode are restored afterwards; no gradients are left on it.
     """
-    from tqdm.auto import tqdm
-
     if windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
         raise UserError(f"calibration windows must be integer token ids [num_windows, seq_len], got {windows.dtype} {tuple(windows.shape)}")
     if windows.shape[0] == 0 or windows.shape[1] < 2:
@@ -82,7 +83,7 @@ def compute_fisher(
         autocast = (
             torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         )
-        for index in tqdm(range(windows.shape[0]), desc="Fisher", unit="window", disable=not progress):
+        for index in track(range(windows.shape[0]), windows.shape[0], "Fisher", "window", enabled=progress):
             ids = windows[index : index + 1].to(device=device, dtype=torch.int64)
             with autocast:
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -99,6 +100,15 @@ def compute_fisher(
     return fisher
 
 
+FISHER_KEY_FIELD = "sqz_fisher_key"
+"""safetensors metadata field of a Fisher cache that records what it was computed for."""
+
+
+def fisher_cache_key(source: str, calibration: TokenWindows, autocast_dtype: torch.dtype | None) -> dict[str, object]:
+    """What a Fisher cache must have been computed for to be reused."""
+    return {"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype)}
+
+
 def load_or_compute_fisher(
     model: nn.Module,
     calibration: TokenWindows,
@@ -108,31 +118,28 @@ def load_or_compute_fisher(
     source: str,
     autocast_dtype: torch.dtype | None,
     progress: bool,
+    overwrite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Fisher information, reused from ``cache`` when it was computed for this model and calibration.
 
     The Fisher pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
     sweep over settings computes it once. The cache records the model source and the calibration
-    windows' description; any difference recomputes it rather than silently reusing stale values.
+    windows' description; a cache made for anything else is refused unless ``overwrite`` (see
+    :func:`sqz_export.caches.reusable_cache`), rather than silently reused or replaced.
 
     Returns:
         (name -> fp32 Fisher tensor, whether it was computed now rather than read from the cache),
         so callers report a computation time only for a real computation.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    key = json.dumps({"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype)}, sort_keys=True)
-    if cache is not None and cache.is_file():
+    key = fisher_cache_key(source, calibration, autocast_dtype)
+    if reusable_cache(cache, key, FISHER_KEY_FIELD, "--fisher", overwrite=overwrite):
+        logger.info("reusing Fisher information from %s", cache)
         with safe_open(str(cache), framework="pt") as handle:
-            if (handle.metadata() or {}).get("sqz_fisher_key") == key and set(handle.keys()) == set(layers):
-                logger.info("reusing Fisher information from %s", cache)
-                return {name: handle.get_tensor(name) for name in layers}, False
-        logger.info("Fisher cache %s was made for another model or calibration; recomputing", cache)
+            stored = set(handle.keys())
+            return {name: handle.get_tensor(name) for name in layers if name in stored}, False
     fisher = compute_fisher(model, calibration.tokens, layers, autocast_dtype=autocast_dtype, progress=progress)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        save_file({name: tensor.contiguous() for name, tensor in fisher.items()}, str(tmp), metadata={"sqz_fisher_key": key})
-        tmp.replace(cache)
+        save_safetensors(cache, fisher, metadata={FISHER_KEY_FIELD: json.dumps(key, sort_keys=True)})
     return fisher, True

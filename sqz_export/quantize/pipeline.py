@@ -18,6 +18,7 @@ from torch import nn
 
 from sqz_export.errors import UserError
 from sqz_export.formats import DEFAULT_CHUNK_NNZ, SUPPORTED_BITS, PackedLinear, pack_indices
+from sqz_export.progress import Progress
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
 from sqz_export.quantize.rtn import rtn_codebook
 from sqz_export.quantize.sparse import build_sparse_part, select_sparse
@@ -244,8 +245,6 @@ def quantize_model(
     Raises:
         UserError: invalid options, squeezellm without Fisher information, or a layer missing from it.
     """
-    from tqdm.auto import tqdm
-
     options.validate()
     if layers is None:
         from sqz_export.models import quantizable_linears
@@ -268,7 +267,7 @@ def quantize_model(
 
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    bar = tqdm(total=len(layers), desc=f"{options.method} {options.bits}-bit", unit="layer", disable=not progress)
+    bar = Progress(len(layers), f"{options.method} {options.bits}-bit", "layer", enabled=progress)
     try:
         if workers > 1:
             torch.set_num_threads(1)
