@@ -15,7 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from sqz_export.errors import UserError
+from sqz_export.errors import OUTPUT_ERRNOS, UserError, describe_os_error
+
+
+def _raise_write_error(path: Path, exc: BaseException) -> None:
+    """Turns the machine refusing a write (disk full, file size limit, read-only) into a UserError
+    that names the output; any other exception is the caller's to re-raise."""
+    if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+        raise UserError(f"could not write {path}: {describe_os_error(exc)}; nothing partial was left (a full disk or a file size limit?)") from exc
 
 
 def _umask() -> int:
@@ -34,8 +41,9 @@ def open_for_write(path: Path) -> Iterator[BinaryIO]:
             yield handle
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _raise_write_error(path, exc)
         raise
 
 
@@ -122,6 +130,7 @@ def replace_folder(out_dir: str | os.PathLike[str], marker: str, kind: str) -> I
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(out, exc)
         raise

@@ -283,9 +283,9 @@ def load_windows(
     calib_end = parts["calibration"][0] * parts["calibration"][1] if "calibration" in parts else 0
     eval_len = parts["evaluation"][0] * parts["evaluation"][1] if "evaluation" in parts else 0
     if calib_end + eval_len > total:
-        asked = " + ".join(f"{name} {num} x {seq}" for name, (num, seq) in parts.items())
+        asked = " + ".join(f"{name} {num} windows x {seq} tokens" for name, (num, seq) in parts.items())
         raise UserError(
-            f"dataset {dataset} has {total} tokens but {calib_end + eval_len} are needed ({asked} windows x tokens, "
+            f"dataset {dataset} has {total} tokens but {calib_end + eval_len} are needed ({asked}; "
             "calibration from the start and evaluation from the end, never overlapping); use a longer text, "
             "or fewer or shorter windows (--calib-windows, --eval-windows, --seq-len)"
         )

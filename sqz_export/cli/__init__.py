@@ -7,7 +7,6 @@ Heavy imports (torch, onnx, tensorrt) happen inside ``run`` so ``--help`` answer
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import os
@@ -19,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from sqz_export import __version__
-from sqz_export.errors import UserError, describe_os_error
+from sqz_export.errors import OUTPUT_ERRNOS, UserError, describe_os_error
 from sqz_export.progress import use_bars
 
 COMMAND_MODULES = ("quantize", "eval", "inspect", "export", "compare", "generate", "build")
@@ -52,8 +51,6 @@ DEBUG_ENV = "SQZ_DEBUG"
 DEBUG_HELP = f"print the traceback of every error, the user's included (also ${DEBUG_ENV}=1)"
 EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
 """Exit statuses: 1 an internal error (a bug), 2 bad input or environment, 130 interrupted (SIGINT)."""
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
-"""OSErrors the user's machine causes (full disk, file size limit, read-only or forbidden place)."""
 
 
 def debug_from_env() -> bool:

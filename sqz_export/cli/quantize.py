@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.caches import reusable_cache
     from sqz_export.checkpoint import MANIFEST_FILE, QuantizationConfig, save_checkpoint
     from sqz_export.data import load_windows
-    from sqz_export.errors import UserError
     from sqz_export.evaluate import perplexity
     from sqz_export.models import load_weights, open_model, quantizable_linears
     from sqz_export.quantize import QuantizeOptions, quantize_model
@@ -86,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     files = open_model(args.model)
-    if args.output.resolve() == Path(files.source).resolve():
-        raise UserError(f"--output {args.output} is the input model; choose another folder")
     check_seq_len(args.seq_len, files.max_positions, files.source)
     windows = load_windows(
         files.tokenizer,
