@@ -30,7 +30,7 @@ from sqz_export import __version__
 from sqz_export.atomic import replace_folder
 from sqz_export.errors import UserError
 from sqz_export.formats import FORMAT_VERSION, LAYOUT_KMAJOR, FormatError, PackedLinear, SparsePart
-from sqz_export.tensorfile import save_safetensors
+from sqz_export.tensorfile import write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def save_checkpoint(
         tensors = _dense_state(model, set(packed))
         for name, layer in packed.items():
             tensors.update(_packed_tensors(name, layer))
-        save_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "sqz-export", "format_version": str(FORMAT_VERSION)})
+        with (tmp / WEIGHTS_FILE).open("wb") as handle:
+            write_safetensors(handle, tensors, metadata={"format": "sqz-export", "format_version": str(FORMAT_VERSION)})
         config = model.config.to_dict()
         config["quantization_config"] = dataclasses.asdict(qconfig)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

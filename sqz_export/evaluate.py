@@ -39,7 +39,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     start = time.perf_counter()
     with materialized_weights(model):
         starts = range(0, windows.shape[0], batch_size)
-        for begin in track(starts, len(starts), "perplexity", "batch", enabled=progress):
+        for begin in track(starts, len(starts), "perplexity", "batches", enabled=progress):
             batch = windows[begin : begin + batch_size].to(device)
             logits = model(input_ids=batch).logits.float()
             nll = nn.functional.cross_entropy(

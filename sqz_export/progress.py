@@ -48,7 +48,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """done/total of one step: a tqdm bar at a terminal, periodic log lines elsewhere.
 
-    Use it as a context manager and call :meth:`update` as work completes.
+    Use it as a context manager and call :meth:`update` as work completes. ``unit`` is a plural
+    noun ("windows", "layers"), as it reads in "3/32 windows, 0.5 windows/s".
     """
 
     def __init__(self, total: int, desc: str, unit: str, enabled: bool = True) -> None:
@@ -86,10 +87,10 @@ class Progress:
         """``stage: done/total unit (pct), rate, ETA`` as logged."""
         elapsed = max(now - self._start, 1e-9)
         rate = self.done / elapsed
-        text = f"{self.desc}: {self.done}/{self.total} {self.unit}s"
+        text = f"{self.desc}: {self.done}/{self.total} {self.unit}"
         if self.total:
             text += f" ({self.done / self.total:.0%})"
-        text += f", {rate:.3g} {self.unit}s/s"
+        text += f", {rate:.3g} {self.unit}/s"
         if self.done < self.total:
             text += f", ETA {_duration((self.total - self.done) / rate)}" if rate > 0 else ", ETA unknown"
         else:

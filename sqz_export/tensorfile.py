@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
+from typing import BinaryIO
 
 import torch
-
-from sqz_export import atomic
 
 DTYPES = {
     torch.float64: "F64",
@@ -34,8 +32,11 @@ DTYPES = {
 }
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Writes ``tensors`` (CPU or not; made contiguous) to ``path`` atomically and deterministically.
+def write_safetensors(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes ``tensors`` (CPU or not; made contiguous) to an open binary file, deterministically.
+
+    The caller chooses how the file is made atomic (``atomic.open_for_write``, or a temporary folder
+    that is renamed as a whole).
 
     Raises:
         ValueError: a tensor has a dtype safetensors cannot store.
@@ -54,9 +55,8 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    with atomic.open_for_write(path) as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for name in names:
-            tensor = tensors[name].detach().cpu().contiguous()
-            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    handle.write(struct.pack("<Q", len(encoded)))
+    handle.write(encoded)
+    for name in names:
+        tensor = tensors[name].detach().cpu().contiguous()
+        handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))

@@ -127,6 +127,8 @@ def report_failure(args: argparse.Namespace, argv: list[str] | None, exc: BaseEx
         message, status = str(exc), EXIT_USER
     elif isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
         message, status = describe_os_error(exc), EXIT_USER
+        if not exc.filename:  # a write deep inside a library (an exporter's temporary file)
+            message += f" while writing a file (a full disk or a file size limit? temporary files go to {tempfile.gettempdir()})"
     else:
         summary = f"{type(exc).__name__}: {exc}"
         if args.debug:

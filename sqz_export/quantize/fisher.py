@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sqz_export.atomic import open_for_write
 from sqz_export.caches import reusable_cache
 from sqz_export.errors import UserError
 from sqz_export.progress import track
-from sqz_export.tensorfile import save_safetensors
+from sqz_export.tensorfile import write_safetensors
 
 if TYPE_CHECKING:
     from sqz_export.data import TokenWindows
@@ -83,7 +84,7 @@ def compute_fisher(
         autocast = (
             torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         )
-        for index in track(range(windows.shape[0]), windows.shape[0], "Fisher", "window", enabled=progress):
+        for index in track(range(windows.shape[0]), windows.shape[0], "Fisher", "windows", enabled=progress):
             ids = windows[index : index + 1].to(device=device, dtype=torch.int64)
             with autocast:
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -141,5 +142,6 @@ def load_or_compute_fisher(
             return {name: handle.get_tensor(name) for name in layers if name in stored}, False
     fisher = compute_fisher(model, calibration.tokens, layers, autocast_dtype=autocast_dtype, progress=progress)
     if cache is not None:
-        save_safetensors(cache, fisher, metadata={FISHER_KEY_FIELD: json.dumps(key, sort_keys=True)})
+        with open_for_write(cache) as handle:
+            write_safetensors(handle, fisher, metadata={FISHER_KEY_FIELD: json.dumps(key, sort_keys=True)})
     return fisher, True

@@ -267,7 +267,7 @@ def quantize_model(
 
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    bar = Progress(len(layers), f"{options.method} {options.bits}-bit", "layer", enabled=progress)
+    bar = Progress(len(layers), f"{options.method} {options.bits}-bit", "layers", enabled=progress)
     try:
         if workers > 1:
             torch.set_num_threads(1)
