@@ -124,6 +124,7 @@ def open_model(spec: str | None = None) -> ModelFiles:
         elif path.exists():
             raise UserError(f"model {source} is a file; expected a model folder, a .gguf file, or a hub id")
         location = source
+    logger.info("reading the config and tokenizer of %s", source)
     # transformers raises anything from AttributeError to struct.error on a damaged or foreign
     # file; at this point the spec names an existing model, so the file is the likely culprit.
     try:

@@ -744,3 +744,29 @@ def test_an_internal_error_says_where_its_traceback_is(tmp_path: Path, capsys: p
     report = Path(err.strip().rsplit(" ", 1)[-1])
     assert report.parent == tmp_path / "sqz-export"
     assert "Traceback" in report.read_text() and "ZeroDivisionError: a bug" in report.read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# The real model (slow): model-dependent checks fail right after its config is read, before the
+# weights load, so the user waits for the config and tokenizer only.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["quantize", "-o", "{out}"], ["eval"]])
+def test_real_model_seq_len_beyond_positions_fails_before_the_weights_load(command: list[str], tmp_path: Path) -> None:
+    args = [part.format(out=tmp_path / "ckpt") for part in command] + ["--seq-len", "10000"]
+    process = cli_process(args)
+    _, err = process.communicate(timeout=600)
+    assert_clean_failure(process.returncode, err, "--seq-len 10000 exceeds the 8192 positions")
+    assert "loading model" not in err  # load_weights logs this line first
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_model_short_dataset_fails_before_the_weights_load(tmp_path: Path) -> None:
+    text = write(tmp_path / "short.txt", "A few words only.")
+    process = cli_process(["quantize", "-o", str(tmp_path / "ckpt"), "--dataset", str(text)])
+    _, err = process.communicate(timeout=600)
+    assert_clean_failure(process.returncode, err, "short.txt has ")
+    assert "tokens but 16384 are needed" in err and "loading model" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]

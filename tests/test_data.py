@@ -52,7 +52,7 @@ def test_calibration_from_start_and_evaluation_from_end_never_overlap(tmp_path: 
 def test_requests_larger_than_the_text_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "text.txt"
     path.write_text(SAMPLE_TEXT)
-    with pytest.raises(UserError, match="would overlap"):
+    with pytest.raises(UserError, match=r"text.txt has 7760 tokens but 12800 are needed \(calibration 100 windows x 64 tokens \+ evaluation 100 windows x 64 tokens"):
         load_windows(make_tiny_tokenizer(), str(path), calibration=(100, 64), evaluation=(100, 64))
 
 
