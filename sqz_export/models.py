@@ -96,7 +96,7 @@ def _check_folder(folder: Path) -> None:
     if not present.intersection(TOKENIZER_FILES):
         missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES)})")
     if not present.intersection(WEIGHT_FILES) and not any(name.endswith(".safetensors") for name in present):
-        missing.append(f"weights ({' or '.join(WEIGHT_FILES[::2])})")
+        missing.append("weights (model.safetensors or pytorch_model.bin, maybe sharded)")
     if missing:
         raise UserError(f"model folder {folder} lacks {', '.join(missing)}; expected a Hugging Face model folder (save_pretrained)")
 

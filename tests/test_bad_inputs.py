@@ -233,22 +233,20 @@ def _(w: World, inp: Path, out: Path):
     return _quantize_args(w, out / "c", "--dataset", str(inp / "nope.txt")), "nope.txt does not exist"
 
 
-@case("quantize-dataset-binary-txt")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "binary.txt", bytes(range(256)) * 8)
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "binary.txt:2: not UTF-8 text (byte 0x80 at offset 128)"
+DATASET_FILE_CASES = {
+    "quantize-dataset-binary-txt": ("binary.txt", bytes(range(256)) * 8, "binary.txt:2: not UTF-8 text (byte 0x80 at offset 128)"),
+    "quantize-dataset-nul-bytes": ("nul.txt", "text\x00more\x00" * 100, "nul.txt: holds NUL bytes"),
+    "quantize-dataset-wrong-type": ("data.csv", "a,b\n1,2\n", "data.csv must end in .txt or .jsonl"),
+    "quantize-dataset-empty": ("empty.txt", "", "empty.txt has 0 tokens but 128 are needed"),
+    "quantize-jsonl-line-not-utf8": ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "bad.jsonl:2: not UTF-8 text"),
+    "quantize-jsonl-line-not-json": ("bad.jsonl", '{"text": "fine"}\n{"text": \n', "bad.jsonl:2: not valid JSON"),
+    "quantize-jsonl-line-without-text": ("bad.jsonl", '{"text": "fine"}\n{"body": "no text field"}\n', "bad.jsonl:2: expected an object with a string field 'text'"),
+}
+"""Bad --dataset files: (file name, content, culprit)."""
 
-
-@case("quantize-dataset-nul-bytes")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "nul.txt", "text\x00more\x00" * 100)
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "nul.txt: holds NUL bytes"
-
-
-@case("quantize-dataset-wrong-type")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "data.csv", "a,b\n1,2\n")
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "data.csv must end in .txt or .jsonl"
+for _name, (_file, _content, _culprit) in DATASET_FILE_CASES.items():
+    case(_name)(lambda w, inp, out, file=_file, content=_content, culprit=_culprit: (
+        _quantize_args(w, out / "c", "--dataset", str(write(inp / file, content))), culprit))
 
 
 @case("quantize-dataset-is-a-folder")
@@ -261,71 +259,27 @@ def _(w: World, inp: Path, out: Path):
     return _quantize_args(w, out / "c", "--dataset", "wikitext3"), "unknown dataset 'wikitext3'"
 
 
-@case("quantize-dataset-empty")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "empty.txt", "")
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "empty.txt has 0 tokens but 128 are needed"
-
-
 @case("quantize-dataset-too-short")
 def _(w: World, inp: Path, out: Path):
     path = write(inp / "short.txt", "x" * 100)
     return _quantize_args(w, out / "c", "--dataset", str(path), "--eval-windows", "1"), "short.txt has 100 tokens but 192 are needed (calibration 2 windows x 64 tokens + evaluation 1 windows x 64 tokens"
 
 
-@case("quantize-jsonl-line-not-utf8")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "bad.jsonl:2: not UTF-8 text"
-
-
-@case("quantize-jsonl-line-not-json")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "bad.jsonl", '{"text": "fine"}\n{"text": \n')
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "bad.jsonl:2: not valid JSON"
-
-
-@case("quantize-jsonl-line-without-text")
-def _(w: World, inp: Path, out: Path):
-    path = write(inp / "bad.jsonl", '{"text": "fine"}\n{"body": "no text field"}\n')
-    return _quantize_args(w, out / "c", "--dataset", str(path)), "bad.jsonl:2: expected an object with a string field 'text'"
-
-
 # quantize: options -------------------------------------------------------------------------------
 
-@case("quantize-sensitive-fraction-above-sparsity")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--sparsity", "0.45%", "--sensitive-fraction", "1%"), "sensitive_fraction=0.01 must be in [0, sparsity=0.0045]"
+QUANTIZE_OPTION_CASES = {
+    "quantize-sensitive-fraction-above-sparsity": (["--sparsity", "0.45%", "--sensitive-fraction", "1%"], "sensitive_fraction=0.01 must be in [0, sparsity=0.0045]"),
+    "quantize-sparsity-above-one": (["--sparsity", "150%"], "argument --sparsity: expected a fraction in [0, 1)"),
+    "quantize-sparsity-nan": (["--sparsity", "nan"], "argument --sparsity: expected a fraction in [0, 1)"),
+    "quantize-bits-unsupported": (["--bits", "5"], "argument --bits: invalid choice: 5"),
+    "quantize-calib-windows-zero": (["--calib-windows", "0"], "argument --calib-windows: expected a positive integer, got 0"),
+    "quantize-device-unknown": (["--device", "nonsense"], "device 'nonsense'"),
+    "quantize-kmeans-starts-negative": (["--kmeans-starts", "-1"], "kmeans_n_init=-1"),
+}
+"""Bad options alone: (extra arguments of a good quantize command, culprit)."""
 
-
-@case("quantize-sparsity-above-one")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--sparsity", "150%"), "argument --sparsity: expected a fraction in [0, 1)"
-
-
-@case("quantize-sparsity-nan")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--sparsity", "nan"), "argument --sparsity: expected a fraction in [0, 1)"
-
-
-@case("quantize-bits-unsupported")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--bits", "5"), "argument --bits: invalid choice: 5"
-
-
-@case("quantize-calib-windows-zero")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--calib-windows", "0"), "argument --calib-windows: expected a positive integer, got 0"
-
-
-@case("quantize-device-unknown")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--device", "nonsense"), "device 'nonsense'"
-
-
-@case("quantize-kmeans-starts-negative")
-def _(w: World, inp: Path, out: Path):
-    return _quantize_args(w, out / "c", "--kmeans-starts", "-1"), "kmeans_n_init=-1"
+for _name, (_extra, _culprit) in QUANTIZE_OPTION_CASES.items():
+    case(_name)(lambda w, inp, out, extra=_extra, culprit=_culprit: (_quantize_args(w, out / "c", *extra), culprit))
 
 
 # quantize: outputs and caches --------------------------------------------------------------------
