@@ -30,6 +30,7 @@ from sqz_export import __version__
 from sqz_export.atomic import replace_folder
 from sqz_export.errors import UserError
 from sqz_export.formats import FORMAT_VERSION, LAYOUT_KMAJOR, FormatError, PackedLinear, SparsePart
+from sqz_export.tensorfile import write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ class QuantizationConfig:
     layout: int = LAYOUT_KMAJOR
     format_version: int = FORMAT_VERSION
     created_by: str = f"sqz-export {__version__}"
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
     method_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The method's own settings (quantize.pipeline.QuantizeOptions.settings); empty in older checkpoints."""
 
@@ -152,15 +152,14 @@ def save_checkpoint(
         qconfig: what to record as quantization_config.
         tokenizer: saved alongside so the folder is self-contained.
     """
-    from safetensors.torch import save_file
-
     for name, layer in packed.items():
         layer.validate(name)
     with replace_folder(out_dir, MANIFEST_FILE, "checkpoint") as tmp:
         tensors = _dense_state(model, set(packed))
         for name, layer in packed.items():
             tensors.update(_packed_tensors(name, layer))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "sqz-export", "format_version": str(FORMAT_VERSION)})
+        with (tmp / WEIGHTS_FILE).open("wb") as handle:
+            write_safetensors(handle, tensors, metadata={"format": "sqz-export", "format_version": str(FORMAT_VERSION)})
         config = model.config.to_dict()
         config["quantization_config"] = dataclasses.asdict(qconfig)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -187,11 +186,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise FormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
-def _verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+def verify_files(folder: Path, manifest: dict[str, Any], manifest_name: str = MANIFEST_FILE) -> None:
+    """Checks every file the manifest lists (as written by :func:`file_checksums`) by size and sha256."""
     for name, entry in manifest.get("files", {}).items():
         path = folder / name
         if not path.is_file():
-            raise FormatError(f"{path}: listed in {MANIFEST_FILE} but missing")
+            raise FormatError(f"{path}: listed in {manifest_name} but missing")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise FormatError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced?)")
@@ -220,7 +220,7 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
             f"{folder / MANIFEST_FILE}: format_version {version!r}; this sqz-export ({__version__}) reads version {FORMAT_VERSION}"
         )
     if verify:
-        _verify_files(folder, manifest)
+        verify_files(folder, manifest)
     config = _read_json(folder / CONFIG_FILE)
     if "quantization_config" not in config:
         raise FormatError(f"{folder / CONFIG_FILE}: no quantization_config; not a quantized checkpoint")

@@ -184,26 +184,42 @@ class TokenWindows:
         }
 
 
+def _decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as UTF-8 text; a UserError naming the line and byte where it is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "expected a UTF-8 .txt file or .jsonl file with one JSON object per line"
+        ) from exc
+
+
 def _local_text(path: Path) -> str:
+    if path.is_dir():
+        raise UserError(f"dataset {path} is a folder; expected a .txt or .jsonl file")
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise UserError(f"dataset file {path} must end in .txt or .jsonl")
+    text = _decode_utf8(path.read_bytes(), str(path))
+    if "\x00" in text:
+        raise UserError(f"{path}: holds NUL bytes, so it is binary data, not text; expected a UTF-8 .txt or .jsonl file")
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f"{path}:{number}: expected an object with a string field 'text'")
-                texts.append(record["text"])
-        return "\n\n".join(texts)
-    raise UserError(f"dataset file {path} must end in .txt or .jsonl")
+        return text
+    texts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path}:{number}: expected an object with a string field 'text'")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
 
 
 def _online_text(name: str, split: str) -> str:
@@ -279,9 +295,11 @@ def load_windows(
     calib_end = parts["calibration"][0] * parts["calibration"][1] if "calibration" in parts else 0
     eval_len = parts["evaluation"][0] * parts["evaluation"][1] if "evaluation" in parts else 0
     if calib_end + eval_len > total:
+        asked = " + ".join(f"{name} {num} windows x {seq} tokens" for name, (num, seq) in parts.items())
         raise UserError(
-            f"{dataset} has {total} tokens; calibration ({calib_end}) and evaluation ({eval_len}) would overlap. "
-            "Use fewer or shorter windows."
+            f"dataset {dataset} has {total} tokens but {calib_end + eval_len} are needed ({asked}; "
+            "calibration from the start and evaluation from the end, never overlapping); use a longer text, "
+            "or fewer or shorter windows (--calib-windows, --eval-windows, --seq-len)"
         )
     if "calibration" in parts:
         num, seq = parts["calibration"]

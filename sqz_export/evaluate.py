@@ -8,8 +8,7 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
+from sqz_export.progress import track
 from sqz_export.runtime import materialized_weights
 
 
@@ -39,7 +38,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     total_tokens = 0
     start = time.perf_counter()
     with materialized_weights(model):
-        for begin in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
+        starts = range(0, windows.shape[0], batch_size)
+        for begin in track(starts, len(starts), "perplexity", "batches", enabled=progress):
             batch = windows[begin : begin + batch_size].to(device)
             logits = model(input_ids=batch).logits.float()
             nll = nn.functional.cross_entropy(

@@ -184,19 +184,26 @@ def test_cache_is_reused_only_for_the_same_model_calibration_and_statistics(tmp_
     assert not computed  # ...beside what it held
     for name in layers:
         assert torch.equal(union.fisher[name], first.fisher[name]) and torch.equal(union.guided[name], regrouped.guided[name])
-    _, computed = load_or_collect_statistics(model, calibration, layers, StatisticsRequest(), source="another model", **common)
-    assert computed  # a cache made for another source is never trusted
+    written = cache.read_bytes()
+    # A cache made for another source or other windows is never trusted, nor silently replaced.
+    with pytest.raises(UserError, match=r"made for other settings \(source: 'tiny' -> 'another model'\).*--overwrite-cache"):
+        load_or_collect_statistics(model, calibration, layers, StatisticsRequest(), source="another model", **common)
     longer = TokenWindows(torch.cat([tokens, tokens]), "text.txt", "start", 0, 1000)
-    _, computed = load_or_collect_statistics(model, longer, layers, StatisticsRequest(), source="another model", **common)
-    assert computed  # nor one made from other calibration windows
+    with pytest.raises(UserError, match=r"calibration.num_windows: 2 -> 4"):
+        load_or_collect_statistics(model, longer, layers, StatisticsRequest(), source="tiny", **common)
+    assert cache.read_bytes() == written
+    _, computed = load_or_collect_statistics(model, longer, layers, StatisticsRequest(), source="tiny", overwrite=True, **common)
+    assert computed  # replaced only when asked
+    _, computed = load_or_collect_statistics(model, longer, layers, StatisticsRequest(), source="tiny", **common)
+    assert not computed
 
 
-def test_unreadable_cache_is_a_user_error(tmp_path: Path) -> None:
+def test_a_file_that_is_no_cache_is_refused_and_kept(tmp_path: Path) -> None:
     model = make_tiny_model("llama", seed=2)
     layers = quantizable_linears(model)
-    cache = tmp_path / "stats.safetensors"
-    cache.write_bytes(b"not a safetensors file at all")
+    cache = tmp_path / "notes.safetensors"
+    cache.write_bytes(b"my notes, not a cache")
     calibration = TokenWindows(torch.zeros(1, 8, dtype=torch.int64), "text.txt", "start", 0, 100)
-    with pytest.raises(UserError, match="stats.safetensors"):
+    with pytest.raises(UserError, match=r"notes.safetensors is not a safetensors cache"):
         load_or_collect_statistics(model, calibration, layers, StatisticsRequest(), cache=cache, source="tiny", autocast_dtype=None, progress=False)
-    assert cache.read_bytes() == b"not a safetensors file at all"  # the user's file is left alone
+    assert cache.read_bytes() == b"my notes, not a cache"  # the user's file is left alone

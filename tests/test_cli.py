@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -103,3 +104,40 @@ def test_quantize_inspect_eval_end_to_end(tiny_setup: tuple[Path, Path], tmp_pat
     evaluated = json.loads((tmp_path / "e.json").read_text())
     # The checkpoint evaluates to the perplexity measured right after quantization (same weights, fp16 rounding aside).
     assert evaluated["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-3)
+
+
+def test_same_seed_quantize_runs_in_two_processes_write_identical_files(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Checkpoints are byte-reproducible: sorted safetensors metadata, fixed tensor order, no timings."""
+    model, text = tiny_setup
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        result = run_cli(
+            "quantize", "--model", str(model), "-o", str(out), "--bits", "3", "--sparsity", "0.45%",
+            "--calib-windows", "4", "--fisher-dtype", "fp32", "--dataset", str(text), "--seq-len", "64", "--seed", "7",
+        )
+        assert result.returncode == 0, result.stderr
+        digests.append({path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(out.iterdir())})
+    assert "model.safetensors" in digests[0] and len(digests[0]) >= 4
+    assert digests[0] == digests[1]
+
+
+def test_percentages_are_stored_exactly(tiny_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model, text = tiny_setup
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(model), "-o", str(out), "--method", "rtn", "--sparsity", "0.45%", "--dataset", str(text), "--seq-len", "64"]) == 0
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["sparsity"] == 0.0045 and qconfig["sensitive_fraction"] == 0.0005
+    assert "timings" not in qconfig
+
+
+def test_inspect_lists_layers_in_model_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tiny_models import make_checkpoint
+
+    from sqz_export.validate import natural_key
+
+    checkpoint = make_checkpoint(tmp_path, "llama")
+    assert main(["inspect", str(checkpoint), "--layers"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("    model.")]
+    assert len(names) == 14 and names == sorted(names, key=natural_key)
+    assert natural_key("model.layers.2.mlp") < natural_key("model.layers.10.mlp")

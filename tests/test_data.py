@@ -52,7 +52,7 @@ def test_calibration_from_start_and_evaluation_from_end_never_overlap(tmp_path: 
 def test_requests_larger_than_the_text_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "text.txt"
     path.write_text(SAMPLE_TEXT)
-    with pytest.raises(UserError, match="would overlap"):
+    with pytest.raises(UserError, match=r"text.txt has 7760 tokens but 12800 are needed \(calibration 100 windows x 64 tokens \+ evaluation 100 windows x 64 tokens"):
         load_windows(make_tiny_tokenizer(), str(path), calibration=(100, 64), evaluation=(100, 64))
 
 
@@ -64,5 +64,5 @@ def test_jsonl_needs_a_text_field(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_names_the_choices() -> None:
-    with pytest.raises(UserError, match="unknown dataset 'nonsense'; expected 'wikipedia', 'wikitext2', 'c4', or a .txt/.jsonl file"):
+    with pytest.raises(UserError, match="unknown dataset 'nonsense'; expected 'wikipedia', 'news', 'wikitext2', 'c4', or a .txt/.jsonl file"):
         load_windows(make_tiny_tokenizer(), "nonsense", calibration=(1, 8))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_json_argument, human_bytes, positive_int, print_table, write_json
+from sqz_export.cli.common import add_json_argument, check_outputs, human_bytes, positive_int, print_table, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,16 +42,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sqz_export.atomic import check_writable
     from sqz_export.engine.build import BuildLimits, build_engine
     from sqz_export.errors import UserError
+    from sqz_export.export.signature import load_graph
+    from sqz_export.validate import check_input_file, check_sqz_linear_nodes
 
     if (args.onnx is None) == (args.baseline is None):
         raise UserError("pass exactly one graph: MODEL.onnx (SqzLinear plugins) or --baseline BASELINE.onnx")
     if args.baseline is not None and args.plugin_library:
         raise UserError("--plugin-library is for SqzLinear graphs; the --baseline graph needs no plugin")
     source = args.baseline if args.baseline is not None else args.onnx
-    if not source.is_file():
-        raise UserError(f"{source}: no such ONNX file")
+    check_input_file(source, "--baseline" if args.baseline is not None else "ONNX file")
+    if args.plugin_library:
+        check_input_file(args.plugin_library, "--plugin-library")
+    check_writable(args.output, "-o")
+    check_outputs(args, "json")
+    check_sqz_linear_nodes(load_graph(source), source)
     result = build_engine(
         source,
         args.output,

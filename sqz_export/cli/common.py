@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,23 @@ def positive_int(text: str) -> int:
 
 
 def fraction(text: str) -> float:
-    """Accepts 0.0045 or 0.45%."""
-    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if not 0 <= value < 1:
+    """Accepts 0.0045 or 0.45%; a percentage is divided in decimal, so 0.45% is exactly 0.0045."""
+    try:
+        value = Decimal(text[:-1]) / 100 if text.endswith("%") else Decimal(text)
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite() or not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) such as 0.0045 or 0.45%, got {text}")
-    return value
+    return float(value)
+
+
+def check_outputs(args: argparse.Namespace, *options: str) -> None:
+    """Checks, before any work, that the file outputs named by ``options`` (attribute names such as
+    "json", "plot") can be written; '-' (stdout) and unset options pass."""
+    for option in options:
+        target = getattr(args, option, None)
+        if target and str(target) != "-":
+            atomic.check_writable(target, f"--{option}")
 
 
 def write_json(target: str | None, payload: dict[str, Any]) -> None:

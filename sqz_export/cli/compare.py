@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_dataset_argument, add_json_argument, positive_int, write_json
+from sqz_export.cli.common import add_dataset_argument, add_json_argument, check_outputs, positive_int, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +58,29 @@ def run(args: argparse.Namespace) -> int:
         compare_folder,
     )
     from sqz_export.compare.report import write_plot
+    from sqz_export.export.signature import load_graph
+    from sqz_export.export.sqz_model import MODEL_FILE
+    from sqz_export.progress import stage
+    from sqz_export.validate import (
+        check_export_folder,
+        check_input_file,
+        check_same_model,
+        check_seq_len,
+        check_sqz_linear_nodes,
+        model_config,
+    )
 
+    # Checked before any graph, model or engine loads: outputs, inputs, positions, the graph's nodes.
+    check_outputs(args, "json", "plot")
+    check_export_folder(args.folder)
+    config = model_config(args.folder)
+    check_seq_len(args.seq_len, config.get("max_position_embeddings"), f"exported to {args.folder}")
+    if args.checkpoint is not None:
+        check_same_model(config, model_config(args.checkpoint), f"export {args.folder}", f"--checkpoint {args.checkpoint}")
+    for path, what in ((args.engine, "--engine"), (args.plugin, "--plugin")):
+        if path is not None:
+            check_input_file(path, what)
+    check_sqz_linear_nodes(load_graph(args.folder / MODEL_FILE), args.folder / MODEL_FILE)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         G_LOGGER.module_severity = G_LOGGER.WARNING  # Polygraphy's per-run [I] lines only with --verbose
     options = CompareOptions(
@@ -73,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
         check_stat=args.check_stat or DEFAULT_CHECK_STAT,
     )
-    report, errors = compare_folder(args.folder, options)
+    with stage(f"compare {args.folder}"):
+        report, errors = compare_folder(args.folder, options)
     print(report.table())
     if args.plot:
         write_plot(args.plot, errors)

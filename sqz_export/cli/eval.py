@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_dataset_argument, add_json_argument, positive_int, print_table, write_json
+from sqz_export.cli.common import add_dataset_argument, add_json_argument, check_outputs, positive_int, print_table, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,23 +32,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from transformers import AutoTokenizer
 
-    from sqz_export.checkpoint import MANIFEST_FILE, load_quantized_model, read_checkpoint
-    from sqz_export.cli import progress_enabled
+    from sqz_export.checkpoint import MANIFEST_FILE, build_model, read_checkpoint
     from sqz_export.data import load_windows
     from sqz_export.evaluate import perplexity
-    from sqz_export.models import load_model
+    from sqz_export.models import load_weights, open_model
+    from sqz_export.validate import check_seq_len
 
+    check_outputs(args, "json")
+    # The model's positions and the dataset are checked before the weights load or unpack.
     if args.model and (Path(args.model) / MANIFEST_FILE).is_file():
-        model, tokenizer = load_quantized_model(args.model)
-        if tokenizer is None:
-            tokenizer = load_model(read_checkpoint(args.model, verify=False).qconfig.source_model).tokenizer
-        label = f"checkpoint {args.model}"
+        checkpoint = read_checkpoint(args.model)
+        if (checkpoint.path / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
+        else:
+            tokenizer = open_model(checkpoint.qconfig.source_model).tokenizer
+        check_seq_len(args.seq_len, getattr(checkpoint.hf_config, "max_position_embeddings", None), f"checkpoint {args.model}")
+        evaluation = load_windows(tokenizer, args.dataset, evaluation=(args.eval_windows, args.seq_len))["evaluation"]
+        model, label = build_model(checkpoint), f"checkpoint {args.model}"
     else:
-        loaded = load_model(args.model, torch.float32)
-        model, tokenizer, label = loaded.model, loaded.tokenizer, f"FP model {loaded.source}"
-    evaluation = load_windows(tokenizer, args.dataset, evaluation=(args.eval_windows, args.seq_len))["evaluation"]
-    result = perplexity(model, evaluation.tokens, batch_size=args.batch_size, progress=progress_enabled())
+        files = open_model(args.model)
+        check_seq_len(args.seq_len, files.max_positions, files.source)
+        evaluation = load_windows(files.tokenizer, args.dataset, evaluation=(args.eval_windows, args.seq_len))["evaluation"]
+        model, label = load_weights(files, torch.float32).model, f"FP model {files.source}"
+    result = perplexity(model, evaluation.tokens, batch_size=args.batch_size, progress=True)
     print_table([
         ("model", label),
         ("dataset", f"{args.dataset}: {evaluation.num_tokens} tokens ({evaluation.tokens.shape[0]} x {evaluation.tokens.shape[1]}) from token {evaluation.first_token} of {evaluation.stream_tokens}"),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sqz_export.atomic import check_replaceable
 from sqz_export.cli.common import (
     add_json_argument,
+    check_outputs,
     human_bytes,
     print_table,
     write_json,
@@ -49,20 +51,27 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.errors import UserError
     from sqz_export.export.baseline import DTYPES
     from sqz_export.export.onnx_function import MIN_ONNX_OPSET
-    from sqz_export.export.sqz_model import export_checkpoint
+    from sqz_export.export.sqz_model import MANIFEST_FILE, export_checkpoint
+    from sqz_export.models import resolve_model_spec
+    from sqz_export.progress import stage
 
+    check_replaceable(args.output, MANIFEST_FILE, "ONNX folder")
+    check_outputs(args, "json")
+    if args.baseline_from:
+        resolve_model_spec(args.baseline_from)
     if args.opset < MIN_ONNX_OPSET:
         raise UserError(f"--opset {args.opset}: the SqzLinear ONNX function needs opset {MIN_ONNX_OPSET} or newer")
     if args.no_baseline and args.baseline_from:
         raise UserError("--no-baseline and --baseline-from contradict each other; pass one")
-    result = export_checkpoint(
-        args.checkpoint,
-        args.output,
-        baseline_from=args.baseline_from,
-        with_baseline=not args.no_baseline,
-        dtype=DTYPES[args.dtype],
-        opset=args.opset,
-    )
+    with stage(f"export {args.checkpoint}"):
+        result = export_checkpoint(
+            args.checkpoint,
+            args.output,
+            baseline_from=args.baseline_from,
+            with_baseline=not args.no_baseline,
+            dtype=DTYPES[args.dtype],
+            opset=args.opset,
+        )
     sqz_nodes = sum(count for op, count in result.op_counts.items() if op.endswith("SqzLinear"))
     print_table(
         [

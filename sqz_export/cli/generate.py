@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqz_export.cli.common import (
     add_json_argument,
+    check_outputs,
     positive_int,
     print_table,
     write_json,
@@ -38,17 +39,29 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from sqz_export.errors import UserError
-    from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
+    from sqz_export.export.signature import load_graph
+    from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE
     from sqz_export.generate import OnnxGenerator
+    from sqz_export.validate import check_export_folder, check_sqz_linear_nodes, model_config
 
-    read_manifest(args.onnx)
+    check_outputs(args, "json")
+    check_export_folder(args.onnx)
     path = args.onnx / (MODEL_FILE if args.graph == "model" else BASELINE_FILE)
     if not path.is_file():
         raise UserError(f"{path} does not exist (was the folder exported with --no-baseline?)")
     if not (args.onnx / "tokenizer_config.json").is_file():
         raise UserError(f"{args.onnx} has no tokenizer files; re-export from a checkpoint that holds its tokenizer")
+    check_sqz_linear_nodes(load_graph(path), path)
     tokenizer = AutoTokenizer.from_pretrained(str(args.onnx))
     prompt_ids = tokenizer(args.prompt)["input_ids"]
+    if not prompt_ids:
+        raise UserError(f"--prompt {args.prompt!r} gives no tokens; expected some text to continue")
+    positions = model_config(args.onnx).get("max_position_embeddings")
+    if positions and len(prompt_ids) + args.max_new_tokens > positions:
+        raise UserError(
+            f"--prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the model's "
+            f"{positions} positions; shorten one of them"
+        )
     generator = OnnxGenerator(path, args.provider)
     result = generator.greedy(prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(result.new_ids, skip_special_tokens=True)

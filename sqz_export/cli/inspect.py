@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_json_argument, human_bytes, print_table, write_json
+from sqz_export.cli.common import add_json_argument, check_outputs, human_bytes, print_table, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sqz_export.checkpoint import read_checkpoint
+    from sqz_export.validate import natural_key
 
+    check_outputs(args, "json")
     checkpoint = read_checkpoint(args.checkpoint)
     qconfig = checkpoint.qconfig
     packed = checkpoint.packed
@@ -48,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
         "files_bytes": file_bytes,
         "source_model": qconfig.source_model,
         "calibration": qconfig.calibration,
-        "timings_s": qconfig.timings,
     }
     calibration = qconfig.calibration or {}
     print_table([
@@ -60,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
         ("files", human_bytes(file_bytes)),
         ("source model", qconfig.source_model),
         ("calibration", f"{calibration.get('num_tokens', 0)} tokens of {calibration.get('dataset', '-')}" if calibration else "none (rtn)"),
-        ("timings", ", ".join(f"{key} {value:.1f}s" for key, value in qconfig.timings.items()) or "-"),
     ])
     if args.layers:
-        for name, layer in packed.items():
+        for name in sorted(packed, key=natural_key):  # layers.2 before layers.10: model order
+            layer = packed[name]
             nnz_layer = layer.sparse.nnz if layer.sparse is not None else 0
             print(f"    {name:<48} [{layer.out_features:>6} x {layer.in_features:<6}] {layer.bits}-bit nnz={nnz_layer:<7} {human_bytes(layer.nbytes())}")
     write_json(args.json, summary)

@@ -11,12 +11,15 @@ from sqz_export.cli.common import (
     add_dataset_argument,
     add_json_argument,
     add_model_argument,
+    check_outputs,
     fraction,
     positive_int,
     print_table,
     write_json,
 )
 from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
+
+DEFAULT_SENSITIVE_FRACTION = 0.0005
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=3, help="bits per weight index (default: 3)")
     parser.add_argument("--sparsity", type=fraction, default=0.0045, help="fraction of weights kept exact, e.g. 0.0045 or 0.45%% (default: 0.45%%; 0 = dense only)")
-    parser.add_argument("--sensitive-fraction", type=fraction, default=0.0005, help="paper selection: part of --sparsity chosen by Fisher sensitivity, the rest are magnitude outliers (default: 0.05%%; for lnq it shapes the start)")
+    parser.add_argument("--sensitive-fraction", type=fraction, help="paper selection: part of --sparsity chosen by Fisher sensitivity, at most --sparsity; the rest are magnitude outliers (default: 0.05%%, or --sparsity when smaller; for lnq it shapes the start)")
     parser.add_argument(
         "--sparse-selection",
         choices=("objective", "paper"),
         help="how exact weights are chosen: objective (lnq's default: model-wide ranking by the objective decrease) or paper (per matrix: magnitude + Fisher; the other methods' default)",
     )
     parser.add_argument("--hessian-groups", type=positive_int, default=DEFAULT_HESSIAN_GROUPS, help=f"lnq: output-row groups per layer sharing one gradient-weighted Hessian (GuidedQuant's g; default: {DEFAULT_HESSIAN_GROUPS})")
-    parser.add_argument("--lnq-iterations", type=int, default=DEFAULT_LNQ_ITERATIONS, help=f"lnq: rounds of LUT refit + index coordinate descent (default: {DEFAULT_LNQ_ITERATIONS})")
+    parser.add_argument("--lnq-iterations", type=int, default=DEFAULT_LNQ_ITERATIONS, help=f"lnq: rounds of LUT refit + index coordinate descent after a GPTQ sweep (default: {DEFAULT_LNQ_ITERATIONS})")
     add_dataset_argument(parser)
     parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the statistics (default: 32)")
-    parser.add_argument("--stats", "--fisher", dest="stats", type=Path, metavar="FILE", help="calibration statistics cache (.safetensors): reused when it matches the model, calibration and method, written otherwise")
+    parser.add_argument("--stats", "--fisher", dest="stats", type=Path, metavar="FILE", help="calibration statistics cache (.safetensors): reused when it matches the model and calibration (statistics it lacks are added), written when absent; a cache made for other settings is refused")
+    parser.add_argument("--overwrite-cache", action="store_true", help="replace a --stats cache made for other settings (or a file that is no cache) instead of refusing")
     parser.add_argument("--fisher-dtype", choices=("bf16", "fp32"), default="bf16", help="forward/backward precision of the calibration pass; accumulation is always fp32 (default: bf16)")
     parser.add_argument("--kmeans-starts", type=int, default=DEFAULT_N_INIT, help=f"extra seeded k-means starts per row beyond the weighted-quantile start; more is slower and slightly better (default: {DEFAULT_N_INIT})")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: 0)")
@@ -71,21 +75,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sqz_export.checkpoint import QuantizationConfig, save_checkpoint
-    from sqz_export.cli import progress_enabled
+    from sqz_export.atomic import check_replaceable, check_writable
+    from sqz_export.caches import reusable_cache
+    from sqz_export.checkpoint import MANIFEST_FILE, QuantizationConfig, save_checkpoint
     from sqz_export.data import load_windows
-    from sqz_export.errors import UserError
     from sqz_export.evaluate import perplexity
-    from sqz_export.models import load_model, quantizable_linears
+    from sqz_export.models import load_weights, open_model, quantizable_linears
     from sqz_export.quantize import QuantizeOptions, quantize_model
-    from sqz_export.quantize.calibration import load_or_collect_statistics
+    from sqz_export.quantize.calibration import STATISTICS_KEY_FIELD, load_or_collect_statistics, statistics_key
+    from sqz_export.validate import check_linears, check_seq_len
 
-    progress = progress_enabled()
     options = QuantizeOptions(
         method=args.method,
         bits=args.bits,
         sparsity=args.sparsity,
-        sensitive_fraction=min(args.sensitive_fraction, args.sparsity),
+        sensitive_fraction=min(DEFAULT_SENSITIVE_FRACTION, args.sparsity) if args.sensitive_fraction is None else args.sensitive_fraction,
         kmeans_n_init=args.kmeans_starts,
         seed=args.seed,
         device=args.device,
@@ -95,20 +99,32 @@ def run(args: argparse.Namespace) -> int:
     )
     options.validate()
     request = options.statistics()
+    # Everything that can fail without the weights fails before the long load: outputs, the model's
+    # config and positions, the dataset (read and tokenized), the statistics cache.
+    check_replaceable(args.output, MANIFEST_FILE, "checkpoint")
+    check_outputs(args, "json")
+    if args.stats is not None and (args.overwrite_cache or not args.stats.exists()):
+        check_writable(args.stats, "--stats")  # it will be written
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = load_model(args.model, torch.float32)
-    timings["load_model"] = time.perf_counter() - start
-    layers = quantizable_linears(loaded.model)
-    logger.info("%d linear layers to quantize (%.1fM weights)", len(layers), sum(l.weight.numel() for l in layers.values()) / 1e6)
-
+    files = open_model(args.model)
+    check_seq_len(args.seq_len, files.max_positions, files.source)
     windows = load_windows(
-        loaded.tokenizer,
+        files.tokenizer,
         args.dataset,
         calibration=(args.calib_windows, args.seq_len) if request is not None else None,
         evaluation=(args.eval_windows, args.seq_len) if args.eval_windows else None,
     )
     calibration = windows.get("calibration")
+    autocast = torch.bfloat16 if args.fisher_dtype == "bf16" else None
+    if calibration is not None:
+        reusable_cache(args.stats, statistics_key(files.source, calibration, autocast), STATISTICS_KEY_FIELD, "--stats", overwrite=args.overwrite_cache)
+    loaded = load_weights(files, torch.float32)
+    timings["load_model"] = time.perf_counter() - start
+    layers = quantizable_linears(loaded.model)
+    check_linears(layers)
+    logger.info("%d linear layers to quantize (%.1fM weights)", len(layers), sum(l.weight.numel() for l in layers.values()) / 1e6)
+
     stats = None
     if calibration is not None:
         logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
@@ -120,12 +136,13 @@ def run(args: argparse.Namespace) -> int:
             request,
             cache=args.stats,
             source=loaded.source,
-            autocast_dtype=torch.bfloat16 if args.fisher_dtype == "bf16" else None,
-            progress=progress,
+            autocast_dtype=autocast,
+            progress=True,
+            overwrite=args.overwrite_cache,
         )
         timings["calibration" if computed else "calibration_cache_read"] = time.perf_counter() - start
 
-    result = quantize_model(loaded.model, stats, options, layers=layers, progress=progress)
+    result = quantize_model(loaded.model, stats, options, layers=layers, progress=True)
     del stats
     timings.update(result.timings)
     qconfig = QuantizationConfig(
@@ -138,10 +155,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=calibration.describe() if calibration is not None else None,
         chunk_nnz=options.chunk_nnz,
         method_settings=options.settings(),
-        timings={key: round(value, 3) for key, value in timings.items()},
     )
-    if args.output.exists() and args.output.resolve() == Path(loaded.source).resolve():
-        raise UserError(f"--output {args.output} is the input model; choose another folder")
     path = save_checkpoint(args.output, loaded.model, result.packed, qconfig, loaded.tokenizer)
 
     total = sum(layer.weight.numel() for layer in layers.values())
@@ -153,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": len(result.packed),
         "sparse_fraction": nnz / total,
         "calibration_tokens": calibration.num_tokens if calibration is not None else 0,
-        "timings_s": qconfig.timings,
+        "timings_s": {key: round(value, 3) for key, value in timings.items()},
         "packed_bytes": sum(layer.nbytes() for layer in result.packed.values()),
         "fp16_bytes": total * 2,
     }
@@ -162,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
         replace_linears(loaded.model, result.packed)  # the same weights the checkpoint holds
         evaluation = windows["evaluation"]
-        ppl = perplexity(loaded.model, evaluation.tokens, progress=progress)
+        ppl = perplexity(loaded.model, evaluation.tokens, progress=True)
         summary["perplexity"] = ppl.perplexity
         summary["evaluation"] = evaluation.describe()
     rows = [
@@ -171,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         ("layers", str(len(result.packed))),
         ("calibration tokens", str(summary["calibration_tokens"])),
         ("quantized linears", f"{summary['fp16_bytes'] / 2**20:.1f} MiB fp16 -> {summary['packed_bytes'] / 2**20:.1f} MiB packed"),
-        ("time", ", ".join(f"{key} {value:.1f}s" for key, value in qconfig.timings.items())),
+        ("time", ", ".join(f"{key} {value:.1f}s" for key, value in timings.items())),
     ]
     if "perplexity" in summary:
         rows.append(("perplexity", f"{summary['perplexity']:.3f} ({summary['evaluation']['num_tokens']} tokens)"))

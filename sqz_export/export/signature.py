@@ -20,6 +20,14 @@ from sqz_export.errors import UserError
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
+def load_graph(path: Path) -> onnx.ModelProto:
+    """The graph of an ONNX file without its tensor data; a UserError when the file is not ONNX."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  (protobuf's DecodeError, or onnx's own error on a damaged file)
+        raise UserError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc}); expected a file written by `sqz-export export`") from exc
+
+
 @dataclasses.dataclass
 class DecoderSignature:
     path: Path
@@ -39,7 +47,7 @@ class DecoderSignature:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such ONNX file")
-        return cls.from_model(onnx.load(str(path), load_external_data=False), path)
+        return cls.from_model(load_graph(path), path)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, path: Path | None = None) -> DecoderSignature:

@@ -36,7 +36,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sqz_export.atomic import open_for_write
+from sqz_export.caches import reusable_cache
 from sqz_export.errors import UserError
+from sqz_export.progress import track
+from sqz_export.tensorfile import write_safetensors
 
 if TYPE_CHECKING:
     from sqz_export.data import TokenWindows
@@ -45,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
 """Version of the statistics cache layout (tensors named ``{statistic}/{layer}``)."""
+STATISTICS_KEY_FIELD = "sqz_statistics_key"
+"""safetensors metadata field of a statistics cache that records what it was computed for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +127,6 @@ def collect_statistics(
         The statistics, on the weights' device. The model's parameters, requires_grad flags and
         train/eval mode are restored afterwards; no gradients are left on it.
     """
-    from tqdm.auto import tqdm
-
     request.validate()
     if windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
         raise UserError(f"calibration windows must be integer token ids [num_windows, seq_len], got {windows.dtype} {tuple(windows.shape)}")
@@ -183,7 +187,7 @@ def collect_statistics(
         autocast = (
             torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         )
-        for index in tqdm(range(windows.shape[0]), desc="calibration", unit="window", disable=not progress):
+        for index in track(range(windows.shape[0]), windows.shape[0], "calibration", "windows", enabled=progress):
             ids = windows[index : index + 1].to(device=device, dtype=torch.int64)
             with autocast:
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -215,33 +219,24 @@ def compute_fisher(
     return collect_statistics(model, windows, layers, StatisticsRequest(), autocast_dtype=autocast_dtype, progress=progress).fisher
 
 
-def statistics_key(source: str, calibration: TokenWindows, autocast_dtype: torch.dtype | None) -> str:
+def statistics_key(source: str, calibration: TokenWindows, autocast_dtype: torch.dtype | None) -> dict[str, object]:
     """What a cache must have been computed from to be reused: model, calibration windows, precision."""
-    return json.dumps({"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype), "format": CACHE_FORMAT}, sort_keys=True)
+    return {"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype), "format": CACHE_FORMAT}
 
 
-def _read_cache(cache: Path, key: str, layers: Mapping[str, nn.Linear]) -> tuple[CalibrationStats, int]:
-    """Every statistic the cache holds for all ``layers`` under this key, and its guided row groups.
-
-    A cache made for another model or calibration yields nothing (logged), so it is never mixed in.
-    """
-    from safetensors import SafetensorError, safe_open
+def _read_cache(cache: Path, layers: Mapping[str, nn.Linear]) -> tuple[CalibrationStats, int]:
+    """Every statistic a matching cache holds for all ``layers``, and its guided row groups."""
+    from safetensors import safe_open
 
     stats = CalibrationStats()
-    try:
-        with safe_open(str(cache), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("sqz_statistics_key") != key:
-                logger.warning("statistics cache %s was made for another model or calibration; recomputing", cache)
-                return stats, 0
-            names = set(handle.keys())
-            for statistic in ("fisher", "guided", "xtx"):
-                wanted = [f"{statistic}/{layer}" for layer in layers]
-                if all(name in names for name in wanted):
-                    stats.get(statistic).update({layer: handle.get_tensor(name) for layer, name in zip(layers, wanted)})
-            return stats, int(metadata.get("guided_groups", 0)) if stats.guided else 0
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"statistics cache {cache} is not a readable safetensors file ({exc}); delete it or pass another path") from exc
+    with safe_open(str(cache), framework="pt") as handle:
+        names = set(handle.keys())
+        for statistic in ("fisher", "guided", "xtx"):
+            wanted = [f"{statistic}/{layer}" for layer in layers]
+            if all(name in names for name in wanted):
+                stats.get(statistic).update({layer: handle.get_tensor(name) for layer, name in zip(layers, wanted)})
+        groups = int((handle.metadata() or {}).get("guided_groups", 0))
+    return stats, groups if stats.guided else 0
 
 
 def load_or_collect_statistics(
@@ -254,23 +249,24 @@ def load_or_collect_statistics(
     source: str,
     autocast_dtype: torch.dtype | None,
     progress: bool,
+    overwrite: bool = False,
 ) -> tuple[CalibrationStats, bool]:
     """Calibration statistics, reused from ``cache`` when computed for this model and calibration.
 
     The calibration pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
     sweep over settings computes it once. The cache records the model source, the calibration windows'
-    description and which statistics it holds; another source or calibration recomputes everything
-    rather than silently reusing stale values. A statistic the cache lacks (another method, other row
+    description and which statistics it holds. A cache made for another source or calibration (or a
+    file that is no cache) is refused unless ``overwrite`` (:func:`sqz_export.caches.reusable_cache`),
+    never silently reused or replaced. A statistic a matching cache lacks (another method, other row
     groups) is computed alone and added, so a sweep over methods runs each statistic once.
 
     Returns:
         (statistics, whether any was computed now rather than read from the cache), so callers report
         a computation time only for a real computation.
     """
-    from safetensors.torch import save_file
-
     key = statistics_key(source, calibration, autocast_dtype)
-    cached, cached_groups = _read_cache(cache, key, layers) if cache is not None and cache.is_file() else (CalibrationStats(), 0)
+    reuse = reusable_cache(cache, key, STATISTICS_KEY_FIELD, "--stats", overwrite=overwrite)
+    cached, cached_groups = _read_cache(cache, layers) if reuse else (CalibrationStats(), 0)
     missing = StatisticsRequest(
         fisher=request.fisher and not cached.fisher,
         guided_groups=request.guided_groups if request.guided_groups and cached_groups != request.guided_groups else 0,
@@ -279,7 +275,8 @@ def load_or_collect_statistics(
     if not missing.names():
         logger.info("reusing calibration statistics from %s", cache)
         return _subset(cached, request), False
-    logger.info("collecting calibration statistics: %s", ", ".join(missing.names()))
+    if reuse:
+        logger.warning("statistics cache %s lacks %s; computing and adding it", cache, ", ".join(missing.names()))
     fresh = collect_statistics(model, calibration.tokens, layers, missing, autocast_dtype=autocast_dtype, progress=progress)
     for statistic in missing.names():
         cached.get(statistic).clear()
@@ -287,14 +284,9 @@ def load_or_collect_statistics(
     groups = request.guided_groups if missing.guided_groups else cached_groups
     if cache is not None:
         tensors = {f"{statistic}/{layer}": tensor.contiguous() for statistic in ("fisher", "guided", "xtx") for layer, tensor in cached.get(statistic).items()}
-        metadata = {"sqz_statistics_key": key, "guided_groups": str(groups)}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        try:
-            save_file(dict(sorted(tensors.items())), str(tmp), metadata=metadata)
-            tmp.replace(cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+        metadata = {STATISTICS_KEY_FIELD: json.dumps(key, sort_keys=True), "guided_groups": str(groups)}
+        with open_for_write(cache) as handle:
+            write_safetensors(handle, tensors, metadata=metadata)
     return _subset(cached, request), True
 
 

@@ -30,6 +30,7 @@ from sqz_export.errors import UserError
 from sqz_export.formats import DEFAULT_CHUNK_NNZ, SUPPORTED_BITS, PackedLinear, pack_indices
 from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, row_groups
 from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
+from sqz_export.progress import Progress
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
 from sqz_export.quantize.lnq import RowStack, exactness_gain, refine
 from sqz_export.quantize.rtn import rtn_codebook
@@ -338,8 +339,6 @@ def _quantize(
     k-means and the LNQ column loop are many small ops, which scale better across layers than across
     intra-op threads, whose synchronization costs most of the gain on such ops.
     """
-    from tqdm.auto import tqdm
-
     options.validate()
     _check_statistics(list(items), statistics, options)
     device = torch.device(options.device)
@@ -389,7 +388,7 @@ def _quantize(
         return results, spent
 
     def run(phase: str, function, batches: list[list[str]], collect) -> None:  # noqa: ANN001 - local driver
-        bar = tqdm(total=sum(len(batch) for batch in batches), desc=f"{options.method} {options.bits}-bit: {phase}", unit="layer", disable=not progress)
+        bar = Progress(sum(len(batch) for batch in batches), f"{options.method} {options.bits}-bit: {phase}", "layers", enabled=progress)
         try:
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
                 for names, (*result, spent) in zip(batches, pool.map(function, batches)):
