@@ -122,21 +122,28 @@ def solve_luts(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) -> tor
     return solved
 
 
-def refit_luts(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def refit_luts(
+    stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, current: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``solve_luts`` rounded to fp16 and sorted (indices renumbered); rows it would worsen keep theirs.
 
     Args:
         stack: rows, exact positions and Hessians.
         lut: fp32 [R, C], the current (fp16-representable) LUTs.
         indices: int64 [R, K].
+        current: the rows' objective for (lut, indices) when the caller has it (saves a product).
 
     Returns:
-        (lut, indices): fp32 [R, C] of fp16 values, ascending, and the renumbered indices.
+        (lut, indices, objective): fp32 [R, C] of fp16 values, ascending, the renumbered indices, and
+        the per-row objective of the result.
     """
+    if current is None:
+        current = objective(stack, lut, indices)
     new = solve_luts(stack, lut, indices).nan_to_num(nan=0.0).clamp(-65504.0, 65504.0).half().float()
     new, renumbered = sort_lut(new, indices)
-    better = objective(stack, new, renumbered) <= objective(stack, lut, indices)
-    return torch.where(better[:, None], new, lut), torch.where(better[:, None], renumbered, indices)
+    after = objective(stack, new, renumbered)
+    better = after <= current
+    return torch.where(better[:, None], new, lut), torch.where(better[:, None], renumbered, indices), torch.minimum(after, current)
 
 
 def coordinate_descent(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, block: int = CD_BLOCK) -> torch.Tensor:
@@ -204,17 +211,19 @@ def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations
         (lut fp32 [R, C] of ascending fp16 values, indices int64 [R, K], total objective before the
         sweep and after each step), the history being non-increasing.
     """
-    start = objective(stack, lut, indices)
-    history = [float(start.sum())]
+    current = objective(stack, lut, indices)
+    history = [float(current.sum())]
     swept = gptq_sweep(stack, lut)
     after = objective(stack, lut, swept)
-    indices = torch.where((after < start)[:, None], swept, indices)
-    history.append(float(torch.minimum(after, start).sum()))
+    indices = torch.where((after < current)[:, None], swept, indices)
+    current = torch.minimum(after, current)
+    history.append(float(current.sum()))
     for _ in range(iterations):
-        lut, indices = refit_luts(stack, lut, indices)
-        history.append(float(objective(stack, lut, indices).sum()))
+        lut, indices, current = refit_luts(stack, lut, indices, current)
+        history.append(float(current.sum()))
         indices = coordinate_descent(stack, lut, indices)
-        history.append(float(objective(stack, lut, indices).sum()))
+        current = objective(stack, lut, indices)
+        history.append(float(current.sum()))
     return lut, nearest_at_exact(stack, lut, indices), history
 
 
