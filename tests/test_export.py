@@ -69,6 +69,15 @@ def test_export_folder_is_complete_and_checksummed(tiny_export: Callable[[str, s
     assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
 
 
+@pytest.mark.parametrize("name", [MODEL_FILE, BASELINE_FILE])
+def test_tied_lm_head_reads_the_embedding(name: str, tiny_export: Callable[[str, str], Path]) -> None:
+    """OPT ties lm_head to the input embedding: the file holds that matrix once, read through a Transpose."""
+    graph = onnx.load(str(tiny_export("opt", "fp16") / name), load_external_data=False).graph
+    assert "lm_head.weight_t" not in {init.name for init in graph.initializer}
+    transposes = [node for node in graph.node if node.op_type == "Transpose" and node.output[0] == "lm_head.weight_t"]
+    assert [node.input[0] for node in transposes] == ["model.decoder.embed_tokens.weight"]
+
+
 def test_fp16_baseline_is_close_to_fp32(
     tiny_checkpoint: Callable[[str], Path], tiny_export: Callable[[str, str], Path]
 ) -> None:

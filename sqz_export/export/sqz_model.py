@@ -118,22 +118,23 @@ def checkpoint_skeleton(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, nn
     return model.eval(), linears
 
 
-def checkpoint_dense_weights(checkpoint: Checkpoint, model: nn.Module) -> Callable[[str], torch.Tensor | None]:
-    """Module name -> FP weight of a non-quantized linear of the checkpoint (lm_head), for
-    ``DenseLinearPass``; a tied lm_head reads the input embedding."""
-    modules = {module: name for name, module in model.named_modules()}
-    output = modules.get(model.get_output_embeddings())
-    embedding = f"{modules[model.get_input_embeddings()]}.weight"
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+def checkpoint_dense_weights(checkpoint: Checkpoint) -> Callable[[str], torch.Tensor | None]:
+    """Module name -> FP weight of a non-quantized linear of the checkpoint, for ``DenseLinearPass``."""
 
     def weight(name: str) -> torch.Tensor | None:
-        if name in checkpoint.packed:
-            return None
-        if f"{name}.weight" in checkpoint.dense_state:
-            return checkpoint.dense_state[f"{name}.weight"]
-        return checkpoint.dense_state.get(embedding) if tied and name == output else None
+        return None if name in checkpoint.packed else checkpoint.dense_state.get(f"{name}.weight")
 
     return weight
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """{lm_head module: input embedding weight} when the model ties them (the graph's Gather already
+    holds that matrix; ``DenseLinearPass`` reads it instead of storing a transposed copy)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    modules = {module: name for name, module in model.named_modules()}
+    output = modules.get(model.get_output_embeddings())
+    return {output: f"{modules[model.get_input_embeddings()]}.weight"} if output is not None else {}
 
 
 def quantize_graph(
@@ -142,6 +143,7 @@ def quantize_graph(
     dense_weights: Callable[[str], torch.Tensor | None],
     dtype: torch.dtype,
     store: TensorStore = inline_tensor,
+    shared: dict[str, str] | None = None,
 ) -> list[PassResult]:
     """Runs the SqzLinear rewrite, the dense rewrite of the other linears and cleanup on a placeholder
     graph, in place.
@@ -160,7 +162,7 @@ def quantize_graph(
             f"layers; no node matched: {', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''} "
             f"(first refusals: {refused})"
         )
-    return [rewrite, *dense_graph(graph, dense_weights, dtype, store)]
+    return [rewrite, *dense_graph(graph, dense_weights, dtype, store, shared)]
 
 
 def dense_graph(
@@ -168,13 +170,15 @@ def dense_graph(
     weights: Callable[[str], torch.Tensor | None],
     dtype: torch.dtype,
     store: TensorStore = inline_tensor,
+    shared: dict[str, str] | None = None,
 ) -> list[PassResult]:
-    """Gives every placeholder left in ``graph`` its FP weight, then cleans up, in place.
+    """Gives every placeholder left in ``graph`` its FP weight (``shared``: tied ones), then cleans up,
+    in place.
 
     Raises:
         UserError: a placeholder has no weight of its shape (the graph would compute with zeros).
     """
-    dense = DenseLinearPass(weights, dtype, store).run(graph)
+    dense = DenseLinearPass(weights, dtype, store, shared).run(graph)
     if dense.refusals:
         refused = "; ".join(f"{r.node}: {r.reason}" for r in dense.refusals[:5])
         raise UserError(f"{len(dense.refusals)} linears of the graph got no weight: {refused}")
@@ -231,7 +235,8 @@ def export_baseline(
     linears = replace_with_placeholders(loaded.model)
     graph = export_decoder(loaded.model, dtype, opset)
     with ExternalData(path) as store:
-        dense_graph(graph, lambda name: linears[name].weight if name in linears else None, dtype, store)
+        weights = {name: linear.weight for name, linear in linears.items()}
+        dense_graph(graph, weights.get, dtype, store, tied_weights(loaded.model))
         store.externalize(graph)
     onnx.save_model(graph, str(path))
 
@@ -288,7 +293,9 @@ def export_checkpoint(
         graph = export_decoder(skeleton, dtype, opset)
         bytes_before = tensor_bytes(graph) + linear_bytes(linears, dtype)
         with ExternalData(tmp / MODEL_FILE) as store:
-            results = quantize_graph(graph, packed, checkpoint_dense_weights(checkpoint, skeleton), dtype, store)
+            results = quantize_graph(
+                graph, packed, checkpoint_dense_weights(checkpoint), dtype, store, tied_weights(skeleton)
+            )
             store.externalize(graph)
         onnx.save_model(graph, str(tmp / MODEL_FILE))
         bytes_after = tensor_bytes(graph)
