@@ -69,6 +69,15 @@ def test_export_folder_is_complete_and_checksummed(tiny_export: Callable[[str, s
     assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no temp folders left
 
 
+@pytest.mark.parametrize("name", [MODEL_FILE, BASELINE_FILE])
+def test_tied_lm_head_reads_the_embedding(name: str, tiny_export: Callable[[str, str], Path]) -> None:
+    """OPT ties lm_head to the input embedding: the file holds that matrix once, read through a Transpose."""
+    graph = onnx.load(str(tiny_export("opt", "fp16") / name), load_external_data=False).graph
+    assert "lm_head.weight_t" not in {init.name for init in graph.initializer}
+    transposes = [node for node in graph.node if node.op_type == "Transpose" and node.output[0] == "lm_head.weight_t"]
+    assert [node.input[0] for node in transposes] == ["model.decoder.embed_tokens.weight"]
+
+
 def test_fp16_baseline_is_close_to_fp32(
     tiny_checkpoint: Callable[[str], Path], tiny_export: Callable[[str, str], Path]
 ) -> None:
@@ -111,20 +120,23 @@ def test_cli_export_rejects_old_opset(
     assert "opset 18" in capsys.readouterr().err
 
 
-def test_large_models_use_external_data(
-    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Above the threshold (2 GiB in practice; 0 here) tensors go to model.onnx.data, which ORT reads."""
-    from sqz_export.export import baseline
-
-    monkeypatch.setattr(baseline, "EXTERNAL_DATA_THRESHOLD", 0)
+def test_tensors_stream_to_external_data(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Every tensor of at least 1 KiB goes to model.onnx.data (aligned), small ones stay inline, and
+    no initializer holds an FP weight of a quantized layer; ORT reads the pair of files."""
     out = tmp_path / "out"
     export_checkpoint(tiny_checkpoint("llama"), out, with_baseline=False, dtype=torch.float32)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert f"{MODEL_FILE}.data" in manifest["files"]
     graph = onnx.load(str(out / MODEL_FILE), load_external_data=False)
-    external = [init.name for init in graph.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
-    assert any(name.endswith(".qweight") for name in external)
+    external = {init.name: init for init in graph.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL}
+    packed = read_checkpoint(tiny_checkpoint("llama")).packed
+    large = {f"{name}.qweight" for name, layer in packed.items() if layer.qweight.numel() * 4 >= 1024}
+    assert large and {name for name in external if name.endswith(".qweight")} == large
+    assert all(int(next(e.value for e in init.external_data if e.key == "offset")) % 4096 == 0 for init in external.values())
+    inline = [init for init in graph.graph.initializer if init.name not in external]
+    assert inline and all(len(init.raw_data) < 1024 for init in inline)
+    dense = [init.name for init in graph.graph.initializer if init.name.endswith((".weight_t", "_placeholder"))]
+    assert dense == ["lm_head.weight_t"]  # the one non-quantized linear; no placeholder is left
     token_ids = np.arange(3, 20, dtype=np.int64)[None]
     model, _ = load_quantized_model(tiny_checkpoint("llama"))
     with torch.no_grad():

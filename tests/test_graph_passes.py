@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -14,27 +15,47 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import make_tiny_model, random_packed, tiny_packed
 from tolerances import tolerance
 
-from graph_passes import CleanupPass, SqzLinearPass, run_passes
+from graph_passes import CleanupPass, DenseLinearPass, SqzLinearPass, run_passes
 from graph_passes.cleanup import topological_sort
 from sqz_export.errors import UserError
 from sqz_export.export.baseline import export_decoder, tensor_bytes
+from sqz_export.export.placeholders import replace_with_placeholders
 from sqz_export.export.signature import DecoderSignature
-from sqz_export.export.sqz_model import quantize_graph, reconstructed_model
+from sqz_export.export.sqz_model import dense_graph, quantize_graph
 from sqz_export.formats import FormatError
 from sqz_export.runtime import replace_linears
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
+@dataclasses.dataclass
+class Traced:
+    model: torch.nn.Module
+    """The FP model (untouched)."""
+    packed: dict
+    linears: dict[str, torch.nn.Linear]
+    """The model's linears by module name (what the placeholders stand for)."""
+    graph: onnx.ModelProto
+    """Graph traced with every linear as a placeholder."""
+
+    def fp_weight(self, name: str) -> torch.Tensor:
+        return self.linears[name].weight
+
+    def reconstructed_weight(self, name: str) -> torch.Tensor:
+        """W = LUT[idx] + S for quantized layers, the FP weight for the others."""
+        return self.packed[name].weight() if name in self.packed else self.linears[name].weight
+
+
 @pytest.fixture(scope="module")
-def exported() -> dict[tuple[str, str], tuple[torch.nn.Module, dict, onnx.ModelProto]]:
-    """(arch, dtype) -> (FP model, packed layers, graph of the model with reconstructed weights)."""
+def traced() -> dict[tuple[str, str], Traced]:
     cache = {}
     for arch in ("llama", "opt"):
         model = make_tiny_model(arch)
         packed = tiny_packed(model)
+        skeleton = copy.deepcopy(model)
+        linears = replace_with_placeholders(skeleton)
         for name, dtype in DTYPES.items():
-            cache[(arch, name)] = (model, packed, export_decoder(reconstructed_model(model, packed), dtype))
+            cache[(arch, name)] = Traced(model, packed, linears, export_decoder(skeleton, dtype))
     return cache
 
 
@@ -43,16 +64,33 @@ def run_logits(graph: onnx.ModelProto, token_ids: np.ndarray) -> np.ndarray:
     return session.run(["logits"], DecoderSignature.from_model(graph).feed(token_ids))[0]
 
 
+def test_placeholder_graph_holds_no_linear_weight(traced: dict) -> None:
+    case = traced[("llama", "fp32")]
+    other_bytes = sum(
+        p.numel() * 4 for name, p in case.model.named_parameters() if name.removesuffix(".weight") not in case.linears
+    )
+    assert tensor_bytes(case.graph) <= other_bytes + 1024  # at most embeddings, norms and placeholder tags
+    assert len(list(DenseLinearPass(case.fp_weight, torch.float32).pattern(case.graph))) == len(case.linears)
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-def test_sqz_linear_pass_rewrites_every_quantized_linear(arch: str, dtype: str, exported: dict) -> None:
-    model, packed, original = exported[(arch, dtype)]
-    graph = copy.deepcopy(original)
+def test_sqz_linear_pass_rewrites_every_quantized_linear(arch: str, dtype: str, traced: dict) -> None:
+    case = traced[(arch, dtype)]
+    packed = case.packed
+    graph = copy.deepcopy(case.graph)
     sqz_pass = SqzLinearPass(packed)
-    rewrite, cleanup = run_passes(graph, [sqz_pass, CleanupPass()])
+    rewrite, dense, cleanup = run_passes(
+        graph, [sqz_pass, DenseLinearPass(case.fp_weight, DTYPES[dtype]), CleanupPass()]
+    )
 
     assert rewrite.count == len(packed)
     assert sqz_pass.unmatched() == []
+    # The one refusal is lm_head, the linear that is not quantized; the dense pass takes it.
+    assert [(r.node.split("'")[1], r.reason) for r in rewrite.refusals] == [
+        ("lm_head", "not a quantized layer of the checkpoint (left for the dense pass)")
+    ]
+    assert dense.count == 1 and dense.refusals == []
     ops = Counter(node.op_type for node in graph.graph.node if node.domain == "sqz")
     assert ops == {"SqzLinear": len(packed)}
     for node in graph.graph.node:
@@ -65,121 +103,91 @@ def test_sqz_linear_pass_rewrites_every_quantized_linear(arch: str, dtype: str, 
             assert attrs["bits"] == layer.bits and attrs["layout"] == 2
             assert attrs["plugin_namespace"] == b"sqz" and attrs["plugin_version"] == b"1"
             assert ("chunk_nnz" in attrs) == sparse
-    # No FP copy of a quantized weight is left: the cleanup removed one initializer per layer.
-    assert cleanup.count >= len(packed)
-    weight_bytes = sum(layer.in_features * layer.out_features for layer in packed.values()) * (
-        2 if dtype == "fp16" else 4
-    )
-    assert tensor_bytes(graph) <= tensor_bytes(original) - weight_bytes + sum(
-        layer.nbytes() for layer in packed.values()
-    )
+    # Every placeholder chain is gone (MatMul's Expand, CastLike and the tag initializer).
+    assert cleanup.count >= 3 * (len(packed) + 1)
+    assert not [n for n in graph.graph.node if n.op_type == "Expand" and n.input[0].endswith("_placeholder")]
     onnx.checker.check_model(graph, full_check=True)
 
     # Numerics: the rewritten graph computes what the FP graph of the reconstructed weights computes,
     # and what the torch SqzLinear reference computes.
+    reconstructed = copy.deepcopy(case.graph)
+    dense_graph(reconstructed, case.reconstructed_weight, DTYPES[dtype])
     token_ids = np.arange(5, 30, dtype=np.int64)[None]
-    before, after = run_logits(original, token_ids), run_logits(graph, token_ids)
+    before, after = run_logits(reconstructed, token_ids), run_logits(graph, token_ids)
     torch_dtype = DTYPES[dtype]
     torch.testing.assert_close(
         torch.from_numpy(after).float(), torch.from_numpy(before).float(), **tolerance("model_logits", torch_dtype)
     )
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(case.model)
     replace_linears(reference, packed)
     with torch.no_grad():
         expected = reference(torch.from_numpy(token_ids)).logits
     torch.testing.assert_close(torch.from_numpy(after).float(), expected, **tolerance("model_logits", torch_dtype))
 
 
-def test_nothing_to_rewrite_leaves_graph_unchanged(exported: dict) -> None:
-    model, _, original = exported[("llama", "fp32")]
-    unrelated = tiny_packed(model, bits=4)  # different random layers: no weight in the graph matches
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_dense_pass_rebuilds_the_fp_model(dtype: str, traced: dict) -> None:
+    """The baseline path: every placeholder gets its FP weight; the graph computes the FP model."""
+    case = traced[("llama", dtype)]
+    graph = copy.deepcopy(case.graph)
+    dense, _ = dense_graph(graph, case.fp_weight, DTYPES[dtype])
+    assert dense.count == len(case.linears)
+    assert Counter(n.op_type for n in graph.graph.node)["MatMul"] >= len(case.linears)
+    onnx.checker.check_model(graph, full_check=True)
+    token_ids = np.arange(5, 30, dtype=np.int64)[None]
+    with torch.no_grad():
+        expected = case.model(torch.from_numpy(token_ids)).logits
+    torch.testing.assert_close(
+        torch.from_numpy(run_logits(graph, token_ids)).float(), expected, **tolerance("model_logits", DTYPES[dtype])
+    )
+
+
+def test_nothing_to_rewrite_leaves_graph_unchanged(traced: dict) -> None:
+    original = traced[("llama", "fp32")].graph
     graph = copy.deepcopy(original)
-    result = SqzLinearPass(unrelated).run(graph)
+    result = SqzLinearPass({}).run(graph)
     assert result.count == 0
-    assert result.refusals and all("equals no quantized layer" in r.reason for r in result.refusals)
+    assert result.refusals and all("not a quantized layer" in r.reason for r in result.refusals)
     assert graph.SerializeToString() == original.SerializeToString()
 
 
-def test_wrong_bits_fails_before_touching_the_graph(exported: dict) -> None:
-    _, packed, original = exported[("llama", "fp32")]
-    broken = dict(packed)
+def test_layer_of_another_shape_is_refused(traced: dict) -> None:
+    case = traced[("llama", "fp32")]
+    name, layer = next(iter(case.packed.items()))
+    other = {name: random_packed(layer.out_features + 1, layer.in_features, layer.bits, 0.0)}
+    graph = copy.deepcopy(case.graph)
+    result = SqzLinearPass(other).run(graph)
+    assert result.count == 0
+    reason = next(r.reason for r in result.refusals if f"'{name}'" in r.node)
+    assert f"checkpoint layer is [{layer.out_features + 1}, {layer.in_features}]" in reason
+    assert graph.SerializeToString() == case.graph.SerializeToString()
+
+
+def test_wrong_bits_fails_before_touching_the_graph(traced: dict) -> None:
+    case = traced[("llama", "fp32")]
+    broken = dict(case.packed)
     name = next(iter(broken))
     broken[name] = copy.copy(broken[name])
     broken[name].bits = 5
-    graph = copy.deepcopy(original)
+    graph = copy.deepcopy(case.graph)
     with pytest.raises(FormatError, match="bits=5"):
         SqzLinearPass(broken).run(graph)
-    assert graph.SerializeToString() == original.SerializeToString()
+    assert graph.SerializeToString() == case.graph.SerializeToString()
 
 
-def test_checkpoint_layer_without_a_node_is_a_loud_error(exported: dict) -> None:
-    _, packed, original = exported[("llama", "fp32")]
-    extra = dict(packed)
-    name = next(iter(extra))
-    layer = extra[name]
-    extra[name] = random_packed(
-        layer.out_features, layer.in_features, layer.bits, 0.0, seed=99
-    )  # not what the graph holds
-    with pytest.raises(UserError, match=f"no node matched: {name}"):
-        quantize_graph(copy.deepcopy(original), extra)
+def test_checkpoint_layer_without_a_node_is_a_loud_error(traced: dict) -> None:
+    case = traced[("llama", "fp32")]
+    extra = dict(case.packed)
+    extra["model.layers.7.mlp.up_proj"] = random_packed(96, 64, 3, 0.0)  # no such module in the graph
+    with pytest.raises(UserError, match="no node matched: model.layers.7.mlp.up_proj"):
+        quantize_graph(copy.deepcopy(case.graph), extra, case.fp_weight, torch.float32)
 
 
-def _linear_graph(kind: str, weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
-    """y = x @ W^T (+ b) as MatMul(x, W^T), MatMul(x, Transpose(W)) or Gemm(x, W, b, transB=1)."""
-    n, k = weight.shape
-    inits = []
-    if kind == "matmul":
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), "w_t"))
-        nodes = [helper.make_node("MatMul", ["x", "w_t"], ["y"], name="mm")]
-    elif kind == "transpose":
-        inits.append(numpy_helper.from_array(weight, "w"))
-        nodes = [
-            helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
-            helper.make_node("MatMul", ["x", "w_t"], ["y"], name="mm"),
-        ]
-    else:
-        inits += [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")]
-        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=1)]
-    graph = helper.make_graph(
-        nodes,
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
-@pytest.mark.parametrize("kind", ["matmul", "transpose", "gemm"])
-def test_every_weight_orientation_is_matched(kind: str) -> None:
-    layer = random_packed(24, 40, 3, 0.05, seed=3)
-    weight = layer.weight().numpy()
-    bias = np.linspace(-1, 1, 24, dtype=np.float32)
-    graph = _linear_graph(kind, weight, bias)
-    x = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
-    before = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    results = run_passes(graph, [SqzLinearPass({"layer": layer}), CleanupPass()])
-    assert results[0].count == 1
-    ops = [node.op_type for node in graph.graph.node]
-    assert ops == (["SqzLinear", "Add"] if kind == "gemm" else ["SqzLinear"])
-    assert {init.name for init in graph.graph.initializer} >= {"layer.qweight", "layer.lut"}
-    assert "w" not in {init.name for init in graph.graph.initializer} and "w_t" not in {
-        init.name for init in graph.graph.initializer
-    }
-    after = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    torch.testing.assert_close(
-        torch.from_numpy(after), torch.from_numpy(before), **tolerance("sqz_linear", torch.float32)
-    )
-
-
-def test_gemm_with_unsupported_attributes_is_refused() -> None:
-    layer = random_packed(8, 32, 4, 0.0)
-    graph = _linear_graph("gemm", layer.weight().numpy(), np.zeros(8, np.float32))
-    graph.graph.node[0].attribute.append(helper.make_attribute("alpha", 2.0))
-    original = graph.SerializeToString()
-    result = SqzLinearPass({"layer": layer}).run(graph)
-    assert result.count == 0 and "alpha" in result.refusals[0].reason
-    assert graph.SerializeToString() == original
+def test_linear_without_a_weight_is_a_loud_error(traced: dict) -> None:
+    """A placeholder no pass fills would compute with zeros: the export refuses instead."""
+    case = traced[("llama", "fp32")]
+    with pytest.raises(UserError, match="1 linears of the graph got no weight: linear 'lm_head'"):
+        quantize_graph(copy.deepcopy(case.graph), case.packed, lambda name: None, torch.float32)
 
 
 def test_cleanup_removes_dead_chains_and_sorts() -> None:

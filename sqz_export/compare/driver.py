@@ -9,6 +9,11 @@ Runners (each optional except the sqz graph):
 
 Pairs that run the same quantized model two ways get a pass/fail verdict at (atol, rtol); the
 baseline pair measures what quantization changed and gets no verdict.
+
+Memory: one runner is active at a time. Polygraphy's Comparator activates the runners one after the
+other, each runner builds its session (or loads its model) on activation and drops it on
+deactivation, and the latency pass does the same; so the peak is the largest runner's plus the
+outputs kept for comparison (``logits`` of every window, per runner).
 """
 
 from __future__ import annotations
@@ -79,10 +84,7 @@ def _runners(folder: Path, manifest: dict, signature: DecoderSignature, options:
     runners: list[BaseRunner] = []
     checkpoint = options.checkpoint or (Path(manifest["checkpoint"]) if manifest.get("checkpoint") else None)
     if checkpoint is not None and checkpoint.is_dir():
-        from sqz_export.checkpoint import load_quantized_model
-
-        model, _ = load_quantized_model(checkpoint)
-        runners.append(TorchRunner(model, signature, REFERENCE))
+        runners.append(TorchRunner(checkpoint, signature, REFERENCE))
     elif options.checkpoint is not None:
         raise UserError(f"--checkpoint {options.checkpoint} is not a folder")
     else:
@@ -159,6 +161,7 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
     feeds = [signature.feed(window[None]) for window in tokens]
     runners = _runners(folder, manifest, signature, options)
     names = [runner.name for runner in runners]
+    logger.info("comparing %s, one runner (session or model) in memory at a time", ", ".join(names))
 
     results = _logits_only(Comparator.run(runners, data_loader=feeds))
     reference = names[0]

@@ -46,17 +46,22 @@ class TorchRunner(BaseRunner):
 
     It takes the ONNX graph's feeds (so every runner sees the same data loader) and returns only
     ``logits``. Only prefill feeds (empty ``past_key_values``) are supported: the reference is run on
-    whole windows.
+    whole windows. Like Polygraphy's onnxruntime runner (whose session is built on activation and
+    dropped on deactivation), it loads the checkpoint only while active, so a comparison holds one
+    runner's model at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, signature: DecoderSignature, name: str = "torch-reference") -> None:
+    def __init__(self, checkpoint: Path, signature: DecoderSignature, name: str = "torch-reference") -> None:
         super().__init__(name=name)
-        self.model = model
+        self.checkpoint = checkpoint
         self.signature = signature
+        self.model: torch.nn.Module | None = None
         self._inference_time: float | None = None
 
     def activate_impl(self) -> None:
-        self.model.eval()
+        from sqz_export.checkpoint import load_quantized_model
+
+        self.model, _ = load_quantized_model(self.checkpoint)
 
     def get_input_metadata_impl(self) -> TensorMetadata:
         meta = TensorMetadata()
@@ -74,6 +79,7 @@ class TorchRunner(BaseRunner):
             raise UserError(f"{self.name}: only prefill feeds (empty past_key_values) are supported")
         input_ids = torch.from_numpy(np.ascontiguousarray(feed_dict["input_ids"]))
         attention_mask = torch.from_numpy(np.ascontiguousarray(feed_dict["attention_mask"]))
+        assert self.model is not None, "infer() on an inactive runner"  # BaseRunner.infer checks activation
         start = time.perf_counter()
         with torch.no_grad():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -84,4 +90,5 @@ class TorchRunner(BaseRunner):
         return self._inference_time
 
     def deactivate_impl(self) -> None:
+        self.model = None
         self._inference_time = None

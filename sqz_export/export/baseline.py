@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 """ai.onnx opset of exported graphs; the SqzLinear function needs >= 18 (BitwiseAnd/Or)."""
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
-"""Models whose tensors exceed this many bytes (protobuf's 2 GiB limit, less headroom) get a .data file."""
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 TASK = "text-generation-with-past"
 
@@ -67,7 +65,7 @@ def export_decoder(model: nn.Module, dtype: torch.dtype = torch.float16, opset: 
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializer data (what decides external data, and what the summary reports)."""
+    """Bytes of all initializer data, inline or external (what the export summary reports)."""
     total = 0
     for init in model.graph.initializer:
         count = 1
@@ -75,26 +73,3 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
             count *= dim
         total += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     return total
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Saves ``model`` at ``path``; tensors go to ``path.name + '.data'`` when they pass 2 GiB.
-
-    Returns:
-        The files written (the .onnx and, when used, its .data file).
-    """
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
-        return [path, data]
-    onnx.save_model(model, str(path))
-    return [path]

@@ -22,15 +22,26 @@ optional trailing inputs does not work: ONNX function type inference binds a mis
 to an untyped value and every op that reads it (``Optional``, ``If`` branches) fails inference in
 both onnx.checker and onnxruntime.
 
-Body, in words: unpack the b-bit indices from the 32-bit words (index j starts at stream bit b*j;
-gathering the word and its successor handles indices that straddle a word), look them up in the LUT
-in fp32, add the sparse values at (row, col) in fp32, round W once to x's dtype, y = x @ W^T. Rows of
-the sparse values come from row_ptr without a search: scatter-add a 1 at every row end
+Body, in words: unpack the b-bit indices from the 32-bit words (re-cut into chunks of whole
+indices, see ``_unpack_nodes``), look them up in the LUT in fp32, set the sparse positions to
+LUT[idx] + S rounded once to x's dtype, and multiply in fp32: y = x @ W^T, rounded to x's dtype.
+Rows of the sparse values come from row_ptr without a search: scatter-add a 1 at every row end
 ``row_ptr[1:]`` into a zero vector of nnz + 1 slots, and the inclusive cumulative sum at position s
 is the number of rows that end at or before s, which is the row of non-zero s.
 
-onnxruntime constant-folds the body on initializer inputs at session creation, so at run time it
-multiplies by a dense W; the file on disk stays packed.
+What onnxruntime holds: it constant-folds the body on initializer inputs at session creation, so at
+run time it multiplies by a dense fp32 W^T (the file on disk stays packed). Its folding keeps every
+tensor it produces until the pass over the whole graph ends (measured with onnxruntime 1.32: a
+chain of four Adds on an initializer costs five copies at the peak), so a session's peak is the sum
+of the body's intermediates over all layers, not one layer's. The body is written for that: it
+builds W^T directly in [K, N] order (no Transpose copy), in four 4-byte [K, N] tensors (int32
+chunk, int32 shifted, int32 index, fp32 W^T; one more fp32 W^T with a sparse part) plus [K/m, N]
+chunk tensors, and casts x rather than W (onnxruntime's CPU MatMul is fp32: an fp16 W^T would be
+folded a second time into fp32). Measured on 8 layers of 1024 x 2048 at 3 bits, peak RSS of session
+creation per weight: 22 bytes dense-only, 29 with 0.45% sparse, against 74 for the previous body
+(int64/uint64 [N, K] unpack) and 6 for the same layers as fp16 MatMul initializers
+(``benchmarks/memory.py`` measures whole models). The outputs are bit-identical to the previous
+body's on onnxruntime's CPU provider (``tests/test_onnx_function.py``).
 """
 
 from __future__ import annotations
@@ -69,52 +80,94 @@ def _const_from_attr(name: str, attribute: str) -> onnx.NodeProto:
     return node
 
 
+def _const_u32(name: str, value: int) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.UINT32, [], [value]))
+
+
 def _unpack_nodes() -> list[onnx.NodeProto]:
-    """idx int64 [N, K] from layout-2 words, then W_dense fp32 [N, K] = LUT[idx]."""
+    """W^T fp32 [K, N] = LUT[idx]^T from layout-2 words, in four [K, N] tensors of 4 bytes each.
+
+    1. chunks int32 [C, N], C = ceil(K / m): the row's bit stream re-cut into chunks of
+       m = 31 // bits whole indices, so every index sits inside one chunk and a chunk (at most
+       31 bits) is a non-negative int32. Chunk c starts at stream bit s = c * m * bits, in word
+       s // 32 at offset r = s % 32: ``(lo >> r) | ((hi << 1) << (31 - r))`` masked to m * bits
+       bits (two left shifts, so r = 0 never shifts by 32 and drops hi entirely).
+    2. chunk_k = chunks[k // m]                          int32 [K, N]
+    3. idx = (chunk_k / 2**(bits * (k % m))) mod 2**bits  int32 [K, N] (Div of a non-negative value
+       by a power of two is the right shift; Mod keeps the index's bits)
+    4. W^T = GatherElements(LUT^T in fp32, idx, axis 0)   fp32 [K, N]
+
+    Chunk and column tensors ([C, N], [K]) are small: C is K / 10 at 3 bits.
+    """
     return [
         _const_from_attr("bits_i", "bits"),
         _const_from_attr("k_i", "in_features"),
         _const_i64("zero_i", 0),
         _const_i64("one_i", 1),
+        _const_i64("c31_i", 31),
         _const_i64("c32_i", 32),
-        _const_i64("mask32_i", 0xFFFFFFFF),
-        # uint64 twins for the index mask (BitShift is defined on unsigned types only).
-        helper.make_node("Constant", [], ["one_u"], value=helper.make_tensor("one", TensorProto.UINT64, [], [1])),
-        helper.make_node("Cast", ["bits_i"], ["bits_u"], to=TensorProto.UINT64),
-        # Per column j of W: word index and bit offset of index j's first bit.
-        helper.make_node("Range", ["zero_i", "k_i", "one_i"], ["j"]),  # [K]
-        helper.make_node("Mul", ["j", "bits_i"], ["start"]),  # [K] stream bit of index j
-        helper.make_node("Div", ["start", "c32_i"], ["word_lo"]),  # [K]
-        helper.make_node("Mod", ["start", "c32_i"], ["shift_lo"]),  # [K] in [0, 32)
+        _const_u32("one_u", 1),
+        _const_u32("c31_u", 31),
+        helper.make_node("Div", ["c31_i", "bits_i"], ["m"]),  # whole indices per chunk
+        helper.make_node("Mul", ["m", "bits_i"], ["chunk_bits"]),
+        helper.make_node("Add", ["k_i", "m"], ["k_plus_m"]),
+        helper.make_node("Sub", ["k_plus_m", "one_i"], ["k_round"]),
+        helper.make_node("Div", ["k_round", "m"], ["chunk_count"]),  # C = ceil(K / m)
+        # Chunk level: word and bit offset of each chunk's first stream bit.
+        helper.make_node("Range", ["zero_i", "chunk_count", "one_i"], ["c"]),  # [C]
+        helper.make_node("Mul", ["c", "chunk_bits"], ["chunk_start"]),
+        helper.make_node("Div", ["chunk_start", "c32_i"], ["word_lo"]),  # [C]
+        helper.make_node("Mod", ["chunk_start", "c32_i"], ["offset"]),  # [C] in [0, 32)
         helper.make_node("Shape", ["qweight"], ["words_per_row"], start=1, end=2),  # [1]
         helper.make_node("Sub", ["words_per_row", "one_i"], ["last_word"]),
         helper.make_node("Add", ["word_lo", "one_i"], ["word_hi_raw"]),
-        helper.make_node("Min", ["word_hi_raw", "last_word"], ["word_hi"]),  # [K] successor word, clamped
-        helper.make_node("Sub", ["c32_i", "shift_lo"], ["shift_hi"]),  # [K] in (0, 32]
-        helper.make_node("Cast", ["shift_lo"], ["shift_lo_u"], to=TensorProto.UINT64),
-        helper.make_node("Cast", ["shift_hi"], ["shift_hi_u"], to=TensorProto.UINT64),
-        # Words as unsigned 32-bit values held in uint64 (int32 -> int64 sign-extends; mask it off).
-        helper.make_node("Cast", ["qweight"], ["words_i64"], to=TensorProto.INT64),
-        helper.make_node("BitwiseAnd", ["words_i64", "mask32_i"], ["words_masked"]),
-        helper.make_node("Cast", ["words_masked"], ["words"], to=TensorProto.UINT64),  # [N, W]
-        helper.make_node("Gather", ["words", "word_lo"], ["lo_words"], axis=1),  # [N, K]
-        helper.make_node("Gather", ["words", "word_hi"], ["hi_words"], axis=1),  # [N, K]
-        helper.make_node("BitShift", ["lo_words", "shift_lo_u"], ["lo_bits"], direction="RIGHT"),
-        # The successor's bits land at positions >= 32 - shift; when the index fits in its word they
-        # sit above the mask and vanish, so no select is needed.
-        helper.make_node("BitShift", ["hi_words", "shift_hi_u"], ["hi_bits"], direction="LEFT"),
-        helper.make_node("BitwiseOr", ["lo_bits", "hi_bits"], ["stream"]),
-        helper.make_node("BitShift", ["one_u", "bits_u"], ["levels"], direction="LEFT"),
-        helper.make_node("Sub", ["levels", "one_u"], ["index_mask"]),
-        helper.make_node("BitwiseAnd", ["stream", "index_mask"], ["idx_u"]),
-        helper.make_node("Cast", ["idx_u"], ["idx"], to=TensorProto.INT64),  # [N, K] in [0, 2**bits)
+        # Successor word, clamped: a clamped duplicate only feeds stream bits past the row's indices.
+        helper.make_node("Min", ["word_hi_raw", "last_word"], ["word_hi"]),  # [C]
+        helper.make_node("Cast", ["offset"], ["offset_u"], to=TensorProto.UINT32),
+        helper.make_node("Unsqueeze", ["offset_u", "one_i"], ["shift_lo"]),  # [C, 1]
+        helper.make_node("Sub", ["c31_u", "shift_lo"], ["shift_hi"]),  # [C, 1] in [0, 31]
+        # int32 -> uint32 keeps the bit pattern (two's complement), so shifts see the raw words.
+        helper.make_node("Cast", ["qweight"], ["words_u"], to=TensorProto.UINT32),  # [N, W]
+        helper.make_node("Transpose", ["words_u"], ["words_t"], perm=[1, 0]),  # [W, N]
+        helper.make_node("Gather", ["words_t", "word_lo"], ["lo_words"], axis=0),  # [C, N]
+        helper.make_node("Gather", ["words_t", "word_hi"], ["hi_words"], axis=0),  # [C, N]
+        helper.make_node("BitShift", ["lo_words", "shift_lo"], ["lo_bits"], direction="RIGHT"),
+        helper.make_node("BitShift", ["hi_words", "one_u"], ["hi_once"], direction="LEFT"),
+        helper.make_node("BitShift", ["hi_once", "shift_hi"], ["hi_bits"], direction="LEFT"),
+        helper.make_node("BitwiseOr", ["lo_bits", "hi_bits"], ["stream"]),  # [C, N]
+        helper.make_node("Cast", ["chunk_bits"], ["chunk_bits_u"], to=TensorProto.UINT32),
+        helper.make_node("BitShift", ["one_u", "chunk_bits_u"], ["chunk_levels"], direction="LEFT"),
+        helper.make_node("Sub", ["chunk_levels", "one_u"], ["chunk_mask"]),
+        helper.make_node("BitwiseAnd", ["stream", "chunk_mask"], ["chunks_u"]),
+        helper.make_node("Cast", ["chunks_u"], ["chunks"], to=TensorProto.INT32),  # [C, N], < 2**31
+        # Column level: the chunk of column k and the power of two that brings its index down.
+        helper.make_node("Range", ["zero_i", "k_i", "one_i"], ["k"]),  # [K]
+        helper.make_node("Div", ["k", "m"], ["chunk_of_k"]),  # [K]
+        helper.make_node("Mod", ["k", "m"], ["slot"]),  # [K] in [0, m)
+        helper.make_node("Mul", ["slot", "bits_i"], ["slot_shift"]),  # [K] in [0, 31)
+        helper.make_node("Cast", ["slot_shift"], ["slot_shift_u"], to=TensorProto.UINT32),
+        helper.make_node("BitShift", ["one_u", "slot_shift_u"], ["divisor_u"], direction="LEFT"),
+        helper.make_node("Cast", ["divisor_u"], ["divisor_k"], to=TensorProto.INT32),
+        helper.make_node("Unsqueeze", ["divisor_k", "one_i"], ["divisor"]),  # [K, 1]
+        helper.make_node("Cast", ["bits_i"], ["bits_u"], to=TensorProto.UINT32),
+        helper.make_node("BitShift", ["one_u", "bits_u"], ["levels_u"], direction="LEFT"),
+        helper.make_node("Cast", ["levels_u"], ["levels"], to=TensorProto.INT32),  # 2**bits
+        # The [K, N] tensors.
+        helper.make_node("Gather", ["chunks", "chunk_of_k"], ["chunk_k"], axis=0),  # int32 [K, N]
+        helper.make_node("Div", ["chunk_k", "divisor"], ["shifted"]),  # int32 [K, N]
+        helper.make_node("Mod", ["shifted", "levels"], ["idx"]),  # int32 [K, N] in [0, 2**bits)
         helper.make_node("Cast", ["lut"], ["lut_f32"], to=TensorProto.FLOAT),
-        helper.make_node("GatherElements", ["lut_f32", "idx"], ["w_dense"], axis=1),  # [N, K] fp32
+        helper.make_node("Transpose", ["lut_f32"], ["lut_t"], perm=[1, 0]),  # [2**bits, N]
+        helper.make_node("GatherElements", ["lut_t", "idx"], ["w_dense_t"], axis=0),  # fp32 [K, N]
     ]
 
 
 def _sparse_nodes() -> list[onnx.NodeProto]:
-    """W fp32 [N, K] = W_dense + S, with S scattered from the CSR at (row, col)."""
+    """W^T fp32 [K, N] with the sparse positions set to LUT[idx] + S, rounded once to x's dtype.
+
+    The sum is formed on the nnz values only and written with a plain ScatterND (no second [K, N]
+    add): rounding it to x's dtype and back is what the whole W went through before the matmul.
+    """
     return [
         _const_i64("axis0", 0),
         _const_i64("zero_v", [0]),
@@ -141,17 +194,27 @@ def _sparse_nodes() -> list[onnx.NodeProto]:
         helper.make_node("Cast", ["col"], ["col64"], to=TensorProto.INT64),
         helper.make_node("Unsqueeze", ["row_of", "last_v"], ["row_of2"]),
         helper.make_node("Unsqueeze", ["col64", "last_v"], ["col2"]),
-        helper.make_node("Concat", ["row_of2", "col2"], ["coords"], axis=1),  # [nnz, 2]
+        helper.make_node("Concat", ["col2", "row_of2"], ["coords"], axis=1),  # [nnz, 2] positions in W^T
+        helper.make_node("GatherND", ["w_dense_t", "coords"], ["dense_at"]),  # [nnz] LUT[idx] there
         helper.make_node("Cast", ["val"], ["val_f32"], to=TensorProto.FLOAT),
-        helper.make_node("ScatterND", ["w_dense", "coords", "val_f32"], ["w_f32"], reduction="add"),
+        helper.make_node("Add", ["dense_at", "val_f32"], ["sum_f32"]),  # [nnz] fp32
+        helper.make_node("CastLike", ["sum_f32", "x"], ["sum_x"]),  # round once to x's dtype
+        helper.make_node("Cast", ["sum_x"], ["sum_rounded"], to=TensorProto.FLOAT),
+        helper.make_node("ScatterND", ["w_dense_t", "coords", "sum_rounded"], ["w_t"]),  # fp32 [K, N]
     ]
 
 
-def _matmul_nodes(weight: str) -> list[onnx.NodeProto]:
+def _matmul_nodes(weight_t: str) -> list[onnx.NodeProto]:
+    """y = x @ W^T in fp32, rounded once to x's dtype.
+
+    W^T holds values of x's dtype (LUT entries are fp16; sparse sums were rounded), so for fp16 x this
+    is the computation onnxruntime's CPU provider runs for an fp16 MatMul (it casts both operands to
+    fp32) without an fp16 copy of W^T next to the fp32 one; for fp32 x the casts are no-ops.
+    """
     return [
-        helper.make_node("CastLike", [weight, "x"], ["w"]),  # round W once to x's dtype
-        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),  # [K, N]
-        helper.make_node("MatMul", ["x", "w_t"], ["y"]),  # [..., N]
+        helper.make_node("Cast", ["x"], ["x_f32"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x_f32", weight_t], ["y_f32"]),  # [..., N]
+        helper.make_node("CastLike", ["y_f32", "x"], ["y"]),
     ]
 
 
@@ -168,14 +231,14 @@ def make_functions(onnx_opset: int) -> list[onnx.FunctionProto]:
         )
     opsets = [helper.make_opsetid("", onnx_opset)]
     dense = helper.make_function(
-        DOMAIN, OP_TYPE, list(DENSE_INPUTS), ["y"], _unpack_nodes() + _matmul_nodes("w_dense"), opsets, list(ATTRIBUTES)
+        DOMAIN, OP_TYPE, list(DENSE_INPUTS), ["y"], _unpack_nodes() + _matmul_nodes("w_dense_t"), opsets, list(ATTRIBUTES)
     )
     sparse = helper.make_function(
         DOMAIN,
         OP_TYPE,
         list(DENSE_INPUTS + SPARSE_INPUTS),
         ["y"],
-        _unpack_nodes() + _sparse_nodes() + _matmul_nodes("w_f32"),
+        _unpack_nodes() + _sparse_nodes() + _matmul_nodes("w_t"),
         opsets,
         list(ATTRIBUTES),
     )

@@ -2,33 +2,42 @@
 
 Steps, and why in this order:
 
-1. Rebuild the model with each quantized linear holding its reconstructed weight W = LUT[idx] + S and
-   export it with the baseline exporter. The graph is then exactly the FP graph of the quantized
-   model, with no custom op the exporter would need to know about.
-2. ``SqzLinearPass`` finds every MatMul/Gemm whose weight equals a layer's W (by content) and rewrites
-   it to ``sqz::SqzLinear`` reading the packed tensors; the driver insists that the count equals the
-   number of quantized layers and names the ones left over.
-3. ``CleanupPass`` drops the FP weights, so model.onnx is about the size of the packed checkpoint.
-4. The FP16 baseline is exported from the source model recorded in the checkpoint (or
-   ``--baseline-from``) after checking it has the checkpoint's architecture and shapes.
+1. Build the checkpoint's model without any linear weight: the architecture on the meta device,
+   every ``nn.Linear`` (quantized or not, lm_head included) replaced by a weightless placeholder
+   (``export/placeholders.py``), the checkpoint's dense tensors (embeddings, norms, biases) loaded.
+   Trace it once with the baseline exporter: the graph has every linear's shape and module name and
+   none of its weight bytes.
+2. ``SqzLinearPass`` rewrites each placeholder whose module is a checkpoint layer (by name) into
+   ``sqz::SqzLinear`` reading the packed tensors; the driver insists that the count equals the number
+   of quantized layers. Placeholders of non-quantized modules (lm_head) are refused by it, with that
+   reason (the "1 refusals" of a LLaMA export's log), and ``DenseLinearPass`` gives them their FP
+   weight from the checkpoint. Every tensor goes straight into ``model.onnx.data`` as it is made.
+3. ``CleanupPass`` drops the dead placeholder chains.
+4. The FP16 baseline is the source model recorded in the checkpoint (or ``--baseline-from``), loaded
+   in the export dtype and checked against the checkpoint's architecture and shapes, traced the same
+   way with its linears as placeholders; ``DenseLinearPass`` streams its weights into
+   ``baseline.onnx.data``, one at a time.
+
+So the export holds the packed checkpoint, then the source model in the export dtype, each with one
+layer's tensor in flight: no dense FP copy of a quantized linear ever exists.
 
 Output folder (written into a temporary sibling and renamed into place)::
 
-    model.onnx (+ model.onnx.data above 2 GiB)   quantized graph with sqz::SqzLinear
-    baseline.onnx (+ .data)                      FP16 graph of the original model
-    config.json, tokenizer files                 for generation and comparison
-    manifest.json                                files with sha256, op counts, layers, sizes
-    polygraphy_inputs.json                       one real prefill feed for ``polygraphy run --load-inputs``
+    model.onnx + model.onnx.data          quantized graph with sqz::SqzLinear (tensors >= 1 KiB external)
+    baseline.onnx + baseline.onnx.data    FP16 graph of the original model
+    config.json, tokenizer files          for generation and comparison
+    manifest.json                         files with sha256, op counts, pass counts, layers, sizes
+    polygraphy_inputs.json                one real prefill feed for ``polygraphy run --load-inputs``
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +45,15 @@ import onnx
 import torch
 from torch import nn
 
-from graph_passes import CleanupPass, PassResult, SqzLinearPass
+from graph_passes import CleanupPass, DenseLinearPass, PassResult, SqzLinearPass
 from sqz_export import __version__
 from sqz_export.atomic import check_replaceable, replace_folder
+from sqz_export.checkpoint import WEIGHTS_FILE, Checkpoint
 from sqz_export.errors import UserError
-from sqz_export.export.baseline import (
-    DEFAULT_OPSET,
-    export_decoder,
-    save_model,
-    tensor_bytes,
-)
-from sqz_export.formats import PackedLinear
+from sqz_export.export.baseline import DEFAULT_OPSET, export_decoder, tensor_bytes
+from sqz_export.export.external_data import ExternalData, TensorStore, inline_tensor
+from sqz_export.export.placeholders import replace_with_placeholders
+from sqz_export.formats import FormatError, PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -75,49 +82,112 @@ class ExportResult:
     baseline_source: str | None
 
 
-def reconstructed_model(model: nn.Module, packed: dict[str, PackedLinear]) -> nn.Module:
-    """A copy of ``model`` whose quantized layers are ``nn.Linear`` holding W = LUT[idx] + S (fp32).
-
-    Works on an FP model (weights replaced) and on a model with SqzLinear modules (modules replaced).
-    """
-    result = copy.deepcopy(model)
-    modules = dict(result.named_modules())
-    for name, layer in packed.items():
-        if name not in modules:
-            raise UserError(f"quantized layer {name!r} is not a module of {type(model).__name__}")
-        old = modules[name]
-        linear = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None or getattr(old, "bias", None) is not None
-        )
-        with torch.no_grad():
-            linear.weight.copy_(layer.weight())
-            bias = layer.bias if layer.bias is not None else getattr(old, "bias", None)
-            if bias is not None:
-                linear.bias.copy_(bias.to(torch.float32))
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else result, child, linear)
-    return result.float().eval()
-
-
-def quantize_graph(graph: onnx.ModelProto, packed: dict[str, PackedLinear]) -> list[PassResult]:
-    """Runs the SqzLinear rewrite and cleanup on ``graph`` in place.
+def checkpoint_skeleton(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, nn.Linear]]:
+    """The checkpoint's model with placeholder linears and its dense tensors, built without
+    allocating any linear weight; also the replaced linears (on the meta device) by module name.
 
     Raises:
-        UserError: the rewrite count differs from the number of quantized layers; the message lists
-            the layers no node matched (the graph is left as the passes made it, the caller drops it).
+        FormatError: a quantized layer is not a linear of the config's model, has another shape, or
+            a non-linear tensor of the model is missing from the checkpoint.
     """
-    sqz_pass = SqzLinearPass(packed)
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(checkpoint.hf_config)
+    linears = replace_with_placeholders(model)
+    for name, layer in checkpoint.packed.items():
+        linear = linears.get(name)
+        if linear is None:
+            raise FormatError(f"{checkpoint.path}: quantized layer {name!r} is not a linear of {type(model).__name__}")
+        if (linear.out_features, linear.in_features) != (layer.out_features, layer.in_features):
+            raise FormatError(
+                f"{checkpoint.path}: layer {name!r} is [{layer.out_features}, {layer.in_features}], the config's "
+                f"model has [{linear.out_features}, {linear.in_features}]"
+            )
+    modules = dict(model.named_modules())
+    for name, layer in checkpoint.packed.items():
+        if layer.bias is None:
+            modules[name].bias = None  # a quantized layer's bias is the checkpoint's (SqzLinear's), if any
+    state = dict(checkpoint.dense_state)
+    state.update({f"{name}.bias": layer.bias for name, layer in checkpoint.packed.items() if layer.bias is not None})
+    model.load_state_dict(state, strict=False, assign=True)
+    missing = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if missing:
+        raise FormatError(f"{checkpoint.path / WEIGHTS_FILE}: no tensors for {', '.join(missing[:5])}")
+    return model.eval(), linears
+
+
+def checkpoint_dense_weights(checkpoint: Checkpoint) -> Callable[[str], torch.Tensor | None]:
+    """Module name -> FP weight of a non-quantized linear of the checkpoint, for ``DenseLinearPass``."""
+
+    def weight(name: str) -> torch.Tensor | None:
+        return None if name in checkpoint.packed else checkpoint.dense_state.get(f"{name}.weight")
+
+    return weight
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """{lm_head module: input embedding weight} when the model ties them (the graph's Gather already
+    holds that matrix; ``DenseLinearPass`` reads it instead of storing a transposed copy)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    modules = {module: name for name, module in model.named_modules()}
+    output = modules.get(model.get_output_embeddings())
+    return {output: f"{modules[model.get_input_embeddings()]}.weight"} if output is not None else {}
+
+
+def quantize_graph(
+    graph: onnx.ModelProto,
+    packed: dict[str, PackedLinear],
+    dense_weights: Callable[[str], torch.Tensor | None],
+    dtype: torch.dtype,
+    store: TensorStore = inline_tensor,
+    shared: dict[str, str] | None = None,
+) -> list[PassResult]:
+    """Runs the SqzLinear rewrite, the dense rewrite of the other linears and cleanup on a placeholder
+    graph, in place.
+
+    Raises:
+        UserError: the rewrite count differs from the number of quantized layers (the message lists
+            the layers no node matched), or a placeholder is left that no pass could give a weight.
+    """
+    sqz_pass = SqzLinearPass(packed, store)
     rewrite = sqz_pass.run(graph)
     if rewrite.count != len(packed):
         unmatched = sqz_pass.unmatched()
         refused = "; ".join(f"{r.node}: {r.reason}" for r in rewrite.refusals[:5])
         raise UserError(
-            f"rewrote {rewrite.count} MatMul/Gemm nodes to SqzLinear but the checkpoint has {len(packed)} quantized "
+            f"rewrote {rewrite.count} linears to SqzLinear but the checkpoint has {len(packed)} quantized "
             f"layers; no node matched: {', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''} "
             f"(first refusals: {refused})"
         )
-    cleanup = CleanupPass().run(graph)
-    return [rewrite, cleanup]
+    return [rewrite, *dense_graph(graph, dense_weights, dtype, store, shared)]
+
+
+def dense_graph(
+    graph: onnx.ModelProto,
+    weights: Callable[[str], torch.Tensor | None],
+    dtype: torch.dtype,
+    store: TensorStore = inline_tensor,
+    shared: dict[str, str] | None = None,
+) -> list[PassResult]:
+    """Gives every placeholder left in ``graph`` its FP weight (``shared``: tied ones), then cleans up,
+    in place.
+
+    Raises:
+        UserError: a placeholder has no weight of its shape (the graph would compute with zeros).
+    """
+    dense = DenseLinearPass(weights, dtype, store, shared).run(graph)
+    if dense.refusals:
+        refused = "; ".join(f"{r.node}: {r.reason}" for r in dense.refusals[:5])
+        raise UserError(f"{len(dense.refusals)} linears of the graph got no weight: {refused}")
+    return [dense, CleanupPass().run(graph)]
+
+
+def linear_bytes(linears: dict[str, nn.Linear], dtype: torch.dtype) -> int:
+    """Bytes the linears' weights take in ``dtype`` (what a dense graph of them would hold)."""
+    return sum(linear.in_features * linear.out_features for linear in linears.values()) * dtype.itemsize
 
 
 def op_counts(graph: onnx.ModelProto) -> dict[str, int]:
@@ -147,6 +217,28 @@ def check_baseline_matches(baseline: nn.Module, hf_config: Any, packed: dict[str
             break
     if problems:
         raise UserError(f"baseline model {source!r} does not match the checkpoint: {'; '.join(problems)}")
+
+
+def export_baseline(
+    source: str, hf_config: Any, packed: dict[str, PackedLinear], dtype: torch.dtype, opset: int, path: Path
+) -> None:
+    """Writes the FP baseline of ``source`` at ``path`` (+ .data), streaming its linear weights.
+
+    The source model is loaded in the export dtype (it is all this stage holds), checked against the
+    checkpoint, traced with its linears as placeholders, and each linear's weight goes to the data file
+    in turn.
+    """
+    from sqz_export.models import load_model
+
+    loaded = load_model(source, dtype)
+    check_baseline_matches(loaded.model, hf_config, packed, source)
+    linears = replace_with_placeholders(loaded.model)
+    graph = export_decoder(loaded.model, dtype, opset)
+    with ExternalData(path) as store:
+        weights = {name: linear.weight for name, linear in linears.items()}
+        dense_graph(graph, weights.get, dtype, store, tied_weights(loaded.model))
+        store.externalize(graph)
+    onnx.save_model(graph, str(path))
 
 
 def write_polygraphy_inputs(onnx_path: Path, tokenizer: Any, target: Path) -> None:
@@ -183,45 +275,46 @@ def export_checkpoint(
     """
     from transformers import AutoTokenizer
 
-    from sqz_export.checkpoint import build_model, file_checksums, read_checkpoint, save_tokenizer
+    from sqz_export.checkpoint import file_checksums, read_checkpoint, save_tokenizer
 
     out = check_replaceable(out_dir, MANIFEST_FILE, "ONNX folder")
     checkpoint = read_checkpoint(checkpoint_dir)
     packed = checkpoint.packed
-    quantized = build_model(checkpoint, torch.float32)
-    graph = export_decoder(reconstructed_model(quantized, packed), dtype, opset)
-    bytes_before = tensor_bytes(graph)
-    results = quantize_graph(graph, packed)
-    bytes_after = tensor_bytes(graph)
-
-    baseline_graph = None
     baseline_source = None
     if with_baseline:
-        from sqz_export.models import load_model
-
         baseline_source = baseline_from or checkpoint.qconfig.source_model
         if not baseline_source:
             raise UserError(
                 f"{checkpoint.path}: quantization_config has no source_model; pass --baseline-from MODEL or --no-baseline"
             )
-        loaded = load_model(baseline_source, torch.float32)
-        check_baseline_matches(loaded.model, checkpoint.hf_config, packed, baseline_source)
-        baseline_graph = export_decoder(loaded.model, dtype, opset)
 
     with replace_folder(out, MANIFEST_FILE, "ONNX folder") as tmp:
-        written = save_model(graph, tmp / MODEL_FILE)
-        if baseline_graph is not None:
-            written += save_model(baseline_graph, tmp / BASELINE_FILE)
-        quantized.config.save_pretrained(str(tmp))
-        if (checkpoint.path / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
+        skeleton, linears = checkpoint_skeleton(checkpoint)
+        graph = export_decoder(skeleton, dtype, opset)
+        bytes_before = tensor_bytes(graph) + linear_bytes(linears, dtype)
+        with ExternalData(tmp / MODEL_FILE) as store:
+            results = quantize_graph(
+                graph, packed, checkpoint_dense_weights(checkpoint), dtype, store, tied_weights(skeleton)
+            )
+            store.externalize(graph)
+        onnx.save_model(graph, str(tmp / MODEL_FILE))
+        bytes_after = tensor_bytes(graph)
+        hf_config = checkpoint.hf_config
+        del skeleton, checkpoint  # the baseline's source model replaces them in memory
+
+        if baseline_source is not None:
+            export_baseline(baseline_source, hf_config, packed, dtype, opset, tmp / BASELINE_FILE)
+        hf_config.save_pretrained(str(tmp))
+        checkpoint_path = Path(checkpoint_dir)
+        if (checkpoint_path / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_path))
             save_tokenizer(tokenizer, tmp)
             write_polygraphy_inputs(tmp / MODEL_FILE, tokenizer, tmp / POLYGRAPHY_INPUTS_FILE)
         files = file_checksums(tmp)
         manifest = {
             "format": MANIFEST_FORMAT,
             "created_by": f"sqz-export {__version__}",
-            "checkpoint": str(checkpoint.path.resolve()),
+            "checkpoint": str(checkpoint_path.resolve()),
             "baseline_source": baseline_source,
             "dtype": str(dtype).removeprefix("torch."),
             "opset": opset,
@@ -232,7 +325,8 @@ def export_checkpoint(
             "layers": {name: layer.describe() for name, layer in packed.items()},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    logger.info("wrote %s (%s)", out, ", ".join(path.name for path in written))
+    written = [name for name in files if name.endswith((".onnx", ".data"))]
+    logger.info("wrote %s (%s)", out, ", ".join(written))
     return ExportResult(
         out_dir=out,
         rewritten=results[0].count,
