@@ -27,7 +27,7 @@ import torch
 from sqz_export import kernels
 from sqz_export.formats import PackedLinear, to_rowmajor
 from sqz_export.kernels import benchutil, build
-from sqz_export.runtime import sqz_reference_weight
+from sqz_export.kernels.reference import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 

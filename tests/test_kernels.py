@@ -19,6 +19,7 @@ from tolerances import tolerance
 from toolchain import cuda_include_dir
 
 from sqz_export import kernels
+from sqz_export.kernels import build
 from sqz_export.formats import FormatError, PackedLinear, SparsePart, pack_indices, to_rowmajor
 from sqz_export.runtime import SqzLinear
 
@@ -243,6 +244,66 @@ def test_cpp_reference_matches_torch_op(
 def test_cpp_reference_integer_case_is_exact(cpp_reference: ctypes.CDLL, dtype: torch.dtype) -> None:
     layer, x, expected = integer_layer(3, dtype)
     assert torch.equal(run_cpp_reference(cpp_reference, layer, x), expected)
+
+
+# ---- the C++ CPU kernel (plugins/kernels/sqzLinearCpu*.cpp) on every ISA this CPU has ---------------
+
+CPU_KERNEL_ISAS = [isa for isa in kernels.CPU_ISAS if build.cpu_extension().supports(kernels.CPU_ISAS[isa])]
+"""Every ISA path this CPU runs; "scalar" always (it forces the portable path on any CPU)."""
+# (K, N): K < 32 (tail only), odd K and N, K = 1040 (33 groups: a K block boundary at M = 16 and a
+# tail), and K = 4224 with N = 9 (rows fewer than the 16-row chunks).
+CPU_KERNEL_SHAPES = [(20, 3), (45, 7), (257, 130), (1040, 5), (4224, 9)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 16, 17])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", CPU_KERNEL_SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("isa", CPU_KERNEL_ISAS)
+def test_cpu_kernel_matches_torch_reference(isa: str, bits: int, shape: tuple[int, int], density: float, m: int) -> None:
+    """fp32 x in, fp32 y out: only the summation order differs from the fp32 dense reference."""
+    k, n = shape
+    layer = random_layer(n, k, bits, density, seed=bits * 13 + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
+    y = run_op(layer, x, kernel=isa)
+    torch.testing.assert_close(y, x @ layer.weight().t(), **tolerance("sqz_linear_cpu", torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("isa", CPU_KERNEL_ISAS)
+def test_cpu_kernel_matches_cpp_reference(cpp_reference: ctypes.CDLL, isa: str, bits: int, dtype: torch.dtype) -> None:
+    layer = random_layer(130, 1040, bits, 0.005, seed=bits)
+    x = torch.randn(16, 1040).to(dtype)
+    torch.testing.assert_close(run_op(layer, x, kernel=isa), run_cpp_reference(cpp_reference, layer, x), **tolerance("sqz_linear", dtype))
+
+
+@pytest.mark.parametrize("isa", CPU_KERNEL_ISAS)
+def test_cpu_kernel_identity_and_integer_cases_are_exact(isa: str) -> None:
+    for bits in (3, 4):
+        indices = torch.eye(45, dtype=torch.int64)
+        lut = torch.zeros(45, 1 << bits, dtype=torch.float16)
+        lut[:, 1] = 1.0
+        x = torch.randn(5, 45).to(torch.float16)
+        assert torch.equal(run_op(PackedLinear(bits, 45, 45, pack_indices(indices, bits), lut), x, kernel=isa), x)
+        layer, x, expected = integer_layer(bits, torch.float16)
+        assert torch.equal(run_op(layer, x, kernel=isa), expected)
+
+
+def test_cpu_kernel_rejects_an_isa_the_cpu_lacks() -> None:
+    missing = [isa for isa in kernels.CPU_ISAS if isa not in CPU_KERNEL_ISAS]
+    if not missing:
+        pytest.skip("this CPU supports every ISA path")
+    layer = random_layer(7, 45, 3, 0.0)
+    with pytest.raises(FormatError, match=missing[0]):
+        run_op(layer, torch.randn(1, 45), kernel=missing[0])
+
+
+def test_cpu_kernel_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    layer = random_layer(11, 77, 3, 0.0)
+    with caplog.at_level("INFO", logger="sqz_export.kernels.ops"):
+        run_op(layer, torch.randn(2, 77), kernel="scalar")
+    assert "lut-gemv scalar" in caplog.text
 
 
 # (K, N): 3-bit K = 256 takes the 128-bit weight path (G % 4 == 0), K = 100 the 32-bit one; K = 520 has

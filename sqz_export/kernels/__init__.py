@@ -1,8 +1,8 @@
-"""SqzLinear kernels for torch: ``torch.ops.sqz.sqz_linear`` (CPU reference + CUDA kernels).
+"""SqzLinear kernels for torch: ``torch.ops.sqz.sqz_linear`` (C++ CPU kernel + CUDA kernels).
 
 Importing this package registers the op. :func:`sqz_linear` is what
-``sqz_export.runtime.SqzLinear.forward`` calls for CUDA inputs when :func:`available` is true; the
-CUDA extension is built from plugins/kernels/ on first use (see :mod:`sqz_export.kernels.build`).
+``sqz_export.runtime.SqzLinear.forward`` calls on every device; the CPU extension is built by
+scripts/setup.sh, the CUDA extension on first use (see :mod:`sqz_export.kernels.build`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sqz_export.kernels.ops import KERNEL_KINDS, check_args, cuda_launch, sqz_linear_op
+from sqz_export.kernels.ops import CPU_ISAS, KERNEL_KINDS, check_args, cpu_isa, cuda_launch, sqz_linear_op
 
 if TYPE_CHECKING:
     from sqz_export.runtime import SqzLinear
 
-__all__ = ["KERNEL_KINDS", "available", "check_args", "cuda_launch", "sqz_linear", "sqz_linear_op"]
+__all__ = ["CPU_ISAS", "KERNEL_KINDS", "available", "check_args", "cpu_isa", "cuda_launch", "sqz_linear", "sqz_linear_op"]
 
 
 def available() -> bool:
