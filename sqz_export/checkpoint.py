@@ -158,7 +158,9 @@ def save_checkpoint(
         tensors = _dense_state(model, set(packed))
         for name, layer in packed.items():
             tensors.update(_packed_tensors(name, layer))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "sqz-export", "format_version": str(FORMAT_VERSION)})
+        # "format": "pt" is what transformers' from_pretrained requires of a safetensors file (sqz_export.hf_quantizer).
+        metadata = {"format": "pt", "sqz_format": "sqz-export", "format_version": str(FORMAT_VERSION)}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         config = model.config.to_dict()
         config["quantization_config"] = dataclasses.asdict(qconfig)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

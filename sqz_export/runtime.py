@@ -48,6 +48,23 @@ class SqzLinear(nn.Module):
         self.materialized: torch.Tensor | None = None
         """The reconstructed weight while inside materialized_weights(); never saved."""
 
+    @classmethod
+    def shell(cls, in_features: int, out_features: int, bits: int, chunk_nnz: int, bias: bool) -> SqzLinear:
+        """A layer of the given shape whose buffers are empty placeholders, for loaders that fill them
+        tensor by tensor (transformers' ``from_pretrained``, see :mod:`sqz_export.hf_quantizer`); the
+        buffers' names are the checkpoint's tensor names. The sparse ones stay empty for a dense layer."""
+        empty = torch.empty(0, dtype=torch.int32)
+        placeholder = PackedLinear(
+            bits=bits,
+            in_features=in_features,
+            out_features=out_features,
+            qweight=empty,
+            lut=torch.empty(0, dtype=torch.float16),
+            sparse=SparsePart(empty, empty, torch.empty(0, dtype=torch.float16), empty, chunk_nnz),
+            bias=torch.empty(0, dtype=torch.float16) if bias else None,
+        )
+        return cls(placeholder)
+
     @property
     def has_sparse(self) -> bool:
         return self.sparse_col is not None and self.sparse_col.numel() > 0
