@@ -1,6 +1,6 @@
 """transformers integration: ``AutoModelForCausalLM.from_pretrained(checkpoint)`` returns packed SqzLinear layers.
 
-Importing :mod:`sqz_export` registers, for every ``quant_method`` an sqz-export checkpoint can carry
+Importing :mod:`sqz_export` registers (through :mod:`sqz_export._hf_hook`), for every ``quant_method`` an sqz-export checkpoint can carry
 (:data:`QUANT_METHODS`), a ``QuantizationConfigMixin`` (:class:`SqzQuantizationConfig`) and an
 ``HfQuantizer`` (:class:`SqzHfQuantizer`). transformers then loads a checkpoint folder like this:
 
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
