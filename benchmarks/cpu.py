@@ -110,10 +110,10 @@ def op_rows(args: argparse.Namespace, copy_rate: float) -> list[OpRow]:
             }
             for bits in args.bits:
                 for density in args.densities:
-                    probe = benchutil.random_packed(n, k, bits, density, cpu, seed=0)
+                    probe = benchutil.random_packed(n, k, bits, density, seed=0)
                     size = packed_bytes(probe)
                     copies = benchutil.rotation_count(size, llc)
-                    layers = [probe] + [benchutil.random_packed(n, k, bits, density, cpu, seed=i) for i in range(1, copies)]
+                    layers = [probe] + [benchutil.random_packed(n, k, bits, density, seed=i) for i in range(1, copies)]
                     inputs = []
                     for layer in layers:
                         s = layer.sparse

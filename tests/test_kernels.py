@@ -19,7 +19,7 @@ from tolerances import tolerance
 from toolchain import cuda_include_dir
 
 from sqz_export import kernels
-from sqz_export.kernels import build
+from sqz_export.kernels import benchutil, build
 from sqz_export.formats import FormatError, PackedLinear, SparsePart, pack_indices, to_rowmajor
 from sqz_export.runtime import SqzLinear
 
@@ -33,19 +33,8 @@ DENSITIES = [0.0, 0.005]
 
 
 def random_layer(out_features: int, in_features: int, bits: int, density: float, seed: int = 0) -> PackedLinear:
-    """Random indices, a LUT with no zero entries, and a CSR part at ``density`` (never all-zero values)."""
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=generator)
-    magnitude = torch.rand(out_features, 1 << bits, generator=generator) * 0.09 + 0.01
-    sign = torch.randint(0, 2, magnitude.shape, generator=generator) * 2 - 1
-    lut = (magnitude * sign).to(torch.float16)
-    sparse = None
-    if density:
-        mask = torch.rand(out_features, in_features, generator=generator) < density
-        mask[out_features // 2, : max(1, in_features // 10)] = True  # one heavy row (10% dense)
-        values = torch.randn(out_features, in_features, generator=generator) + 0.5
-        sparse = SparsePart.from_dense(values * mask, chunk_nnz=8)
-    return PackedLinear(bits, in_features, out_features, pack_indices(indices, bits), lut, sparse)
+    """The shared builder with a heavy sparse row (the balanced splits must not leave it to one worker)."""
+    return benchutil.random_packed(out_features, in_features, bits, density, seed, chunk_nnz=8, heavy_row=True)
 
 
 def op_args(layer: PackedLinear) -> tuple:
@@ -490,7 +479,7 @@ def _load_benchmark(name: str):
 def test_benchmark_random_layers_are_valid(k: int, density: float) -> None:
     from sqz_export.kernels.benchutil import random_packed
 
-    layer = random_packed(33, k, 3, density, "cpu", seed=1)
+    layer = random_packed(33, k, 3, density, seed=1)
     layer.validate("bench")
     assert (layer.lut != 0).all()
     if density:
