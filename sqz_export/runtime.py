@@ -47,6 +47,8 @@ class SqzLinear(nn.Module):
         self.register_buffer("bias", packed.bias.clone() if packed.bias is not None else None)
         self.materialized: torch.Tensor | None = None
         """The reconstructed weight while inside materialized_weights(); never saved."""
+        self.checked_buffers: tuple = ()
+        """What kernels.sqz_linear last checked these buffers with (x dtype + data pointers)."""
 
     @classmethod
     def shell(cls, in_features: int, out_features: int, bits: int, chunk_nnz: int, bias: bool) -> SqzLinear:

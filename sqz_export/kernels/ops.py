@@ -135,6 +135,25 @@ def _log_cpu_choice(m: int, k: int, n: int, bits: int, nnz: int, name: str) -> N
         logger.info("sqz_linear: M=%d K=%d N=%d bits=%d nnz=%d cpu -> %s", m, k, n, bits, nnz, name)
 
 
+def cpu_linear(x, qweight, lut, row_ptr, col, val, bits: int, kernel: str) -> torch.Tensor:  # noqa: ANN001
+    """The C++ CPU kernel on arguments check_args accepted (any kernel but "dequant_gemm"); y in x's dtype.
+
+    The op's CPU implementation calls this after checking; ``kernels.sqz_linear`` calls it directly
+    for a module whose buffers it checked before (the dispatcher and the checks cost ~30 us a call,
+    as much as the kernel itself on SmolLM2's 576-wide layers).
+    """
+    from sqz_export.kernels.build import cpu_extension
+
+    ext = cpu_extension()
+    isa = cpu_isa(kernel, bits)
+    m, k = x.shape
+    nnz = col.numel() if col is not None else 0
+    _log_cpu_choice(m, k, qweight.shape[0], bits, nnz, f"lut-gemv {ext.isa_name(isa)}")
+    sparse = (row_ptr.contiguous(), col.contiguous(), val.contiguous()) if nnz else (None, None, None)
+    y = ext.linear(x.to(torch.float32).contiguous(), qweight.contiguous(), lut.contiguous(), *sparse, bits, isa)
+    return y.to(x.dtype)
+
+
 @torch.library.custom_op("sqz::sqz_linear", mutates_args=(), device_types="cpu", schema=_SCHEMA)
 def sqz_linear_op(x, qweight, lut, row_ptr, col, val, chunk_row, bits, in_features, chunk_nnz, kernel="auto"):
     """CPU implementation: the C++ LUT kernel, or the torch reference for kernel="dequant_gemm"."""
@@ -144,14 +163,7 @@ def sqz_linear_op(x, qweight, lut, row_ptr, col, val, chunk_row, bits, in_featur
     if kernel == "dequant_gemm":
         _log_cpu_choice(m, in_features, n, bits, nnz, "dequant_gemm (torch reference: dense weight, then matmul)")
         return _torch_sqz_linear(x, qweight, lut, row_ptr, col, val, bits, in_features)
-    from sqz_export.kernels.build import cpu_extension
-
-    ext = cpu_extension()
-    isa = cpu_isa(kernel, bits)
-    _log_cpu_choice(m, in_features, n, bits, nnz, f"lut-gemv {ext.isa_name(isa)}")
-    sparse = (row_ptr.contiguous(), col.contiguous(), val.contiguous()) if nnz else (None, None, None)
-    y = ext.linear(x.to(torch.float32).contiguous(), qweight.contiguous(), lut.contiguous(), *sparse, bits, isa)
-    return y.to(x.dtype)
+    return cpu_linear(x, qweight, lut, row_ptr, col, val, bits, kernel)
 
 
 @sqz_linear_op.register_fake
