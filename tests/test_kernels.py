@@ -288,6 +288,18 @@ def test_cpu_kernel_rejects_an_isa_the_cpu_lacks() -> None:
         run_op(layer, torch.randn(1, 45), kernel=missing[0])
 
 
+def test_module_fast_path_checks_x_and_rechecks_new_buffers() -> None:
+    """SqzLinear on CPU skips the op's dispatcher but not its checks: a wrong x fails every call, and
+    buffers swapped after a first call are checked again."""
+    module = SqzLinear(random_layer(7, 45, 3, 0.05))
+    module(torch.randn(2, 45))
+    with pytest.raises(FormatError, match="in_features=45"):
+        module(torch.randn(2, 44))
+    module.lut = module.lut.float()
+    with pytest.raises(FormatError, match="lut"):
+        module(torch.randn(2, 45))
+
+
 def test_cpu_kernel_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     layer = random_layer(11, 77, 3, 0.0)
     with caplog.at_level("INFO", logger="sqz_export.kernels.ops"):
