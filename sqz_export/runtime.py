@@ -1,8 +1,9 @@
 """Runtime: the ``SqzLinear`` torch module that stands in for ``nn.Linear`` and keeps its weight packed.
 
-``forward`` calls ``torch.ops.sqz.sqz_linear`` (see ``sqz_export.kernels``): on CPU the C++ LUT
-kernel (plugins/kernels/sqzLinearCpu.cpp), on CUDA the CUDA kernels. The reference semantics the
-kernels are checked against are in ``sqz_export.kernels.reference``.
+``forward`` calls :func:`sqz_export.kernels.sqz_linear`: on CPU the C++ LUT kernel
+(plugins/kernels/sqzLinearCpu.cpp) that ``torch.ops.sqz.sqz_linear`` runs there, called without the
+op's dispatcher; on CUDA the op and its CUDA kernels. The reference semantics the kernels are
+checked against are in ``sqz_export.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 class SqzLinear(nn.Module):
     """y = x @ (LUT[idx] + S)^T + bias, with the packed tensors as buffers (layout 2 on the module).
 
-    ``forward`` runs the packed kernels (``torch.ops.sqz.sqz_linear``) and never holds a dense copy
+    ``forward`` runs the packed kernels (:func:`sqz_export.kernels.sqz_linear`) and never holds a dense copy
     of the weight, except inside :func:`materialized_weights`, which trades that memory for speed
     during a long evaluation. ``compute_dtype`` is the dtype of that materialized matmul; fp32 by
     default so the reference is not limited by fp16 rounding (the CPU kernel accumulates in fp32).

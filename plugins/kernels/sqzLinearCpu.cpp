@@ -133,23 +133,7 @@ char const* sqzCpuValidate(CpuShape const& s) noexcept
     {
         return "shape.m (rows of x) must be >= 0";
     }
-    if (s.inFeatures < 1)
-    {
-        return "shape.inFeatures (K) must be >= 1";
-    }
-    if (s.outFeatures < 1)
-    {
-        return "shape.outFeatures (N) must be >= 1";
-    }
-    if (!format::isSupportedBits(s.bits))
-    {
-        return "shape.bits must be 2, 3, 4 or 8";
-    }
-    if (s.nnz < 0)
-    {
-        return "shape.nnz must be >= 0";
-    }
-    return nullptr;
+    return format::validateLayerShape(s.inFeatures, s.outFeatures, s.bits, s.nnz);
 }
 
 void sqzLinearCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t rowBegin, int64_t rowEnd) noexcept

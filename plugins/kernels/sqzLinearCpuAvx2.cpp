@@ -93,14 +93,7 @@ struct Avx2
 
 void sqz::cpu::detail::rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept
 {
-    if (s.bits == 3)
-    {
-        rowsSimd<Avx2, 3>(s, a, r0, r1);
-    }
-    else
-    {
-        rowsSimd<Avx2, 4>(s, a, r0, r1);
-    }
+    rowsByBits<Avx2>(s, a, r0, r1);
 }
 
 #pragma GCC pop_options

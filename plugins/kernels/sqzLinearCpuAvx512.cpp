@@ -92,14 +92,7 @@ struct Avx512
 
 void sqz::cpu::detail::rowsAvx512(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept
 {
-    if (s.bits == 3)
-    {
-        rowsSimd<Avx512, 3>(s, a, r0, r1);
-    }
-    else
-    {
-        rowsSimd<Avx512, 4>(s, a, r0, r1);
-    }
+    rowsByBits<Avx512>(s, a, r0, r1);
 }
 
 #pragma GCC diagnostic pop

@@ -212,4 +212,18 @@ void rowsSimd(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)
     }
 }
 
+//! rowsSimd for the row's bit width (3 or 4; sqzCpuEffectiveIsa sends the others to the scalar path).
+template <class T>
+void rowsByBits(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)
+{
+    if (s.bits == 3)
+    {
+        rowsSimd<T, 3>(s, a, r0, r1);
+    }
+    else
+    {
+        rowsSimd<T, 4>(s, a, r0, r1);
+    }
+}
+
 } // namespace

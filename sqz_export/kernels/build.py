@@ -1,7 +1,7 @@
 """Builds of the SqzLinear torch extensions (torch.utils.cpp_extension) from plugins/kernels/.
 
-Two extensions, each from the same sources the native libraries link, so torch, the TensorRT plugin,
-the onnxruntime custom-op library and the tests all run one kernel source:
+Two extensions, each from the same kernel sources the native libraries (the TensorRT plugin) and the
+C++ tests compile, so they all run one kernel source:
 
 - the CPU kernel (:func:`cpu_extension`): built by ``scripts/setup.sh`` (``python -m
   sqz_export.kernels.build``) so CI and the README's commands have it; later loads come from torch's
