@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -181,6 +180,15 @@ def linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return resident, fp32
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    exec from the parent, so every child would report at least the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 def decode_child(variant: str, source: str, new_tokens: int) -> dict[str, object]:
     """Runs in the child: load, warm up, time greedy generate, report ms/token and peak RSS."""
     import sqz_export  # noqa: F401  (registers the transformers quantizer)
@@ -214,7 +222,7 @@ def decode_child(variant: str, source: str, new_tokens: int) -> dict[str, object
         "source": source,
         "ms_per_token": 1e3 * seconds / new_tokens,
         "new_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "linear_bytes": resident,
         "linear_fp32_bytes": fp32,
         "load_seconds": load_s,
@@ -236,7 +244,7 @@ def llama_cpp_child(new_tokens: int) -> dict[str, object]:
         "variant": "llama.cpp Q4_1",
         "source": str(default_gguf_path()),
         "ms_per_token": 1e3 * seconds / new_tokens,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
