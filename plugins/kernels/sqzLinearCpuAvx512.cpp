@@ -60,13 +60,6 @@ struct Avx512
         }
     }
 
-    //! The group's words, read where weights() needs them (scalar loads).
-    template <int BITS>
-    static uint32_t const* loadGroup(uint32_t const* group)
-    {
-        return group;
-    }
-
     template <int BITS>
     static V weights(uint32_t const* group, int step, Lut const& l)
     {

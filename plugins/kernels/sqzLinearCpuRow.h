@@ -51,8 +51,8 @@ inline uint32_t chunk3(uint32_t const* w, int c)
     }
 }
 
-template <class T, int BITS, int MT, int CHAINS, int STEP, class G>
-inline void groupStep(G const& group, float const* xg, int64_t xStride, typename T::Lut const& lut,
+template <class T, int BITS, int MT, int CHAINS, int STEP>
+inline void groupStep(uint32_t const* group, float const* xg, int64_t xStride, typename T::Lut const& lut,
     typename T::V (&acc)[MT][CHAINS])
 {
     typename T::V const w = T::template weights<BITS>(group, STEP, lut);
@@ -67,8 +67,7 @@ template <class T, int BITS, int MT, int CHAINS, int... STEPS>
 inline void groupSteps(uint32_t const* group, float const* xg, int64_t xStride, typename T::Lut const& lut,
     typename T::V (&acc)[MT][CHAINS], std::integer_sequence<int, STEPS...>)
 {
-    auto const words = T::template loadGroup<BITS>(group);
-    (groupStep<T, BITS, MT, CHAINS, STEPS>(words, xg, xStride, lut, acc), ...);
+    (groupStep<T, BITS, MT, CHAINS, STEPS>(group, xg, xStride, lut, acc), ...);
 }
 
 //! y[m0 + i, n] (+)= the dense sum over groups [g0, g1) of row n, for i < MT (stored when g0 == 0);
