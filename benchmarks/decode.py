@@ -160,7 +160,7 @@ def sqz_linear_factory(bits: int, density: float, device: torch.device) -> Linea
     counter = iter(range(1 << 30))
 
     def make(out_features: int, in_features: int) -> nn.Module:
-        packed = benchutil.random_packed(out_features, in_features, bits, density, device, seed=next(counter))
+        packed = benchutil.random_packed(out_features, in_features, bits, density, seed=next(counter), device=device)
         return SqzLinear(packed).to(device)
 
     return make

@@ -27,7 +27,7 @@ import torch
 from sqz_export import kernels
 from sqz_export.formats import PackedLinear, to_rowmajor
 from sqz_export.kernels import benchutil, build
-from sqz_export.runtime import sqz_reference_weight
+from sqz_export.kernels.reference import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def measure(
 ) -> Row:
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     l2 = benchutil.l2_bytes(device)
-    probe = benchutil.random_packed(n, k, bits, density, device, seed=0)
+    probe = benchutil.random_packed(n, k, bits, density, seed=0, device=device)
     sqz_bytes = probe.nbytes() + m * k * 2 + m * n * 2
     copies = benchutil.rotation_count(sqz_bytes, l2)
-    layers = [probe] + [benchutil.random_packed(n, k, bits, density, device, seed=i) for i in range(1, copies)]
+    layers = [probe] + [benchutil.random_packed(n, k, bits, density, seed=i, device=device) for i in range(1, copies)]
     xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(copies)]
     y = torch.empty(m, n, dtype=dtype, device=device)
     op_inputs = []

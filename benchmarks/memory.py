@@ -90,7 +90,7 @@ def prepare(size: str, work: Path) -> None:
         sparse = SparsePart.from_dense(torch.randn(n, k, generator=generator) * 0.01 * mask)
         packed[name] = PackedLinear(BITS, k, n, pack_indices(indices, BITS), lut, sparse)
         linear.weight = None  # drop the FP weight as soon as its layer is packed
-    qconfig = QuantizationConfig("rtn", BITS, SPARSITY, 0.0, list(packed), str(work / "source"), chunk_nnz=32)
+    qconfig = QuantizationConfig("squeezellm", BITS, SPARSITY, 0.0, list(packed), str(work / "source"), chunk_nnz=32, method="rtn")
     save_checkpoint(work / "ckpt", model, packed, qconfig, tokenizer)
 
 

@@ -34,6 +34,8 @@ from sqz_export.tensorfile import write_safetensors
 
 logger = logging.getLogger(__name__)
 
+FORMAT_NAME = "squeezellm"
+"""``quantization_config.quant_method`` of every checkpoint sqz-export writes."""
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "sqz_manifest.json"
@@ -44,7 +46,10 @@ SPARSE_TENSORS = ("sparse_row_ptr", "sparse_col", "sparse_val", "sparse_chunk_ro
 class QuantizationConfig:
     """What config.json records under ``quantization_config``."""
 
-    quant_method: str  # "lnq", "squeezellm", "gptq" or "rtn" (quantize.pipeline.METHODS)
+    quant_method: str
+    """The format, "squeezellm", for every method (what transformers dispatches from_pretrained on; a
+    name it owns, such as "gptq", would send the folder to another loader). Checkpoints before the
+    ``method`` field said "rtn" here for RTN."""
     bits: int
     sparsity: float  # target fraction of exact weights (0 = dense only)
     sensitive_fraction: float
@@ -55,8 +60,15 @@ class QuantizationConfig:
     layout: int = LAYOUT_KMAJOR
     format_version: int = FORMAT_VERSION
     created_by: str = f"sqz-export {__version__}"
+    method: str = ""
+    """The algorithm that produced the weights (quantize.pipeline METHODS: lnq, squeezellm, gptq, rtn);
+    empty in older checkpoints, where ``quant_method`` names it (see :attr:`algorithm`)."""
     method_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The method's own settings (quantize.pipeline.QuantizeOptions.settings); empty in older checkpoints."""
+
+    @property
+    def algorithm(self) -> str:
+        return self.method or self.quant_method
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> QuantizationConfig:
@@ -158,8 +170,10 @@ def save_checkpoint(
         tensors = _dense_state(model, set(packed))
         for name, layer in packed.items():
             tensors.update(_packed_tensors(name, layer))
+        # "format": "pt" is what transformers' from_pretrained requires of a safetensors file (sqz_export.hf_quantizer).
+        metadata = {"format": "pt", "sqz_format": "sqz-export", "format_version": str(FORMAT_VERSION)}
         with (tmp / WEIGHTS_FILE).open("wb") as handle:
-            write_safetensors(handle, tensors, metadata={"format": "sqz-export", "format_version": str(FORMAT_VERSION)})
+            write_safetensors(handle, tensors, metadata=metadata)
         config = model.config.to_dict()
         config["quantization_config"] = dataclasses.asdict(qconfig)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

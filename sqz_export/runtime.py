@@ -1,9 +1,9 @@
-"""Reference runtime: the ``SqzLinear`` torch module that stands in for ``nn.Linear``.
+"""Runtime: the ``SqzLinear`` torch module that stands in for ``nn.Linear`` and keeps its weight packed.
 
-This is the numerical reference of the ``sqz::SqzLinear`` op (ONNX function, CUDA kernels and the
-TensorRT plugin are all checked against it). On CPU it reconstructs the weight from the LUT and the
-sparse part; on CUDA it calls the ``torch.ops.sqz`` kernels when they are built (see
-``sqz_export.kernels``).
+``forward`` calls :func:`sqz_export.kernels.sqz_linear`: on CPU the C++ LUT kernel
+(plugins/kernels/sqzLinearCpu.cpp) that ``torch.ops.sqz.sqz_linear`` runs there, called without the
+op's dispatcher; on CUDA the op and its CUDA kernels. The reference semantics the kernels are
+checked against are in ``sqz_export.kernels.reference``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from sqz_export import kernels
 from sqz_export.formats import PackedLinear, SparsePart, to_rowmajor
+from sqz_export.kernels.reference import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +25,10 @@ logger = logging.getLogger(__name__)
 class SqzLinear(nn.Module):
     """y = x @ (LUT[idx] + S)^T + bias, with the packed tensors as buffers (layout 2 on the module).
 
-    The dense weight is rebuilt on every call on CPU (no cached FP copy: the module must not keep the
-    memory quantization saved), except inside :func:`materialized_weights`, which trades that memory
-    for speed during a long evaluation. ``compute_dtype`` is the dtype of the matmul; fp32 by default
-    so the reference is not limited by fp16 rounding.
+    ``forward`` runs the packed kernels (:func:`sqz_export.kernels.sqz_linear`) and never holds a dense copy
+    of the weight, except inside :func:`materialized_weights`, which trades that memory for speed
+    during a long evaluation. ``compute_dtype`` is the dtype of that materialized matmul; fp32 by
+    default so the reference is not limited by fp16 rounding (the CPU kernel accumulates in fp32).
     """
 
     def __init__(self, packed: PackedLinear, compute_dtype: torch.dtype = torch.float32) -> None:
@@ -46,6 +48,25 @@ class SqzLinear(nn.Module):
         self.register_buffer("bias", packed.bias.clone() if packed.bias is not None else None)
         self.materialized: torch.Tensor | None = None
         """The reconstructed weight while inside materialized_weights(); never saved."""
+        self.checked_buffers: tuple = ()
+        """What kernels.sqz_linear last checked these buffers with (x dtype + data pointers)."""
+
+    @classmethod
+    def shell(cls, in_features: int, out_features: int, bits: int, chunk_nnz: int, bias: bool) -> SqzLinear:
+        """A layer of the given shape whose buffers are empty placeholders, for loaders that fill them
+        tensor by tensor (transformers' ``from_pretrained``, see :mod:`sqz_export.hf_quantizer`); the
+        buffers' names are the checkpoint's tensor names. The sparse ones stay empty for a dense layer."""
+        empty = torch.empty(0, dtype=torch.int32)
+        placeholder = PackedLinear(
+            bits=bits,
+            in_features=in_features,
+            out_features=out_features,
+            qweight=empty,
+            lut=torch.empty(0, dtype=torch.float16),
+            sparse=SparsePart(empty, empty, torch.empty(0, dtype=torch.float16), empty, chunk_nnz),
+            bias=torch.empty(0, dtype=torch.float16) if bias else None,
+        )
+        return cls(placeholder)
 
     @property
     def has_sparse(self) -> bool:
@@ -79,17 +100,13 @@ class SqzLinear(nn.Module):
         ).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from sqz_export import kernels
-
-            if kernels.available():
-                y = kernels.sqz_linear(self, x)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
-        w = self.materialized if self.materialized is not None else self.reconstruct_weight(self.compute_dtype)
-        y = torch.matmul(x.to(self.compute_dtype), w.t())
-        if self.bias is not None:
-            y = y + self.bias.to(self.compute_dtype)
-        return y.to(x.dtype)
+        if self.materialized is not None:
+            y = torch.matmul(x.to(self.compute_dtype), self.materialized.t())
+            if self.bias is not None:
+                y = y + self.bias.to(self.compute_dtype)
+            return y.to(x.dtype)
+        y = kernels.sqz_linear(self, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         nnz = int(self.sparse_col.numel()) if self.sparse_col is not None else 0
@@ -112,42 +129,6 @@ def materialized_weights(model: nn.Module) -> Iterator[int]:
     finally:
         for module in modules:
             module.materialized = None
-
-
-def sqz_dequantize_reference(qweight_rowmajor: torch.Tensor, lut: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """LUT[idx] from layout-2 words, fp32 [N, K]; pure torch so it runs on any device.
-
-    Bit b of the stream lives in word b // 32 at bit b % 32; index j of a row starts at stream bit
-    bits*j (see ``formats``). Gathering two adjacent words handles indices that straddle a word.
-    """
-    device = qweight_rowmajor.device
-    words = qweight_rowmajor.to(torch.int64) & 0xFFFFFFFF  # [N, W]
-    start = torch.arange(in_features, device=device, dtype=torch.int64) * bits  # [K]
-    word_idx = start // 32
-    shift = start % 32
-    lo = words[:, word_idx] >> shift  # [N, K]
-    next_idx = torch.clamp(word_idx + 1, max=words.shape[1] - 1)
-    hi = words[:, next_idx] << (32 - shift)
-    idx = (lo | torch.where(shift + bits > 32, hi, torch.zeros_like(hi))) & ((1 << bits) - 1)
-    return torch.gather(lut.to(torch.float32), 1, idx)
-
-
-def sqz_reference_weight(
-    qweight_rowmajor: torch.Tensor,
-    lut: torch.Tensor,
-    row_ptr: torch.Tensor | None,
-    col: torch.Tensor | None,
-    val: torch.Tensor | None,
-    bits: int,
-    in_features: int,
-) -> torch.Tensor:
-    """W = LUT[idx] + S as fp32 [N, K] on the tensors' device: the reference semantics of SqzLinear."""
-    w = sqz_dequantize_reference(qweight_rowmajor, lut, bits, in_features)
-    if col is not None and col.numel():
-        counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(qweight_rowmajor.shape[0], device=w.device), counts)
-        w.index_put_((rows, col.to(torch.int64)), val.to(torch.float32), accumulate=True)
-    return w
 
 
 def replace_linears(model: nn.Module, packed: dict[str, PackedLinear], compute_dtype: torch.dtype = torch.float32) -> int:

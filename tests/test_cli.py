@@ -90,7 +90,7 @@ def test_quantize_inspect_eval_end_to_end(tiny_setup: tuple[Path, Path], tmp_pat
     result = run_cli("inspect", str(out), "--json", "-")
     assert result.returncode == 0, result.stderr
     inspected = json.loads(result.stdout[result.stdout.index("{"):])
-    assert inspected["quant_method"] == method and inspected["layers"] == 14
+    assert inspected["quant_method"] == "squeezellm" and inspected["method"] == method and inspected["layers"] == 14
     if sparsity == "0":  # packed bytes follow from the shapes alone: words of the indices plus the fp16 LUTs
         layers = quantizable_linears(make_tiny_model("llama")).values()
         expected = sum(math.ceil(l.in_features / 32) * bits * l.out_features * 4 + l.out_features * 2**bits * 2 for l in layers)

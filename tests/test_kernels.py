@@ -19,6 +19,7 @@ from tolerances import tolerance
 from toolchain import cuda_include_dir
 
 from sqz_export import kernels
+from sqz_export.kernels import benchutil, build
 from sqz_export.formats import FormatError, PackedLinear, SparsePart, pack_indices, to_rowmajor
 from sqz_export.runtime import SqzLinear
 
@@ -32,19 +33,8 @@ DENSITIES = [0.0, 0.005]
 
 
 def random_layer(out_features: int, in_features: int, bits: int, density: float, seed: int = 0) -> PackedLinear:
-    """Random indices, a LUT with no zero entries, and a CSR part at ``density`` (never all-zero values)."""
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=generator)
-    magnitude = torch.rand(out_features, 1 << bits, generator=generator) * 0.09 + 0.01
-    sign = torch.randint(0, 2, magnitude.shape, generator=generator) * 2 - 1
-    lut = (magnitude * sign).to(torch.float16)
-    sparse = None
-    if density:
-        mask = torch.rand(out_features, in_features, generator=generator) < density
-        mask[out_features // 2, : max(1, in_features // 10)] = True  # one heavy row (10% dense)
-        values = torch.randn(out_features, in_features, generator=generator) + 0.5
-        sparse = SparsePart.from_dense(values * mask, chunk_nnz=8)
-    return PackedLinear(bits, in_features, out_features, pack_indices(indices, bits), lut, sparse)
+    """The shared builder with a heavy sparse row (the balanced splits must not leave it to one worker)."""
+    return benchutil.random_packed(out_features, in_features, bits, density, seed, chunk_nnz=8, heavy_row=True)
 
 
 def op_args(layer: PackedLinear) -> tuple:
@@ -245,6 +235,78 @@ def test_cpp_reference_integer_case_is_exact(cpp_reference: ctypes.CDLL, dtype: 
     assert torch.equal(run_cpp_reference(cpp_reference, layer, x), expected)
 
 
+# ---- the C++ CPU kernel (plugins/kernels/sqzLinearCpu*.cpp) on every ISA this CPU has ---------------
+
+CPU_KERNEL_ISAS = [isa for isa in kernels.CPU_ISAS if build.cpu_extension().supports(kernels.CPU_ISAS[isa])]
+"""Every ISA path this CPU runs; "scalar" always (it forces the portable path on any CPU)."""
+# (K, N): K < 32 (tail only), odd K and N, K = 1040 (33 groups: a K block boundary at M = 16 and a
+# tail), and K = 4224 with N = 9 (rows fewer than the 16-row chunks).
+CPU_KERNEL_SHAPES = [(20, 3), (45, 7), (257, 130), (1040, 5), (4224, 9)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 16, 17])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", CPU_KERNEL_SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("isa", CPU_KERNEL_ISAS)
+def test_cpu_kernel_matches_torch_reference(isa: str, bits: int, shape: tuple[int, int], density: float, m: int) -> None:
+    """fp32 x in, fp32 y out: only the summation order differs from the fp32 dense reference."""
+    k, n = shape
+    layer = random_layer(n, k, bits, density, seed=bits * 13 + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
+    y = run_op(layer, x, kernel=isa)
+    torch.testing.assert_close(y, x @ layer.weight().t(), **tolerance("sqz_linear_cpu", torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("isa", CPU_KERNEL_ISAS)
+def test_cpu_kernel_matches_cpp_reference(cpp_reference: ctypes.CDLL, isa: str, bits: int, dtype: torch.dtype) -> None:
+    layer = random_layer(130, 1040, bits, 0.005, seed=bits)
+    x = torch.randn(16, 1040).to(dtype)
+    torch.testing.assert_close(run_op(layer, x, kernel=isa), run_cpp_reference(cpp_reference, layer, x), **tolerance("sqz_linear", dtype))
+
+
+@pytest.mark.parametrize("isa", CPU_KERNEL_ISAS)
+def test_cpu_kernel_identity_and_integer_cases_are_exact(isa: str) -> None:
+    for bits in (3, 4):
+        indices = torch.eye(45, dtype=torch.int64)
+        lut = torch.zeros(45, 1 << bits, dtype=torch.float16)
+        lut[:, 1] = 1.0
+        x = torch.randn(5, 45).to(torch.float16)
+        assert torch.equal(run_op(PackedLinear(bits, 45, 45, pack_indices(indices, bits), lut), x, kernel=isa), x)
+        layer, x, expected = integer_layer(bits, torch.float16)
+        assert torch.equal(run_op(layer, x, kernel=isa), expected)
+
+
+def test_cpu_kernel_rejects_an_isa_the_cpu_lacks() -> None:
+    missing = [isa for isa in kernels.CPU_ISAS if isa not in CPU_KERNEL_ISAS]
+    if not missing:
+        pytest.skip("this CPU supports every ISA path")
+    layer = random_layer(7, 45, 3, 0.0)
+    with pytest.raises(FormatError, match=missing[0]):
+        run_op(layer, torch.randn(1, 45), kernel=missing[0])
+
+
+def test_module_fast_path_checks_x_and_rechecks_new_buffers() -> None:
+    """SqzLinear on CPU skips the op's dispatcher but not its checks: a wrong x fails every call, and
+    buffers swapped after a first call are checked again."""
+    module = SqzLinear(random_layer(7, 45, 3, 0.05))
+    module(torch.randn(2, 45))
+    with pytest.raises(FormatError, match="in_features=45"):
+        module(torch.randn(2, 44))
+    module.lut = module.lut.float()
+    with pytest.raises(FormatError, match="lut"):
+        module(torch.randn(2, 45))
+
+
+def test_cpu_kernel_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    layer = random_layer(11, 77, 3, 0.0)
+    with caplog.at_level("INFO", logger="sqz_export.kernels.ops"):
+        run_op(layer, torch.randn(2, 77), kernel="scalar")
+    assert "lut-gemv scalar" in caplog.text
+
+
 # (K, N): 3-bit K = 256 takes the 128-bit weight path (G % 4 == 0), K = 100 the 32-bit one; K = 520 has
 # 128-bit x loads but a K tail; K = 45 neither. K = 4224: 132 groups = 33 three-bit units, so the lane
 # loops take a second, partial step in which only some lanes are active (the others still take part
@@ -429,7 +491,7 @@ def _load_benchmark(name: str):
 def test_benchmark_random_layers_are_valid(k: int, density: float) -> None:
     from sqz_export.kernels.benchutil import random_packed
 
-    layer = random_packed(33, k, 3, density, "cpu", seed=1)
+    layer = random_packed(33, k, 3, density, seed=1)
     layer.validate("bench")
     assert (layer.lut != 0).all()
     if density:

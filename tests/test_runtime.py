@@ -10,7 +10,8 @@ from tiny_models import make_tiny_model, random_packed
 from tolerances import tolerance
 
 from sqz_export.models import quantizable_linears
-from sqz_export.runtime import SqzLinear, replace_linears, sqz_dequantize_reference
+from sqz_export.kernels.reference import sqz_dequantize_reference
+from sqz_export.runtime import SqzLinear, replace_linears
 
 
 @pytest.mark.parametrize("bits", [3, 4])

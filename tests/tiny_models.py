@@ -18,7 +18,8 @@ from transformers import (
 
 from sqz_export.checkpoint import QuantizationConfig, save_checkpoint
 from sqz_export.export.signature import DecoderSignature
-from sqz_export.formats import PackedLinear, SparsePart, pack_indices
+from sqz_export.formats import PackedLinear
+from sqz_export.kernels import benchutil
 from sqz_export.models import load_model, quantizable_linears
 
 TINY_VOCAB = 128
@@ -88,14 +89,8 @@ SAMPLE_TEXT = (
 
 
 def random_packed(out_features: int, in_features: int, bits: int, density: float, seed: int = 0) -> PackedLinear:
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, 1 << bits, (out_features, in_features), generator=generator)
-    lut = (torch.randn(out_features, 1 << bits, generator=generator) * 0.05).to(torch.float16)
-    sparse = None
-    if density:
-        mask = torch.rand(out_features, in_features, generator=generator) < density
-        sparse = SparsePart.from_dense(torch.randn(out_features, in_features, generator=generator) * mask, chunk_nnz=4)
-    return PackedLinear(bits, in_features, out_features, pack_indices(indices, bits), lut, sparse)
+    """benchutil.random_packed with the tiny checkpoints' chunk size (several chunks per small layer)."""
+    return benchutil.random_packed(out_features, in_features, bits, density, seed, chunk_nnz=CHUNK_NNZ)
 
 
 BITS = 3

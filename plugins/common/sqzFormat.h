@@ -75,6 +75,33 @@ static_assert(unitGroups(3) * 3 % 4 == 0 && unitGroups(4) * 4 % 4 == 0 && unitGr
     "a vector unit must be a whole number of 128-bit loads");
 static_assert(kLAYOUT_ROWMAJOR == 2 && kLAYOUT_KMAJOR == 1, "layout ids are part of the file format");
 
+//! nullptr if a packed layer of this shape is valid, else a static message naming the bad field. The
+//! weight half of the CUDA launcher's (sqzLinearValidate) and the CPU kernel's (sqzCpuValidate) checks.
+inline char const* validateLayerShape(int64_t inFeatures, int64_t outFeatures, int32_t bits, int64_t nnz)
+{
+    if (inFeatures < 1)
+    {
+        return "shape.inFeatures (K) must be >= 1";
+    }
+    if (inFeatures > (1 << 30))
+    {
+        return "shape.inFeatures (K) must be <= 2^30";
+    }
+    if (outFeatures < 1)
+    {
+        return "shape.outFeatures (N) must be >= 1";
+    }
+    if (!isSupportedBits(bits))
+    {
+        return "shape.bits must be 2, 3, 4 or 8";
+    }
+    if (nnz < 0)
+    {
+        return "shape.nnz must be >= 0";
+    }
+    return nullptr;
+}
+
 //! The group's bit stream from index j (0..31) on: index j in the low BITS bits, the bits above it
 //! unspecified (the following indices). With j a compile-time constant (unrolled loops) the word
 //! choice and the shifts fold away; straddling indices (3-bit j = 10, 21) read two words.

@@ -31,25 +31,9 @@ char const* sqzLinearValidate(SqzLinearShape const& s) noexcept
     {
         return "shape.m (rows of x) must be <= 4194240 (65535 GEMM row tiles per launch)";
     }
-    if (s.inFeatures < 1)
+    if (char const* error = format::validateLayerShape(s.inFeatures, s.outFeatures, s.bits, s.nnz))
     {
-        return "shape.inFeatures (K) must be >= 1";
-    }
-    if (s.inFeatures > (1 << 30))
-    {
-        return "shape.inFeatures (K) must be <= 2^30";
-    }
-    if (s.outFeatures < 1)
-    {
-        return "shape.outFeatures (N) must be >= 1";
-    }
-    if (!format::isSupportedBits(s.bits))
-    {
-        return "shape.bits must be 2, 3, 4 or 8";
-    }
-    if (s.nnz < 0)
-    {
-        return "shape.nnz must be >= 0";
+        return error;
     }
     if (s.nnz > 0 && s.chunkNnz <= 0)
     {

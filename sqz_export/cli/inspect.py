@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "checkpoint": str(args.checkpoint),
         "quant_method": qconfig.quant_method,
+        "method": qconfig.algorithm,
+        "method_settings": qconfig.method_settings,
         "bits": qconfig.bits,
         "format_version": qconfig.format_version,
         "layers": len(packed),
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = qconfig.calibration or {}
     print_table([
         ("checkpoint", f"{args.checkpoint} (format v{qconfig.format_version}, checksums ok)"),
-        ("method", f"{qconfig.quant_method}, {qconfig.bits}-bit, {summary['sparse_fraction']:.4%} exact weights ({nnz} non-zeros)"),
+        ("method", f"{qconfig.algorithm}, {qconfig.bits}-bit, {summary['sparse_fraction']:.4%} exact weights ({nnz} non-zeros)"),
         ("layers", f"{len(packed)} linears, {weights / 1e6:.2f}M weights"),
         ("quantized linears", f"{human_bytes(weights * 2)} fp16 -> {human_bytes(packed_bytes)} packed ({summary['compression_ratio']:.2f}x, {summary['bits_per_weight']:.3f} bits/weight incl. LUT and sparse)"),
         ("other tensors", f"{human_bytes(dense_bytes)} (embeddings, norms, lm_head; fp16)"),

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sqz_export.atomic import check_replaceable, check_writable
     from sqz_export.caches import reusable_cache
-    from sqz_export.checkpoint import MANIFEST_FILE, QuantizationConfig, save_checkpoint
+    from sqz_export.checkpoint import FORMAT_NAME, MANIFEST_FILE, QuantizationConfig, save_checkpoint
     from sqz_export.data import load_windows
     from sqz_export.evaluate import perplexity
     from sqz_export.models import load_weights, open_model, quantizable_linears
@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     del stats
     timings.update(result.timings)
     qconfig = QuantizationConfig(
-        quant_method=options.method,
+        quant_method=FORMAT_NAME,
+        method=options.method,
         bits=options.bits,
         sparsity=options.sparsity,
         sensitive_fraction=options.sensitive_fraction,

@@ -1,4 +1,4 @@
-"""Helpers shared by benchmarks/kernels.py and benchmarks/decode.py: random layers and GPU timing.
+"""Helpers shared by the benchmarks and the tests: the random-layer builder, and GPU/CPU timing.
 
 Timing follows the project's benchmark rules: warm-up first, CUDA events around CUDA-graph replays
 (so Python and launch overhead do not count, as in a TensorRT engine), median of several repeats,
@@ -39,15 +39,19 @@ def random_packed(
     in_features: int,
     bits: int,
     density: float,
-    device: torch.device | str,
     seed: int = 0,
+    device: torch.device | str = "cpu",
     chunk_nnz: int = DEFAULT_CHUNK_NNZ,
+    heavy_row: bool = False,
 ) -> PackedLinear:
-    """A random quantized layer (layout 1, as a checkpoint holds it), built on ``device``.
+    """A random quantized layer (layout 1, as a checkpoint holds it), built on ``device``: the one
+    random-layer builder of the tests and the benchmarks.
 
     Every b-bit pattern is a valid index, so when K is a multiple of 32 the packed words are drawn
     directly (no CPU packing of LLaMA-sized layers); otherwise indices are packed so the padding is 0.
-    LUT entries are N(0, 0.02) pushed away from zero; sparse values are N(0, 1), never zero.
+    LUT entries are N(0, 0.02) pushed away from zero (a LUT with no zeros: a dropped term shows);
+    sparse values are N(0, 1), never zero. ``heavy_row`` makes output row N // 2 hold a non-zero in
+    its first tenth of the columns (a row far heavier than the rest, for the balanced splits).
     """
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -66,6 +70,8 @@ def random_packed(
     sparse = None
     if density > 0:
         mask = torch.rand(out_features, in_features, device=device, generator=generator) < density
+        if heavy_row:
+            mask[out_features // 2, : max(1, in_features // 10)] = True
         rows, cols = torch.nonzero(mask, as_tuple=True)
         counts = torch.bincount(rows, minlength=out_features)
         row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=device)

@@ -1,8 +1,14 @@
-"""JIT build of the SqzLinear CUDA extension (torch.utils.cpp_extension) from plugins/kernels/.
+"""Builds of the SqzLinear torch extensions (torch.utils.cpp_extension) from plugins/kernels/.
 
-The same .cu the TensorRT plugin links is compiled here, so torch, the plugin and the tests all run
-one kernel source. The build happens once per process (and is cached on disk by torch), only when
-a CUDA device is present; build errors propagate to the caller, never a silent fallback.
+Two extensions, each from the same kernel sources the native libraries (the TensorRT plugin) and the
+C++ tests compile, so they all run one kernel source:
+
+- the CPU kernel (:func:`cpu_extension`): built by ``scripts/setup.sh`` (``python -m
+  sqz_export.kernels.build``) so CI and the README's commands have it; later loads come from torch's
+  on-disk cache in well under a second;
+- the CUDA kernels (:func:`extension`): built on first use, only when a CUDA device is present.
+
+Build errors propagate to the caller with the compiler's log, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "sqz_kernels_ext"
-"""Module name of the compiled extension (also its folder under the torch extensions cache)."""
+"""Module name of the compiled CUDA extension (also its folder under the torch extensions cache)."""
+CPU_EXTENSION_NAME = "sqz_cpu_kernels_ext"
+"""Module name of the compiled CPU extension."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PLUGINS_DIR = _PACKAGE_DIR.parents[1] / "plugins"
@@ -32,12 +40,23 @@ def source_files() -> list[Path]:
     ]
 
 
+def cpu_source_files() -> list[Path]:
+    """Sources of the CPU extension: its binding, the dispatch/scalar file and one file per SIMD ISA."""
+    kernels = PLUGINS_DIR / "kernels"
+    return [
+        _PACKAGE_DIR / "cpu_binding.cpp",
+        kernels / "sqzLinearCpu.cpp",
+        kernels / "sqzLinearCpuAvx2.cpp",
+        kernels / "sqzLinearCpuAvx512.cpp",
+    ]
+
+
 def include_dirs() -> list[Path]:
     return [PLUGINS_DIR / "common", PLUGINS_DIR / "kernels"]
 
 
 def build_extension(name: str, sources: list[Path], includes: list[Path]) -> ModuleType:
-    """Builds (or loads from torch's cache) a CUDA extension from repository sources.
+    """Builds (or loads from torch's cache) a C++ or CUDA extension from repository sources.
 
     Shared by the product's extension and the benchmarks' baseline kernels, so both are compiled
     with the same flags and fail the same way.
@@ -51,18 +70,19 @@ def build_extension(name: str, sources: list[Path], includes: list[Path]) -> Mod
 
     missing = [str(p) for p in sources + includes if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"building the CUDA extension {name} needs these repository sources: " + ", ".join(missing))
-    if "CUDA_HOME" not in os.environ and cpp_extension.CUDA_HOME is None:
+        raise FileNotFoundError(f"building the extension {name} needs these repository sources: " + ", ".join(missing))
+    cuda = any(path.suffix == ".cu" for path in sources)
+    if cuda and "CUDA_HOME" not in os.environ and cpp_extension.CUDA_HOME is None:
         raise RuntimeError(
             f"building the CUDA extension {name}: CUDA_HOME is not set and no CUDA toolkit was found "
             "(export CUDA_HOME=/usr/local/cuda)"
         )
-    logger.info("building the CUDA extension %s (first use; cached by torch afterwards)", name)
+    logger.info("building the extension %s (first use; cached by torch afterwards)", name)
     return cpp_extension.load(
         name=name,
         sources=[str(p) for p in sources],
         extra_include_paths=[str(p) for p in includes],
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3", "-std=c++17", "-Wall", "-Wextra"],
         extra_cuda_cflags=["-O3", "-std=c++17"],
         verbose=logger.isEnabledFor(logging.DEBUG),
     )
@@ -72,3 +92,28 @@ def build_extension(name: str, sources: list[Path], includes: list[Path]) -> Mod
 def extension() -> ModuleType:
     """The SqzLinear extension (built once per process); errors as :func:`build_extension`."""
     return build_extension(EXTENSION_NAME, source_files(), include_dirs())
+
+
+@functools.cache
+def cpu_extension() -> ModuleType:
+    """The SqzLinear CPU extension (built once, then loaded from torch's cache); errors as
+    :func:`build_extension`, re-raised with how to rebuild it."""
+    try:
+        return build_extension(CPU_EXTENSION_NAME, cpu_source_files(), include_dirs())
+    except (OSError, RuntimeError) as exc:
+        raise RuntimeError(
+            f"the SqzLinear CPU kernel ({CPU_EXTENSION_NAME}) could not be built or loaded: {exc}\n"
+            "It needs a C++17 compiler (g++) and the repository's plugins/ folder; rebuild it with "
+            "`python -m sqz_export.kernels.build` (scripts/setup.sh does)."
+        ) from exc
+
+
+def main() -> None:
+    """``python -m sqz_export.kernels.build``: builds the CPU extension and says where it is."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = cpu_extension()
+    print(f"sqz CPU kernel: {module.__file__} (best ISA on this CPU: {module.isa_name(module.best_isa())})")
+
+
+if __name__ == "__main__":
+    main()

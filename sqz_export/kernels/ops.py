@@ -6,9 +6,14 @@
 x [M, K] (fp16, bf16 or fp32), qweight int32 [N, ceil(K/32) * bits] (layout 2), lut fp16 [N, 2**bits],
 optional CSR sparse part (all four tensors or none); returns y [M, N] in x's dtype.
 
-- CPU (and fp32 activations on CUDA): pure torch, the semantics of
-  :func:`sqz_export.runtime.sqz_reference_weight` (LUT[idx] plus the exact sparse values), fp32 matmul, one
-  rounding to x's dtype. This is what runs without a GPU.
+- CPU: the C++ LUT kernel of plugins/kernels/sqzLinearCpu.cpp through the CPU extension
+  (:func:`sqz_export.kernels.build.cpu_extension`, built by scripts/setup.sh): x is converted to
+  fp32, the packed weight is read once per call (never expanded), fp32 accumulation, one rounding to
+  x's dtype. ``kernel`` = "auto" or "gemv" (the widest ISA the CPU has), "scalar", "avx2", "avx512"
+  (that ISA, an error where the CPU lacks it), or "dequant_gemm" (the torch reference: the whole
+  weight dequantized, then a matmul). The ISA that ran is logged (INFO, once per layer shape).
+- fp32 activations on CUDA: the torch reference, the semantics of
+  :func:`sqz_export.kernels.reference.sqz_reference_weight`, fp32 matmul, one rounding to x's dtype.
 - CUDA (fp16/bf16): the kernels of plugins/kernels/sqzLinear.cu through the JIT extension
   (:mod:`sqz_export.kernels.build`); ``kernel`` = "auto" | "gemv" | "dequant_gemm" (auto = the
   launcher's rule by M). The chosen kernel is logged (INFO, once per layer shape and kernel).
@@ -21,12 +26,14 @@ import logging
 import torch
 
 from sqz_export.formats import FormatError, check_bits, packed_words
-from sqz_export.runtime import sqz_reference_weight
+from sqz_export.kernels.reference import sqz_reference_weight
 
 logger = logging.getLogger(__name__)
 
 KERNEL_KINDS = {"auto": 0, "gemv": 1, "dequant_gemm": 2}
-"""Values of the op's ``kernel`` argument -> sqz::KernelKind."""
+"""Values of the op's ``kernel`` argument -> sqz::KernelKind (CUDA)."""
+CPU_ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+"""Values of the op's ``kernel`` argument that force an ISA of the CPU kernel -> sqz::cpu::Isa."""
 
 _SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor lut, Tensor? row_ptr, Tensor? col, Tensor? val, Tensor? chunk_row, "
@@ -55,8 +62,9 @@ def check_args(
         FormatError: a tensor has the wrong dtype, shape or device, or an attribute is out of range.
     """
     check_bits(bits)
-    if kernel not in KERNEL_KINDS:
-        raise FormatError(f"sqz_linear: kernel={kernel!r}, expected one of {sorted(KERNEL_KINDS)}")
+    kernels = KERNEL_KINDS if x.device.type != "cpu" else {**KERNEL_KINDS, **CPU_ISAS}
+    if kernel not in kernels:
+        raise FormatError(f"sqz_linear: kernel={kernel!r}, expected one of {sorted(kernels)} on {x.device.type}")
     if x.dim() != 2 or x.shape[1] != in_features:
         raise FormatError(f"sqz_linear: x must be [M, in_features={in_features}], got {tuple(x.shape)}")
     if x.dtype not in _ACTIVATION_DTYPES:
@@ -102,11 +110,60 @@ def _torch_sqz_linear(x, qweight, lut, row_ptr, col, val, bits, in_features) -> 
     return torch.matmul(x.to(torch.float32), w.t()).to(x.dtype)
 
 
+def cpu_isa(kernel: str, bits: int) -> int:
+    """The sqz::cpu::Isa a CPU call runs for ``kernel`` (not "dequant_gemm") and ``bits``.
+
+    Raises:
+        FormatError: ``kernel`` names an ISA this CPU does not have.
+    """
+    from sqz_export.kernels.build import cpu_extension
+
+    ext = cpu_extension()
+    if kernel in CPU_ISAS:
+        isa = CPU_ISAS[kernel]
+        if not ext.supports(isa):
+            raise FormatError(f"sqz_linear: kernel={kernel!r}, but this CPU does not support {kernel}")
+    else:
+        isa = ext.best_isa()
+    return ext.effective_isa(isa, bits)
+
+
+def _log_cpu_choice(m: int, k: int, n: int, bits: int, nnz: int, name: str) -> None:
+    key = ("cpu", name, m if m <= 16 else "large", k, n, bits, nnz > 0)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logger.info("sqz_linear: M=%d K=%d N=%d bits=%d nnz=%d cpu -> %s", m, k, n, bits, nnz, name)
+
+
+def cpu_linear(x, qweight, lut, row_ptr, col, val, bits: int, kernel: str) -> torch.Tensor:  # noqa: ANN001
+    """The C++ CPU kernel on arguments check_args accepted (any kernel but "dequant_gemm"); y in x's dtype.
+
+    The op's CPU implementation calls this after checking; ``kernels.sqz_linear`` calls it directly
+    for a module whose buffers it checked before (the dispatcher and the checks cost ~30 us a call,
+    as much as the kernel itself on SmolLM2's 576-wide layers).
+    """
+    from sqz_export.kernels.build import cpu_extension
+
+    ext = cpu_extension()
+    isa = cpu_isa(kernel, bits)
+    m, k = x.shape
+    nnz = col.numel() if col is not None else 0
+    _log_cpu_choice(m, k, qweight.shape[0], bits, nnz, f"lut-gemv {ext.isa_name(isa)}")
+    sparse = (row_ptr.contiguous(), col.contiguous(), val.contiguous()) if nnz else (None, None, None)
+    y = ext.linear(x.to(torch.float32).contiguous(), qweight.contiguous(), lut.contiguous(), *sparse, bits, isa)
+    return y.to(x.dtype)
+
+
 @torch.library.custom_op("sqz::sqz_linear", mutates_args=(), device_types="cpu", schema=_SCHEMA)
 def sqz_linear_op(x, qweight, lut, row_ptr, col, val, chunk_row, bits, in_features, chunk_nnz, kernel="auto"):
-    """CPU implementation: pure torch reference (see the module docstring)."""
+    """CPU implementation: the C++ LUT kernel, or the torch reference for kernel="dequant_gemm"."""
     check_args(x, qweight, lut, row_ptr, col, val, chunk_row, bits, in_features, chunk_nnz, kernel)
-    return _torch_sqz_linear(x, qweight, lut, row_ptr, col, val, bits, in_features)
+    m, n = x.shape[0], qweight.shape[0]
+    nnz = col.numel() if col is not None else 0
+    if kernel == "dequant_gemm":
+        _log_cpu_choice(m, in_features, n, bits, nnz, "dequant_gemm (torch reference: dense weight, then matmul)")
+        return _torch_sqz_linear(x, qweight, lut, row_ptr, col, val, bits, in_features)
+    return cpu_linear(x, qweight, lut, row_ptr, col, val, bits, kernel)
 
 
 @sqz_linear_op.register_fake

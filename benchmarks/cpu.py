@@ -1,0 +1,312 @@
+"""CPU speed and memory of the packed SqzLinear kernel: op level against torch matmul, and SmolLM2 decode.
+
+(a) Op level (``--part op``): y = x W^T for M = 1, 4, 16 on SmolLM2-135M and LLaMA-7B shapes, 3/4-bit,
+dense and 0.45% sparse, through ``torch.ops.sqz.sqz_linear`` (the C++ kernel, widest ISA of this CPU).
+Weights are random (never zeros: benchutil.random_packed) and rotated over enough copies that one pass
+reads more than twice the last-level cache, as are the FP32 and BF16 weights of the torch matmuls timed
+in the same run. Bandwidth is the packed bytes (indices + LUT + CSR) per second, against a memcpy
+measured in the same run.
+
+(b) Decode (``--part decode``): greedy generation of --new-tokens tokens of SmolLM2-135M, each variant
+in its own child process (so peak RSS is its own): transformers FP32 and BF16 (the embedded GGUF) and
+sqz checkpoints loaded with ``AutoModelForCausalLM.from_pretrained`` (``--checkpoint NAME=DIR``, e.g.
+from ``sqz-export quantize --method rtn --bits 3 --sparsity 0.45% -o runs/sqz3s``). ms/token is the
+generate() wall time over the new tokens (prefill of the short prompt included). llama.cpp is a peer
+row when ``llama_cpp`` is importable.
+
+    python benchmarks/cpu.py --out runs/cpu.json --checkpoint sqz3s=runs/sqz3s sqz3=runs/sqz3 sqz4=runs/sqz4
+    python benchmarks/cpu.py --part op --shapes 4096x4096 --out runs/cpu_op.json
+
+Prints tables and writes one JSON (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sqz_export.kernels import benchutil
+
+SMOLLM2_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
+LLAMA7B_SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
+"""N x K (out_features x in_features)."""
+PROMPT = "The history of anarchism"
+
+
+def llc_bytes() -> int:
+    """Last-level cache of CPU 0 from sysfs (the largest cache index), 32 MiB when it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        text = (index / "size").read_text().strip() if (index / "size").exists() else ""
+        if text.endswith("K"):
+            sizes.append(int(text[:-1]) * 1024)
+    return max(sizes, default=32 * 2**20)
+
+
+def memcpy_rate(nbytes: int) -> float:
+    """Bytes/s read + written by a dst.copy_(src) of ``nbytes`` (larger than the LLC), median of repeats."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    seconds = benchutil.time_per_call([lambda: dst.copy_(src)], torch.device("cpu"), iters=4, repeats=5)
+    return 2 * nbytes / seconds
+
+
+@dataclasses.dataclass
+class OpRow:
+    n: int
+    k: int
+    m: int
+    bits: int
+    density: float
+    isa: str
+    sqz_ms: float
+    fp32_ms: float
+    bf16_ms: float
+    packed_bytes: int
+    gbps: float
+    copy_fraction: float
+    speedup_fp32: float
+    speedup_bf16: float
+    max_abs_err: float
+
+
+def packed_bytes(layer) -> int:  # noqa: ANN001
+    tensors = [layer.qweight, layer.lut]
+    if layer.sparse is not None:
+        tensors += [layer.sparse.row_ptr, layer.sparse.col, layer.sparse.val]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def op_rows(args: argparse.Namespace, copy_rate: float) -> list[OpRow]:
+    from sqz_export import kernels
+    from sqz_export.formats import to_rowmajor
+    from sqz_export.kernels.reference import sqz_reference_weight
+
+    cpu = torch.device("cpu")
+    llc = llc_bytes()
+    rows = []
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        dense = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            copies = benchutil.rotation_count(n * k * torch.finfo(dtype).bits // 8, llc)
+            dense[dtype] = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+        for m in args.m:
+            xs = {dtype: torch.randn(m, k).to(dtype) for dtype in dense}
+            dense_ms = {
+                dtype: 1e3 * benchutil.time_per_call(
+                    [lambda w=w, x=xs[dtype]: torch.matmul(x, w.t()) for w in weights], cpu, args.iters, args.repeats
+                )
+                for dtype, weights in dense.items()
+            }
+            for bits in args.bits:
+                for density in args.densities:
+                    probe = benchutil.random_packed(n, k, bits, density, seed=0)
+                    size = packed_bytes(probe)
+                    copies = benchutil.rotation_count(size, llc)
+                    layers = [probe] + [benchutil.random_packed(n, k, bits, density, seed=i) for i in range(1, copies)]
+                    inputs = []
+                    for layer in layers:
+                        s = layer.sparse
+                        sparse = (s.row_ptr, s.col, s.val, s.chunk_row) if s is not None else (None, None, None, None)
+                        inputs.append((to_rowmajor(layer.qweight), layer.lut, *sparse, s.chunk_nnz if s else 0))
+                    x = xs[torch.float32]
+
+                    def call(i: int):  # noqa: ANN202
+                        q, lut, rp, col, val, cr, chunk = inputs[i]
+                        return torch.ops.sqz.sqz_linear(x, q, lut, rp, col, val, cr, bits, k, chunk)
+
+                    q, lut, rp, col, val, _, _ = inputs[0]
+                    expected = x @ sqz_reference_weight(q, lut, rp, col, val, bits, k).t()
+                    err = float((call(0) - expected).abs().max())
+                    seconds = benchutil.time_per_call(
+                        [lambda i=i: call(i) for i in range(copies)], cpu, args.iters, args.repeats
+                    )
+                    isa = kernel_isa(kernels, bits)
+                    rows.append(
+                        OpRow(
+                            n=n, k=k, m=m, bits=bits, density=density, isa=isa, sqz_ms=1e3 * seconds,
+                            fp32_ms=dense_ms[torch.float32], bf16_ms=dense_ms[torch.bfloat16], packed_bytes=size,
+                            gbps=size / seconds / 1e9, copy_fraction=size / seconds / copy_rate,
+                            speedup_fp32=dense_ms[torch.float32] / (1e3 * seconds),
+                            speedup_bf16=dense_ms[torch.bfloat16] / (1e3 * seconds), max_abs_err=err,
+                        )
+                    )  # fmt: skip
+                    print(format_op_row(rows[-1]), flush=True)
+        del dense
+    return rows
+
+
+def kernel_isa(kernels, bits: int) -> str:  # noqa: ANN001
+    """Name of the ISA the op runs for ``bits`` on this CPU."""
+    from sqz_export.kernels.build import cpu_extension
+
+    return cpu_extension().isa_name(kernels.cpu_isa("auto", bits))
+
+
+def format_op_row(r: OpRow) -> str:
+    return (
+        f"{r.n:>6}x{r.k:<6} M={r.m:<3} {r.bits}-bit {100 * r.density:4.2f}% {r.isa:<7} sqz {r.sqz_ms:8.3f} ms  "
+        f"fp32 {r.fp32_ms:8.3f}  bf16 {r.bf16_ms:8.3f}  x{r.speedup_fp32:5.2f} fp32  x{r.speedup_bf16:5.2f} bf16  "
+        f"{r.gbps:6.2f} GB/s ({100 * r.copy_fraction:4.1f}% of memcpy)  err {r.max_abs_err:.1e}"
+    )
+
+
+# ---- (b) decode, one child process per variant ------------------------------------------------------
+
+
+def linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(resident bytes of the quantized linears' buffers or nn.Linear weights, their FP32 bytes)."""
+    from sqz_export.models import quantizable_linears
+    from sqz_export.runtime import SqzLinear
+
+    resident = fp32 = 0
+    for module in model.modules():
+        if isinstance(module, SqzLinear):
+            resident += sum(b.numel() * b.element_size() for b in module.buffers())
+            fp32 += module.in_features * module.out_features * 4
+    if fp32 == 0:
+        for linear in quantizable_linears(model).values():
+            resident += linear.weight.numel() * linear.weight.element_size()
+            fp32 += linear.weight.numel() * 4
+    return resident, fp32
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    exec from the parent, so every child would report at least the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def decode_child(variant: str, source: str, new_tokens: int) -> dict[str, object]:
+    """Runs in the child: load, warm up, time greedy generate, report ms/token and peak RSS."""
+    import sqz_export  # noqa: F401  (registers the transformers quantizer)
+    from transformers import AutoModelForCausalLM
+
+    from sqz_export.models import load_model
+
+    start = time.perf_counter()
+    if variant in ("fp32", "bf16"):
+        loaded = load_model(None)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if variant == "bf16":
+            model = model.to(torch.bfloat16)
+    else:
+        from transformers import AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    load_s = time.perf_counter() - start
+    model.eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    kwargs = {"do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    with torch.inference_mode():
+        model.generate(**ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        start = time.perf_counter()
+        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        seconds = time.perf_counter() - start
+    resident, fp32 = linear_bytes(model)
+    return {
+        "variant": variant,
+        "source": source,
+        "ms_per_token": 1e3 * seconds / new_tokens,
+        "new_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "linear_bytes": resident,
+        "linear_fp32_bytes": fp32,
+        "load_seconds": load_s,
+        "text": tokenizer.decode(out[0, ids["input_ids"].shape[1] :][:24]),
+    }
+
+
+def llama_cpp_child(new_tokens: int) -> dict[str, object]:
+    import llama_cpp
+
+    from sqz_export.models import default_gguf_path
+
+    llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_threads=os.cpu_count() or 2, verbose=False)
+    llm(PROMPT, max_tokens=4)
+    start = time.perf_counter()
+    llm(PROMPT, max_tokens=new_tokens, temperature=0.0)
+    seconds = time.perf_counter() - start
+    return {
+        "variant": "llama.cpp Q4_1",
+        "source": str(default_gguf_path()),
+        "ms_per_token": 1e3 * seconds / new_tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+    import importlib.util
+
+    variants = [("fp32", ""), ("bf16", "")] + [tuple(spec.split("=", 1)) for spec in args.checkpoint]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        variants.append(("llama.cpp", ""))
+    else:
+        print("llama.cpp row skipped: llama_cpp is not importable", flush=True)
+    rows = []
+    for variant, source in variants:
+        cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"decode child {variant} failed:\n{result.stderr[-3000:]}")
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        ratio = row["linear_bytes"] / row["linear_fp32_bytes"] if row.get("linear_fp32_bytes") else float("nan")
+        print(
+            f"{variant:<10} {row['ms_per_token']:7.2f} ms/token  peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB  "
+            f"linears {row.get('linear_bytes', 0) / 2**20:6.1f} MiB ({ratio:.3f}x FP32)",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["op", "decode", "all"], default="all")
+    parser.add_argument("--shapes", nargs="+", default=SMOLLM2_SHAPES + LLAMA7B_SHAPES, help="N x K")
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.0, 0.0045])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkpoint", nargs="*", default=[], help="NAME=DIR of sqz checkpoints for the decode part")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("runs/cpu.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-source", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        row = llama_cpp_child(args.new_tokens) if args.child == "llama.cpp" else decode_child(args.child, args.child_source, args.new_tokens)
+        print(json.dumps(row))
+        return 0
+
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; torch threads {torch.get_num_threads()}; LLC {llc_bytes() >> 20} MiB")
+    results: dict[str, object] = {"load_average": load, "llc_bytes": llc_bytes()}
+    if args.part in ("op", "all"):
+        copy_rate = memcpy_rate(4 * llc_bytes())
+        print(f"memcpy {copy_rate / 1e9:.2f} GB/s (read + write)")
+        results["memcpy_bytes_per_s"] = copy_rate
+        results["op_rows"] = [dataclasses.asdict(r) for r in op_rows(args, copy_rate)]
+    if args.part in ("decode", "all"):
+        results["decode_rows"] = decode_rows(args)
+    benchutil.write_report(args.out, "cpu", torch.device("cpu"), args, **results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

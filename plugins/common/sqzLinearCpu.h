@@ -1,0 +1,82 @@
+/*
+ * sqzLinearCpu.h: the SqzLinear CPU kernel (plain C++: no CUDA, torch or onnxruntime types), shared by
+ * the torch op (sqz_export/kernels/cpu_binding.cpp) and the onnxruntime custom-op library
+ * (plugins/sqzOrtOps/).
+ *
+ *   y[m, n] = sum_k x[m, k] * LUT[n, idx[n, k]] + sum_{j in CSR row n} val[j] * x[m, col[j]]
+ *
+ * x [M, K] and y [M, N] are row-major fp32 (the adapters convert fp16/bf16 activations: for decode
+ * x is a few KB, the weights are the bytes that matter); the weight is the layout-2 packed format of
+ * sqz_export/formats.py (sqzFormat.h): qweight int32 [N, ceil(K/32) * bits], LUT fp16 [N, 2^bits],
+ * optional CSR residual (row_ptr [N+1], col [nnz], val fp16 [nnz]). Semantics as sqzLinearRef.cpp
+ * (fp32 accumulation); the SIMD paths sum k in 8 or 16 lanes, so they agree with it up to fp32
+ * reassociation.
+ *
+ * Threading is the caller's: sqzLinearCpuRows computes a range of output rows and may run on
+ * disjoint ranges from any number of threads; sqzLinearCpuSplit cuts N into ranges of equal work
+ * (packed words + non-zeros), so a heavy sparse row does not leave one thread doing most of it.
+ */
+#pragma once
+
+#include <cstdint>
+
+namespace sqz
+{
+namespace cpu
+{
+
+//! Instruction set a kernel runs with. Chosen at run time (sqzCpuBestIsa) from the CPU's features.
+enum class Isa : int32_t
+{
+    kScalar = 0, //!< portable C++ (any CPU, every bit width)
+    kAvx2 = 1,   //!< AVX2 + FMA + F16C: 8 weights per step, LUT in a register (_mm256_permutevar8x32_ps)
+    kAvx512 = 2, //!< AVX-512F: 16 weights per step, LUT in a register (_mm512_permutexvar_ps)
+};
+
+struct CpuShape
+{
+    int32_t m;           //!< rows of x and y; 0 is allowed
+    int32_t inFeatures;  //!< K >= 1
+    int32_t outFeatures; //!< N >= 1
+    int32_t bits;        //!< 2, 3, 4 or 8
+    int32_t nnz;         //!< non-zeros of the CSR residual, 0 if none
+};
+
+struct CpuArgs
+{
+    float const* x;          //!< [m, inFeatures] row-major fp32
+    int32_t const* qweight;  //!< layout 2: [outFeatures, ceil(inFeatures/32) * bits]
+    uint16_t const* lut;     //!< fp16 bit patterns [outFeatures, 1 << bits]
+    int32_t const* rowPtr;   //!< [outFeatures + 1], or nullptr when nnz == 0
+    int32_t const* col;      //!< [nnz]
+    uint16_t const* val;     //!< fp16 bit patterns [nnz]
+    float* y;                //!< [m, outFeatures] row-major fp32
+};
+
+//! Whether this CPU can run `isa` (kScalar always).
+bool sqzCpuSupports(Isa isa) noexcept;
+
+//! The widest ISA this CPU supports.
+Isa sqzCpuBestIsa() noexcept;
+
+//! The ISA a call with `bits` actually runs when `requested` is asked for: the SIMD paths decode
+//! 3- and 4-bit rows (the product's widths); 2- and 8-bit rows run the scalar path.
+Isa sqzCpuEffectiveIsa(Isa requested, int32_t bits) noexcept;
+
+//! "scalar", "avx2" or "avx512".
+char const* sqzCpuIsaName(Isa isa) noexcept;
+
+//! nullptr if the kernel supports `shape`, else a static message naming the bad field.
+char const* sqzCpuValidate(CpuShape const& shape) noexcept;
+
+//! Output rows [rowBegin, rowEnd) of y for all m rows of x, with `isa` (must be supported; see
+//! sqzCpuEffectiveIsa for the bit widths that run scalar). Inputs must have been validated.
+void sqzLinearCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd) noexcept;
+
+//! Cuts [0, N) into `parts` ranges of equal work: bounds[0] = 0 <= bounds[1] <= ... <= bounds[parts] = N.
+//! Work of row n = its packed words + its non-zeros (rowPtr, when nnz > 0), so the cumulative work up
+//! to row n is n * words + rowPtr[n] and each bound is a binary search.
+void sqzLinearCpuSplit(CpuShape const& shape, int32_t const* rowPtr, int32_t parts, int64_t* bounds) noexcept;
+
+} // namespace cpu
+} // namespace sqz

@@ -1,0 +1,183 @@
+/*
+ * sqzLinearCpu.cpp: the SqzLinear CPU kernel's dispatch, validation, balanced row split and the
+ * portable scalar path (sqzLinearCpu.h). Compiled for the baseline ISA; the AVX2 and AVX-512 row
+ * loops live in their own translation units (sqzLinearCpuAvx2.cpp, sqzLinearCpuAvx512.cpp) and only
+ * run after the CPU said it has them (__builtin_cpu_supports, which also checks the OS saves the
+ * registers). Bit layout: sqzFormat.h; the SIMD row loop and its register use: sqzLinearCpuRow.h.
+ */
+#include "sqzLinearCpu.h"
+
+#include "sqzFormat.h"
+#include "sqzLinearCpuIsa.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sqz
+{
+namespace cpu
+{
+
+namespace
+{
+
+constexpr int kSCALAR_TILE = 16; //!< x rows per pass of the scalar path
+
+//! Rows [r0, r1), every bit width: decode one index at a time (sqz::format::rowIndex), LUT from an
+//! fp32 copy of the row's table, x in tiles of kSCALAR_TILE rows.
+void rowsScalar(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept
+{
+    int64_t const K = s.inFeatures;
+    int64_t const words = format::packedWords(K, s.bits);
+    int32_t const entries = format::lutEntries(s.bits);
+    auto const* qweight = reinterpret_cast<uint32_t const*>(a.qweight);
+    float lut[256];
+    for (int64_t n = r0; n < r1; ++n)
+    {
+        for (int32_t e = 0; e < entries; ++e)
+        {
+            lut[e] = format::halfBitsToFloat(a.lut[n * entries + e]);
+        }
+        uint32_t const* row = qweight + n * words;
+        for (int64_t m0 = 0; m0 < s.m; m0 += kSCALAR_TILE)
+        {
+            int const mt = static_cast<int>(std::min<int64_t>(kSCALAR_TILE, s.m - m0));
+            float acc[kSCALAR_TILE] = {};
+            for (int64_t k = 0; k < K; ++k)
+            {
+                float const w = lut[format::rowIndex(row, s.bits, k)];
+                for (int i = 0; i < mt; ++i)
+                {
+                    acc[i] += w * a.x[(m0 + i) * K + k];
+                }
+            }
+            for (int i = 0; i < mt; ++i)
+            {
+                a.y[(m0 + i) * s.outFeatures + n] = acc[i];
+            }
+            detail::finishRow(s, a, n, m0, mt, K);
+        }
+    }
+}
+
+} // namespace
+
+void detail::finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin) noexcept
+{
+    int64_t const K = s.inFeatures;
+    int32_t const entries = format::lutEntries(s.bits);
+    auto const* row = reinterpret_cast<uint32_t const*>(a.qweight) + n * format::packedWords(K, s.bits);
+    int32_t const nzBegin = s.nnz > 0 ? a.rowPtr[n] : 0;
+    int32_t const nzEnd = s.nnz > 0 ? a.rowPtr[n + 1] : 0;
+    for (int i = 0; i < mt; ++i)
+    {
+        float const* x = a.x + (m0 + i) * K;
+        float& out = a.y[(m0 + i) * s.outFeatures + n];
+        float acc = out;
+        for (int64_t k = kBegin; k < K; ++k)
+        {
+            acc += format::halfBitsToFloat(a.lut[n * entries + format::rowIndex(row, s.bits, k)]) * x[k];
+        }
+        for (int32_t j = nzBegin; j < nzEnd; ++j)
+        {
+            acc += format::halfBitsToFloat(a.val[j]) * x[a.col[j]];
+        }
+        out = acc;
+    }
+}
+
+bool sqzCpuSupports(Isa isa) noexcept
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    switch (isa)
+    {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case Isa::kAvx512: return __builtin_cpu_supports("avx512f");
+    }
+    return false;
+#else
+    return isa == Isa::kScalar;
+#endif
+}
+
+Isa sqzCpuBestIsa() noexcept
+{
+    if (sqzCpuSupports(Isa::kAvx512))
+    {
+        return Isa::kAvx512;
+    }
+    return sqzCpuSupports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar;
+}
+
+Isa sqzCpuEffectiveIsa(Isa requested, int32_t bits) noexcept
+{
+    return bits == 3 || bits == 4 ? requested : Isa::kScalar;
+}
+
+char const* sqzCpuIsaName(Isa isa) noexcept
+{
+    switch (isa)
+    {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    }
+    return "unknown";
+}
+
+char const* sqzCpuValidate(CpuShape const& s) noexcept
+{
+    if (s.m < 0)
+    {
+        return "shape.m (rows of x) must be >= 0";
+    }
+    return format::validateLayerShape(s.inFeatures, s.outFeatures, s.bits, s.nnz);
+}
+
+void sqzLinearCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t rowBegin, int64_t rowEnd) noexcept
+{
+    if (s.m == 0 || rowBegin >= rowEnd)
+    {
+        return;
+    }
+    switch (sqzCpuEffectiveIsa(isa, s.bits))
+    {
+    case Isa::kAvx512: detail::rowsAvx512(s, a, rowBegin, rowEnd); return;
+    case Isa::kAvx2: detail::rowsAvx2(s, a, rowBegin, rowEnd); return;
+    case Isa::kScalar: rowsScalar(s, a, rowBegin, rowEnd); return;
+    }
+}
+
+void sqzLinearCpuSplit(CpuShape const& s, int32_t const* rowPtr, int32_t parts, int64_t* bounds) noexcept
+{
+    int64_t const N = s.outFeatures;
+    int64_t const words = format::packedWords(s.inFeatures, s.bits);
+    auto const work = [&](int64_t n) { return n * words + (s.nnz > 0 ? static_cast<int64_t>(rowPtr[n]) : 0); };
+    int64_t const total = work(N);
+    bounds[0] = 0;
+    for (int32_t p = 1; p < parts; ++p)
+    {
+        int64_t const target = total * p / parts;
+        int64_t lo = bounds[p - 1];
+        int64_t hi = N;
+        while (lo < hi) // first n with work(n) >= target
+        {
+            int64_t const mid = (lo + hi) / 2;
+            if (work(mid) < target)
+            {
+                lo = mid + 1;
+            }
+            else
+            {
+                hi = mid;
+            }
+        }
+        bounds[p] = lo;
+    }
+    bounds[parts] = N;
+}
+
+} // namespace cpu
+} // namespace sqz

@@ -1,0 +1,29 @@
+/*
+ * sqzLinearCpuIsa.h: internal entry points of the per-ISA translation units of the CPU kernel
+ * (sqzLinearCpuAvx2.cpp, sqzLinearCpuAvx512.cpp) and the scalar row finish they share with the
+ * portable path (sqzLinearCpu.cpp, compiled for the baseline ISA).
+ */
+#pragma once
+
+#include "sqzLinearCpu.h"
+
+namespace sqz
+{
+namespace cpu
+{
+namespace detail
+{
+
+//! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt (scalar; the
+//! sparse non-zeros in CSR order, as sqzLinearRef). y holds the dense sum over k < kBegin.
+void finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin) noexcept;
+
+//! Rows [r0, r1) with AVX2 + FMA + F16C; bits must be 3 or 4.
+void rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
+
+//! Rows [r0, r1) with AVX-512F; bits must be 3 or 4.
+void rowsAvx512(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
+
+} // namespace detail
+} // namespace cpu
+} // namespace sqz
