@@ -31,7 +31,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from sqz_export.checkpoint import MANIFEST_FILE, QuantizationConfig, _read_json, _verify_files
+from sqz_export.checkpoint import MANIFEST_FILE, QuantizationConfig, _read_json, verify_files
 from sqz_export.formats import FormatError, to_kmajor, to_rowmajor
 from sqz_export.runtime import SqzLinear
 
@@ -79,7 +79,7 @@ class SqzHfQuantizer(HfQuantizer):
         qconfig = self.quantization_config.sqz
         folder = Path(getattr(model.config, "_name_or_path", ""))
         if (folder / MANIFEST_FILE).is_file():
-            _verify_files(folder, _read_json(folder / MANIFEST_FILE))
+            verify_files(folder, _read_json(folder / MANIFEST_FILE))
         modules = dict(model.named_modules())
         for name in qconfig.modules:
             old = modules.get(name)
