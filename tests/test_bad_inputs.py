@@ -628,12 +628,14 @@ def test_sigint_mid_run_leaves_no_partial_output(world: World, tmp_path: Path) -
     out, cache = tmp_path / "ckpt", tmp_path / "fisher.safetensors"
     before = tree_digest(world.root)
     args = _quantize_args(world, out, "--calib-windows", "60", "--seq-len", "128", "--fisher", str(cache))
-    process = cli_process(args)
+    # A shell that starts the test suite in the background ignores SIGINT for it, and Python keeps an
+    # inherited SIG_IGN: give the CLI the default disposition, as a terminal's Ctrl-C would find it.
+    process = cli_process(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stderr is not None
     seen = []
     for line in process.stderr:  # progress lines arrive without a terminal; interrupt mid-calibration
         seen.append(line)
-        if "calibration: " in line:
+        if "sqz_export.progress: calibration: " in line:
             process.send_signal(signal.SIGINT)
             break
     _, rest = process.communicate(timeout=300)
