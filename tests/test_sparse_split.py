@@ -33,7 +33,7 @@ def test_fraction_hits_target(sparsity: float, sensitive: float) -> None:
     fraction = int(selection.mask.sum()) / weight.numel()
     assert abs(fraction - sparsity) <= FRACTION_TOLERANCE
     assert (selection.outliers, selection.sensitive) == sparse_counts(weight.numel(), sparsity, sensitive)
-    packed = quantize_weight(weight, fisher, QuantizeOptions(bits=3, sparsity=sparsity, sensitive_fraction=sensitive))
+    packed = quantize_weight(weight, fisher, QuantizeOptions(method="squeezellm", bits=3, sparsity=sparsity, sensitive_fraction=sensitive))
     assert packed.sparse is not None
     assert abs(packed.sparse.nnz / weight.numel() - sparsity) <= FRACTION_TOLERANCE
 
@@ -63,7 +63,7 @@ def test_without_fisher_all_by_magnitude() -> None:
 
 def test_zero_sparsity_gives_dense_only() -> None:
     weight, fisher = matrix(64, 96)
-    packed = quantize_weight(weight, fisher, QuantizeOptions(bits=4, sparsity=0.0, sensitive_fraction=0.0))
+    packed = quantize_weight(weight, fisher, QuantizeOptions(method="squeezellm", bits=4, sparsity=0.0, sensitive_fraction=0.0))
     assert packed.sparse is None
 
 

@@ -170,7 +170,8 @@ def _prepare(name: str, weight: torch.Tensor, stats: CalibrationStats, bias: tor
     w = weight.detach().to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise UserError(f"{name}: weight contains NaN or infinite values")
-    fisher = stats.fisher.get(name) if options.method in ("lnq", "squeezellm") else None
+    # gptq chooses its exact weights by magnitude (gptq.py); rtn uses a Fisher when one is given
+    fisher = stats.fisher.get(name) if options.method != "gptq" else None
     if fisher is not None and fisher.shape != w.shape:
         raise UserError(f"{name}: Fisher information has shape {tuple(fisher.shape)}, expected the weight's {tuple(w.shape)}")
     hessian = {"lnq": stats.guided, "gptq": stats.xtx}.get(options.method, {}).get(name)
