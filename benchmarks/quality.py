@@ -40,8 +40,8 @@ CONFIGS: list[tuple[str, int, float]] = [(method, bits, sparsity) for method in 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2-135M)")
-    parser.add_argument("--dataset", default="wikipedia", help="calibration text (its start) and first evaluation text (its end)")
-    parser.add_argument("--second-text", default="news", help="second evaluation text, scored on its end ('' to skip)")
+    parser.add_argument("--dataset", default="wikipedia", help="calibration text (its start is calibrated on)")
+    parser.add_argument("--eval-texts", nargs="+", default=["wikipedia", "news"], help="texts scored on their end (default: wikipedia news)")
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -55,10 +55,10 @@ def main() -> None:
 
     loaded = load_model(args.model, torch.float32)
     layers = quantizable_linears(loaded.model)
-    windows = load_windows(loaded.tokenizer, args.dataset, calibration=(args.calib_windows, args.seq_len), evaluation=(args.eval_windows, args.seq_len))
-    evaluations = {args.dataset: windows["evaluation"]}
-    if args.second_text:
-        evaluations[args.second_text] = load_windows(loaded.tokenizer, args.second_text, evaluation=(args.eval_windows, args.seq_len))["evaluation"]
+    windows = load_windows(loaded.tokenizer, args.dataset, calibration=(args.calib_windows, args.seq_len))
+    evaluations = {text: load_windows(loaded.tokenizer, text, evaluation=(args.eval_windows, args.seq_len))["evaluation"] for text in args.eval_texts}
+    if args.dataset in evaluations:  # the same text: calibration from its start, evaluation from its end
+        load_windows(loaded.tokenizer, args.dataset, calibration=(args.calib_windows, args.seq_len), evaluation=(args.eval_windows, args.seq_len))
     weights = sum(layer.weight.numel() for layer in layers.values())
 
     def scores(model: torch.nn.Module) -> dict[str, float]:

@@ -171,6 +171,7 @@ def collect_statistics(
 
         return hook
 
+    needs_backward = request.fisher or request.guided_groups > 0  # X^T X alone needs only the forward pass
     was_training = model.training
     requires = [p.requires_grad for p in params]
     handles = []
@@ -189,11 +190,12 @@ def collect_statistics(
         )
         for index in track(range(windows.shape[0]), windows.shape[0], "calibration", "windows", enabled=progress):
             ids = windows[index : index + 1].to(device=device, dtype=torch.int64)
-            with autocast:
+            with autocast, torch.set_grad_enabled(needs_backward):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             if not torch.isfinite(loss):
                 raise UserError(f"calibration window {index} gives a non-finite loss ({loss.item()}); check the model and data")
-            loss.backward()
+            if needs_backward:
+                loss.backward()
             if not request.fisher:
                 for layer in layers.values():
                     layer.weight.grad = None
