@@ -665,7 +665,23 @@ def run_in_terminal(args: list[str]) -> tuple[int, str]:
     return process.wait(timeout=300), b"".join(chunks).decode(errors="replace")
 
 
-@pytest.mark.parametrize("name", ["quantize-dataset-binary-txt", "build-file-is-not-onnx", "generate-sqz-node-wrong-namespace"])
+ISSUE_CASES = [
+    "quantize-model-folder-empty",
+    "quantize-model-folder-only-config",
+    "quantize-dataset-binary-txt",
+    "build-file-is-not-onnx",
+    "quantize-output-read-only",
+    "quantize-fisher-not-a-cache",
+    "quantize-sensitive-fraction-above-sparsity",
+    "quantize-seq-len-beyond-positions",
+    "eval-seq-len-beyond-positions-checkpoint",
+    "quantize-fisher-made-for-other-settings",
+    "quantize-dataset-too-short",
+]
+"""The cases the bad-input report listed, which must also fail cleanly with a terminal attached."""
+
+
+@pytest.mark.parametrize("name", [*ISSUE_CASES, "generate-sqz-node-wrong-namespace"])
 def test_bad_input_fails_cleanly_at_a_terminal(name: str, world: World, tmp_path: Path) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
