@@ -19,7 +19,7 @@ linears are referenced (not copied: q/k/v share one tensor) until their output g
 backward pass, then folded into the fp32 accumulators and dropped; each weight gradient is squared into
 its accumulator by a post-accumulate hook and freed at once. The accumulators cost ``N*K`` (Fisher) plus
 ``G*K*K`` (guided) floats per layer: for LLaMA-7B (K = 4096, 11008 for down_proj) about 27 GB of fp32
-Fisher and 7.6 GB per group of guided Hessians over its 224 linears. Streaming them block by block is
+Fisher and 28 GB per group of guided Hessians over its 224 linears. Streaming them block by block is
 the quantizer's scale work, not done here.
 """
 
