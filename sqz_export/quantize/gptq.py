@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from sqz_export.quantize.lnq import RowStack, gptq_sweep
+
 GPTQ_BLOCK = 128
 """Columns per lazy update block (GPTQ's default)."""
 GPTQ_DAMP = 0.01
 """Damping added to H's diagonal, relative to its mean (GPTQ's default percdamp)."""
-
-
-def _nearest_level(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of each row's ascending LUT for one column of values [N] -> int64 [N]."""
-    return (values[:, None] - lut).abs().argmin(dim=1)
 
 
 def gptq_quantize(
@@ -44,30 +41,5 @@ def gptq_quantize(
         (indices int64 [N, K], values fp32 [N, K]): the values are the weights after feedback, which is
         what the exact positions must reproduce; elsewhere they are LUT[idx].
     """
-    w = weight.to(torch.float32).clone()
-    n, k = w.shape
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0  # an input that never fires: its column gets no feedback and no influence
-    torch.diagonal(h).add_(damp * float(torch.diagonal(h).mean()))
-    chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
-    indices = torch.empty(n, k, dtype=torch.int64, device=w.device)
-    for b0 in range(0, k, block):
-        b1 = min(k, b0 + block)
-        w_block = w[:, b0:b1].clone()
-        err_block = torch.zeros_like(w_block)
-        for jj in range(b1 - b0):
-            j = b0 + jj
-            column = w_block[:, jj]
-            index = _nearest_level(column, lut)
-            quantized = torch.gather(lut, 1, index[:, None]).squeeze(1)
-            if exact is not None:
-                quantized = torch.where(exact[:, j], column, quantized)
-            indices[:, j] = index
-            err = (column - quantized) / chol[j, j]
-            w_block[:, jj:] -= err[:, None] * chol[j, b0 + jj : b1][None, :]
-            w_block[:, jj] = quantized
-            err_block[:, jj] = err
-        w[:, b0:b1] = w_block
-        w[:, b1:] -= err_block @ chol[b0:b1, b1:]
-    return indices, w
+    stack = RowStack(weight=weight.to(torch.float32), exact=exact, hessians=hessian[None], segments=[(0, weight.shape[0])])
+    return gptq_sweep(stack, lut, damp=damp, block=block, exact_takes_feedback=True)

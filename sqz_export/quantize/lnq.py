@@ -213,7 +213,7 @@ def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations
     """
     current = objective(stack, lut, indices)
     history = [float(current.sum())]
-    swept = gptq_sweep(stack, lut)
+    swept, _ = gptq_sweep(stack, lut)
     after = objective(stack, lut, swept)
     indices = torch.where((after < current)[:, None], swept, indices)
     current = torch.minimum(after, current)
@@ -242,20 +242,28 @@ def exactness_gain(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) ->
     return 2.0 * d * r + sign * diag * d * d
 
 
-def gptq_sweep(stack: RowStack, lut: torch.Tensor, damp: float = 0.01, block: int = CD_BLOCK) -> torch.Tensor:
-    """Indices for fixed LUTs by GPTQ's error feedback on each row's own Hessian; int64 [R, K].
+def gptq_sweep(
+    stack: RowStack, lut: torch.Tensor, damp: float = 0.01, block: int = CD_BLOCK, exact_takes_feedback: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices for fixed LUTs by GPTQ's error feedback on each row's own Hessian.
 
-    Columns left to right: each free entry takes the level nearest to its current (fed-back) value,
-    an exact entry keeps its original weight; the error, scaled by the Cholesky factor of ``H^-1``
-    (damped by ``damp`` times the mean diagonal), is subtracted from the columns not yet visited, lazily
-    per block of columns. The same factor serves every row of a segment, as in GPTQ.
+    Columns left to right: each free entry takes the level nearest to its current (fed-back) value;
+    an exact entry keeps its original weight (LNQ: exact entries carry no error), or, with
+    ``exact_takes_feedback``, its fed-back value (GPTQ/SpQR: it absorbs the updates, stored exactly).
+    The error, scaled by the Cholesky factor of ``H^-1`` (damped by ``damp`` times the mean diagonal),
+    is subtracted from the columns not yet visited, lazily per block of columns. The same factor serves
+    every row of a segment, as in GPTQ.
+
+    Returns:
+        (indices int64 [R, K], values fp32 [R, K]): the reconstruction, LUT[idx] at free entries and
+        what the exact entries must reproduce.
     """
     rows, k = stack.weight.shape
     factors = []
     for p in range(len(stack.segments)):
         h = stack.hessians[p].double().clone()
         dead = torch.diagonal(h) == 0
-        h[dead, dead] = 1.0
+        h[dead, dead] = 1.0  # an input that never fires: its column gets no feedback and no influence
         torch.diagonal(h).add_(damp * float(torch.diagonal(h).mean()))
         factors.append(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float())
     chol = torch.stack(factors)  # [P, K, K]
@@ -270,15 +278,17 @@ def gptq_sweep(stack: RowStack, lut: torch.Tensor, damp: float = 0.01, block: in
         c_block = chol[:, b0:b1, b0:b1]
         for jj in range(b1 - b0):
             j = b0 + jj
-            column = w_block[:, jj]
+            column = w_block[:, jj].clone()
             index = (column[:, None] - lut).abs().argmin(dim=1)
             quantized = torch.gather(lut, 1, index[:, None]).squeeze(1)
             if stack.exact is not None:
-                quantized = torch.where(stack.exact[:, j], stack.weight[:, j], quantized)
+                quantized = torch.where(stack.exact[:, j], column if exact_takes_feedback else stack.weight[:, j], quantized)
             indices[:, j] = index
             err = (column - quantized) / diag[:, j]
             w_block[:, jj:] -= err[:, None] * c_block[group, jj, jj:]
+            w_block[:, jj] = quantized
             err_block[:, jj] = err
+        w[:, b0:b1] = w_block
         for p, (start, end) in enumerate(stack.segments):
             w[start:end, b1:] -= err_block[start:end] @ chol[p, b0:b1, b1:]
-    return indices
+    return indices, w
