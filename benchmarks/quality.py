@@ -69,7 +69,11 @@ def main() -> None:
         rows.append({"config": "fp32", "perplexity": scores(loaded.model), "packed_MiB": weights * 2 / 2**20, "timings_s": {}})
         print(json.dumps(rows[-1]), flush=True)
 
-    configs = [c for c in CONFIGS if not args.only or f"{c[0]}-{c[1]}-{c[2]}" in args.only]
+    by_name = {f"{m}-{b}-{sp}": (m, b, sp) for m, b, sp in CONFIGS}
+    unknown = [name for name in args.only or [] if name not in by_name]
+    if unknown:
+        parser.error(f"unknown config(s) {', '.join(unknown)}; expected method-bits-sparsity, e.g. lnq-3-0.0045")
+    configs = [by_name[name] for name in args.only] if args.only else CONFIGS  # in the order asked for
     # The union of what the chosen methods need; the cache adds what it lacks, so a later run reads it back.
     needed = [QuantizeOptions(method=m, hessian_groups=args.hessian_groups).statistics() for m, _, _ in configs]
     needed = [r for r in needed if r is not None]
