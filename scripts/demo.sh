@@ -13,7 +13,7 @@ bash scripts/setup.sh
 out=${OUT_DIR:-runs/demo}
 mkdir -p "$out"
 set -x
-sqz-export quantize --bits 3 --sparsity 0.45% --fisher "$out/fisher.safetensors" \
+sqz-export quantize --bits 3 --sparsity 0.45% --stats "$out/stats.safetensors" \
   --eval-windows 80 -o "$out/checkpoint" --json "$out/quantize.json"
 sqz-export inspect "$out/checkpoint" --json "$out/inspect.json"
 sqz-export export "$out/checkpoint" -o "$out/onnx" --json "$out/export.json"
