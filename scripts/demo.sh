@@ -3,7 +3,7 @@
 # calibrated on the start of the offline Wikipedia sample, quantized with SqueezeLLM 3-bit + 0.45%
 # sparse, evaluated on the end of the sample, exported to ONNX with sqz::SqzLinear ops, run in
 # onnxruntime, and compared with the FP16 baseline through Polygraphy. Outputs land in runs/demo/
-# (override with OUT_DIR). About 5-15 minutes on 2 CPU cores (Fisher, evaluation and export dominate).
+# (override with OUT_DIR). About 10-20 minutes on 2 CPU cores (calibration, LNQ, evaluation and export dominate; not re-timed on a quiet machine since lnq became the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
