@@ -401,11 +401,13 @@ def _quantize(
             bar.close()
 
     def keep_started(names: list[str], batch: list[_Matrix]) -> None:
+        clock = time.perf_counter()
         for m in batch:
             if lnq:
                 matrices[m.name] = m
             else:
                 packed[m.name] = _pack(m, options)
+        timings["pack"] += time.perf_counter() - clock
 
     selected = _GlobalTopK(budget)
 
