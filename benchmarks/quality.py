@@ -55,10 +55,15 @@ def main() -> None:
 
     loaded = load_model(args.model, torch.float32)
     layers = quantizable_linears(loaded.model)
-    windows = load_windows(loaded.tokenizer, args.dataset, calibration=(args.calib_windows, args.seq_len))
-    evaluations = {text: load_windows(loaded.tokenizer, text, evaluation=(args.eval_windows, args.seq_len))["evaluation"] for text in args.eval_texts}
-    if args.dataset in evaluations:  # the same text: calibration from its start, evaluation from its end
-        load_windows(loaded.tokenizer, args.dataset, calibration=(args.calib_windows, args.seq_len), evaluation=(args.eval_windows, args.seq_len))
+    # The calibration text, when also scored, is loaded once with both parts (checked not to overlap).
+    both = args.dataset in args.eval_texts
+    windows = load_windows(
+        loaded.tokenizer, args.dataset, calibration=(args.calib_windows, args.seq_len), evaluation=(args.eval_windows, args.seq_len) if both else None
+    )
+    evaluations = {
+        text: windows["evaluation"] if both and text == args.dataset else load_windows(loaded.tokenizer, text, evaluation=(args.eval_windows, args.seq_len))["evaluation"]
+        for text in args.eval_texts
+    }
     weights = sum(layer.weight.numel() for layer in layers.values())
 
     def scores(model: torch.nn.Module) -> dict[str, float]:

@@ -94,14 +94,6 @@ def row_groups(out_features: int, groups: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def row_group_index(out_features: int, groups: int) -> torch.Tensor:
-    """int64 [N]: the group of each output row, as ``row_groups`` splits them."""
-    index = torch.empty(out_features, dtype=torch.int64)
-    for g, (start, end) in enumerate(row_groups(out_features, groups)):
-        index[start:end] = g
-    return index
-
-
 def collect_statistics(
     model: nn.Module,
     windows: torch.Tensor,

@@ -234,19 +234,25 @@ def _stack(matrices: list[_Matrix]) -> tuple[RowStack, torch.Tensor, torch.Tenso
     return stack, torch.cat([m.lut for m in matrices]), torch.cat([m.indices for m in matrices]).to(torch.int64)
 
 
-def _refine(matrices: list[_Matrix], iterations: int) -> list[float]:
-    """LNQ rounds on the stacked rows; stores each matrix's new LUT and indices; returns the history."""
+def _refine(matrices: list[_Matrix], iterations: int) -> tuple[list[float], RowStack, torch.Tensor, torch.Tensor]:
+    """LNQ rounds on the stacked rows; stores each matrix's new LUT and indices.
+
+    Returns:
+        (objective history, the stack with its refined LUTs and indices), so gains are scored on it
+        without stacking the batch again.
+    """
     stack, lut, indices = _stack(matrices)
     lut, indices, history = refine(stack, lut, indices, iterations)
     sizes = [m.weight.shape[0] for m in matrices]
     for m, part_lut, part_indices in zip(matrices, torch.split(lut, sizes), torch.split(indices, sizes)):
         m.lut, m.indices = part_lut.contiguous(), part_indices.to(torch.uint8)
-    return history
+    return history, stack, lut, indices
 
 
-def _top_gains(matrices: list[_Matrix], budget: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+def _top_gains(
+    matrices: list[_Matrix], stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, budget: int
+) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The ``budget`` largest exactness gains of a batch: (values [<=budget], per matrix its flat positions)."""
-    stack, lut, indices = _stack(matrices)
     gains = exactness_gain(stack, lut, indices).reshape(-1)
     values, flat = torch.topk(gains, min(budget, gains.numel()), sorted=False)
     flat, order = torch.sort(flat)  # matrix by matrix, so each matrix's values are one contiguous run
@@ -371,9 +377,9 @@ def _quantize(
         spent: dict[str, float] = {}
         clock = time.perf_counter()
         batch = [matrices[name] for name in names]
-        history = _refine(batch, options.lnq_iterations)
+        history, *solution = _refine(batch, options.lnq_iterations)
         clock = timed("lnq", spent, clock)
-        top = _top_gains(batch, budget) if global_sparse else None
+        top = _top_gains(batch, *solution, budget) if global_sparse else None
         timed("sparse_select", spent, clock)
         return history, top, spent
 
@@ -382,7 +388,7 @@ def _quantize(
         clock = time.perf_counter()
         batch = [matrices[name] for name in names]
         if global_sparse:
-            objective[",".join(names) + " (final positions)"] = _refine(batch, 1)
+            objective[",".join(names) + " (final positions)"] = _refine(batch, 1)[0]
             clock = timed("lnq", spent, clock)
         results = [(m.name, _pack(m, options)) for m in batch]
         timed("pack", spent, clock)
