@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,14 +218,14 @@ def statistics_key(source: str, calibration: TokenWindows, autocast_dtype: torch
     return {"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype), "format": CACHE_FORMAT}
 
 
-def _read_cache(cache: Path, layers: Mapping[str, nn.Linear]) -> tuple[CalibrationStats, int]:
-    """Every statistic a matching cache holds for all ``layers``, and its guided row groups."""
+def _read_cache(cache: Path, layers: Mapping[str, nn.Linear], statistics: Sequence[str] = ("fisher", "guided", "xtx")) -> tuple[CalibrationStats, int]:
+    """The listed statistics a matching cache holds for all ``layers``, and its guided row groups."""
     from safetensors import safe_open
 
     stats = CalibrationStats()
     with safe_open(str(cache), framework="pt") as handle:
         names = set(handle.keys())
-        for statistic in ("fisher", "guided", "xtx"):
+        for statistic in statistics:
             wanted = [f"{statistic}/{layer}" for layer in layers]
             if all(name in names for name in wanted):
                 stats.get(statistic).update({layer: handle.get_tensor(name) for layer, name in zip(layers, wanted)})
@@ -260,7 +260,8 @@ def load_or_collect_statistics(
     """
     key = statistics_key(source, calibration, autocast_dtype)
     reuse = reusable_cache(cache, key, STATISTICS_KEY_FIELD, "--stats", overwrite=overwrite)
-    cached, cached_groups = _read_cache(cache, layers) if reuse else (CalibrationStats(), 0)
+    # Only what this run needs is read; the rest only when a missing statistic makes the cache be rewritten.
+    cached, cached_groups = _read_cache(cache, layers, request.names()) if reuse else (CalibrationStats(), 0)
     missing = StatisticsRequest(
         fisher=request.fisher and not cached.fisher,
         guided_groups=request.guided_groups if request.guided_groups and cached_groups != request.guided_groups else 0,
@@ -272,6 +273,12 @@ def load_or_collect_statistics(
     if reuse:
         logger.warning("statistics cache %s lacks %s; computing and adding it", cache, ", ".join(missing.names()))
     fresh = collect_statistics(model, calibration.tokens, layers, missing, autocast_dtype=autocast_dtype, progress=progress)
+    if reuse:  # the rewritten cache keeps what it held beside the new statistics
+        others, other_groups = _read_cache(cache, layers, [name for name in ("fisher", "guided", "xtx") if name not in request.names()])
+        for statistic in ("fisher", "guided", "xtx"):
+            if not cached.get(statistic):
+                cached.get(statistic).update(others.get(statistic))
+        cached_groups = cached_groups or other_groups
     for statistic in missing.names():
         cached.get(statistic).clear()
         cached.get(statistic).update(fresh.get(statistic))
