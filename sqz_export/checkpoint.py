@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqz_export import __version__
 from sqz_export.atomic import replace_folder
 from sqz_export.errors import UserError
 from sqz_export.formats import FORMAT_VERSION, LAYOUT_KMAJOR, FormatError, PackedLinear, SparsePart
-from sqz_export.tensorfile import write_safetensors
+from sqz_export.tensorfile import LazyTensor, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -166,15 +167,39 @@ def save_checkpoint(
     """
     for name, layer in packed.items():
         layer.validate(name)
+    tensors: dict[str, torch.Tensor | LazyTensor] = dict(_dense_state(model, set(packed)))
+    for name, layer in packed.items():
+        tensors.update(_packed_tensors(name, layer))
+    return write_checkpoint(out_dir, model.config, tensors, {name: layer.describe() for name, layer in packed.items()}, qconfig, tokenizer)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike[str],
+    hf_config: Any,
+    tensors: Mapping[str, torch.Tensor | LazyTensor],
+    modules: Mapping[str, dict[str, Any]],
+    qconfig: QuantizationConfig,
+    tokenizer: object | None = None,
+) -> Path:
+    """Writes a checkpoint folder atomically from its tensors, which may be lazy (read one at a time).
+
+    The streamed quantizer passes lazy tensors read from its run folder and the source model, so a
+    checkpoint of any size is written holding one tensor in memory.
+
+    Args:
+        out_dir: destination folder; replaced if it exists and holds a previous checkpoint.
+        hf_config: the model's transformers config.
+        tensors: dense (fp16) and packed tensors by state-dict key.
+        modules: ``PackedLinear.describe()`` of every quantized module.
+        qconfig: what to record as quantization_config.
+        tokenizer: saved alongside so the folder is self-contained.
+    """
     with replace_folder(out_dir, MANIFEST_FILE, "checkpoint") as tmp:
-        tensors = _dense_state(model, set(packed))
-        for name, layer in packed.items():
-            tensors.update(_packed_tensors(name, layer))
         # "format": "pt" is what transformers' from_pretrained requires of a safetensors file (sqz_export.hf_quantizer).
         metadata = {"format": "pt", "sqz_format": "sqz-export", "format_version": str(FORMAT_VERSION)}
         with (tmp / WEIGHTS_FILE).open("wb") as handle:
             write_safetensors(handle, tensors, metadata=metadata)
-        config = model.config.to_dict()
+        config = hf_config.to_dict()
         config["quantization_config"] = dataclasses.asdict(qconfig)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
@@ -183,7 +208,7 @@ def save_checkpoint(
             "format": "sqz-export checkpoint",
             "format_version": FORMAT_VERSION,
             "files": file_checksums(tmp),
-            "modules": {name: layer.describe() for name, layer in packed.items()},
+            "modules": dict(modules),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     out = Path(out_dir).resolve()

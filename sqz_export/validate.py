@@ -54,7 +54,9 @@ def check_linears(layers: Mapping[str, Any]) -> None:
     """Every weight to quantize has rows and columns and only finite values.
 
     k-means and the sparse split turn one NaN into a NaN LUT for its whole row, and an empty matrix
-    into a division by zero, so both are refused before any work, naming the tensor.
+    into a division by zero, so both are refused before any work, naming the tensor. Weights of a
+    streamed model (on the meta device until their block loads) are checked for shape here and for
+    values when their block is loaded (``weights.BlockedModel.load_block``), before it computes.
     """
     import torch
 
@@ -62,6 +64,8 @@ def check_linears(layers: Mapping[str, Any]) -> None:
         weight = layer.weight
         if weight.numel() == 0:
             raise UserError(f"{name}.weight has shape {list(weight.shape)}; a quantized linear needs at least one row and column")
+        if weight.is_meta:
+            continue
         bad = int((~torch.isfinite(weight)).sum())
         if bad:
             raise UserError(f"{name}.weight holds {bad} NaN or infinite values of {weight.numel()}; expected finite weights")

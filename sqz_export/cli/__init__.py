@@ -123,6 +123,8 @@ def report_failure(args: argparse.Namespace, argv: list[str] | None, exc: BaseEx
     """
     if isinstance(exc, KeyboardInterrupt):
         message, status = "interrupted (outputs are renamed into place only when complete: nothing partial was left)", EXIT_INTERRUPTED
+        if hasattr(args, "resume"):
+            message += "; rerun the same command with --resume to continue from the finished blocks"
     elif isinstance(exc, UserError):
         message, status = str(exc), EXIT_USER
     elif isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:

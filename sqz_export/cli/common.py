@@ -41,6 +41,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def byte_size(text: str) -> int:
+    """A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = body[-1:] if body[-1:] in units else ""
+    try:
+        value = float(body[: len(body) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; expected e.g. 512M, 4G or a number of bytes") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be >= 0")
+    return int(value * units[unit])
+
+
 def fraction(text: str) -> float:
     """Accepts 0.0045 or 0.45%; a percentage is divided in decimal, so 0.45% is exactly 0.0045."""
     try:

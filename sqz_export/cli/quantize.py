@@ -12,6 +12,7 @@ from sqz_export.cli.common import (
     add_json_argument,
     add_model_argument,
     check_outputs,
+    byte_size,
     fraction,
     positive_int,
     print_table,
@@ -67,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kmeans-starts", type=int, default=DEFAULT_N_INIT, help=f"extra seeded k-means starts per row beyond the weighted-quantile start; more is slower and slightly better (default: {DEFAULT_N_INIT})")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device for Fisher and k-means, e.g. cuda (default: cpu)")
+    parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run folder for finished blocks and scratch (default: .<output>.sqz-run beside the output; removed after success)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its --run-dir (same model, data and settings): finished blocks are not quantized again")
+    parser.add_argument("--activation-memory", type=byte_size, default="1G", metavar="BYTES", help="block inputs of the calibration pass kept in memory, e.g. 512M or 4G; the rest go to --run-dir (default: 1G)")
     parser.add_argument("--eval-windows", type=int, default=0, help="after quantizing, report perplexity on this many windows from the end of --dataset (default: 0 = skip)")
     add_json_argument(parser)
     parser.set_defaults(func=run)
@@ -77,14 +81,22 @@ def run(args: argparse.Namespace) -> int:
 
     from sqz_export.atomic import check_replaceable, check_writable
     from sqz_export.caches import reusable_cache
-    from sqz_export.checkpoint import FORMAT_NAME, MANIFEST_FILE, QuantizationConfig, save_checkpoint
+    from sqz_export.checkpoint import FORMAT_NAME, MANIFEST_FILE, QuantizationConfig, load_quantized_model, write_checkpoint
     from sqz_export.data import load_windows
     from sqz_export.evaluate import perplexity
-    from sqz_export.models import load_weights, open_model, quantizable_linears
-    from sqz_export.quantize import QuantizeOptions, quantize_model
-    from sqz_export.quantize.calibration import STATISTICS_KEY_FIELD, load_or_collect_statistics, statistics_key
+    from sqz_export.quantize import QuantizeOptions
+    from sqz_export.quantize.calibration import STATISTICS_KEY_FIELD, StreamSettings, iter_block_statistics, statistics_key
+    from sqz_export.quantize.distributed import device_for, from_environment, shutdown
+    from sqz_export.quantize.pipeline import ModelQuantizer
+    from sqz_export.quantize.rundir import RunDir, default_run_dir
+    from sqz_export.tensorfile import LazyTensor
     from sqz_export.validate import check_linears, check_seq_len
+    from sqz_export.models import open_model
+    from sqz_export.weights import open_blocked_model
 
+    group = from_environment(args.device)
+    if not group.leader:
+        logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's; the others speak only of trouble
     options = QuantizeOptions(
         method=args.method,
         bits=args.bits,
@@ -92,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         sensitive_fraction=min(DEFAULT_SENSITIVE_FRACTION, args.sparsity) if args.sensitive_fraction is None else args.sensitive_fraction,
         kmeans_n_init=args.kmeans_starts,
         seed=args.seed,
-        device=args.device,
+        device=device_for(group, args.device),
         hessian_groups=args.hessian_groups,
         lnq_iterations=args.lnq_iterations,
         sparse_selection=args.sparse_selection,
@@ -101,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
     request = options.statistics()
     # Everything that can fail without the weights fails before the long load: outputs, the model's
     # config and positions, the dataset (read and tokenized), the statistics cache.
-    check_replaceable(args.output, MANIFEST_FILE, "checkpoint")
+    output = check_replaceable(args.output, MANIFEST_FILE, "checkpoint")
     check_outputs(args, "json")
+    run_dir = (args.run_dir or default_run_dir(output)).expanduser().resolve()
+    check_writable(run_dir, "--run-dir", folder_output=True)
     if args.stats is not None and (args.overwrite_cache or not args.stats.exists()):
         check_writable(args.stats, "--stats")  # it will be written
     timings: dict[str, float] = {}
@@ -119,73 +133,112 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.bfloat16 if args.fisher_dtype == "bf16" else None
     if calibration is not None:
         reusable_cache(args.stats, statistics_key(files.source, calibration, autocast), STATISTICS_KEY_FIELD, "--stats", overwrite=args.overwrite_cache)
-    loaded = load_weights(files, torch.float32)
+    blocked = open_blocked_model(files, options.device)
     timings["load_model"] = time.perf_counter() - start
-    layers = quantizable_linears(loaded.model)
-    check_linears(layers)
-    logger.info("%d linear layers to quantize (%.1fM weights)", len(layers), sum(l.weight.numel() for l in layers.values()) / 1e6)
+    shapes = {name: tuple(layer.weight.shape) for index in range(blocked.num_blocks) for name, layer in blocked.block_linears(index).items()}
+    check_linears({name: layer for index in range(blocked.num_blocks) for name, layer in blocked.block_linears(index).items()})
+    total = sum(n * k for n, k in shapes.values())
+    logger.info("%d linear layers to quantize (%.1fM weights) in %d blocks", len(shapes), total / 1e6, blocked.num_blocks)
 
-    stats = None
-    if calibration is not None:
-        logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
-        start = time.perf_counter()
-        stats, computed = load_or_collect_statistics(
-            loaded.model,
-            calibration,
-            layers,
-            request,
-            cache=args.stats,
-            source=loaded.source,
-            autocast_dtype=autocast,
-            progress=True,
-            overwrite=args.overwrite_cache,
-        )
-        timings["calibration" if computed else "calibration_cache_read"] = time.perf_counter() - start
+    key = {
+        "source": files.source,
+        "calibration": calibration.describe() if calibration is not None else None,
+        "autocast": str(autocast),
+        "method": options.method,
+        "bits": options.bits,
+        "sparsity": options.sparsity,
+        "sensitive_fraction": options.sensitive_fraction,
+        "settings": options.settings(),
+    }
+    run_folder = RunDir.open(run_dir, key, resume=args.resume, group=group)
+    # Every rank must skip the same blocks (their collectives pair up): those finished on all ranks.
+    parts = group.gather(run_folder.done_blocks())
+    done: set[str] = group.broadcast(set.intersection(*parts) if parts is not None else None)
+    quantizer = ModelQuantizer(options, total, blocked.num_blocks, run_folder, group=group, progress=group.leader)
+    quantizer.finished = group.broadcast(run_folder.packed_blocks() if group.leader else None)
+    for candidates in run_folder.refined_candidates(done):
+        quantizer.selected.add(*candidates)
 
-    result = quantize_model(loaded.model, stats, options, layers=layers, progress=True)
-    del stats
-    timings.update(result.timings)
+    def skip(index: int) -> bool:
+        return blocked.block_name(index) in done
+
+    def add(index: int, stats: object) -> None:
+        items = {name: (layer.weight, layer.bias) for name, layer in blocked.block_linears(index).items()}
+        quantizer.add(blocked.block_name(index), items, stats)
+
+    start = time.perf_counter()
+    with quantizer:
+        if request is None:
+            from sqz_export.quantize.calibration import CalibrationStats
+
+            for index in range(blocked.num_blocks):
+                if not skip(index):
+                    blocked.load_block(index)
+                    add(index, CalibrationStats())
+                    blocked.unload_block(index)
+        else:
+            logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
+            settings = StreamSettings(autocast_dtype=autocast, activation_memory=args.activation_memory, spill_folder=run_folder.activations, progress=group.leader, group=group)
+            for index, stats in iter_block_statistics(
+                blocked, calibration, request, settings, cache=args.stats, source=files.source, overwrite=args.overwrite_cache, skip=skip, spill_folder=run_folder.statistics
+            ):
+                add(index, stats)
+        quantizer_timings = quantizer.finish()
+    timings["calibration_and_quantize_wall"] = time.perf_counter() - start
+    timings.update(quantizer_timings)
+    if not group.leader:
+        shutdown(group)
+        return 0
+
+    tensors, modules = run_folder.packed_tensors()
+    missing = sorted(set(shapes) - set(modules))
+    if missing:
+        raise RuntimeError(f"run folder {run_dir} lacks {len(missing)} packed layers after the run, first {missing[0]}")
+    dense = blocked.dense_keys(set(shapes))
+    for name, shape in dense.items():
+        tensors[name] = LazyTensor(torch.float16, tuple(shape), _dense_reader(blocked, name))
     qconfig = QuantizationConfig(
         quant_method=FORMAT_NAME,
         method=options.method,
         bits=options.bits,
         sparsity=options.sparsity,
         sensitive_fraction=options.sensitive_fraction,
-        modules=sorted(result.packed),
-        source_model=loaded.source,
+        modules=sorted(modules),
+        source_model=files.source,
         calibration=calibration.describe() if calibration is not None else None,
         chunk_nnz=options.chunk_nnz,
         method_settings=options.settings(),
     )
-    path = save_checkpoint(args.output, loaded.model, result.packed, qconfig, loaded.tokenizer)
+    path = write_checkpoint(output, blocked.model.config, tensors, {name: modules[name] for name in sorted(modules)}, qconfig, files.tokenizer)
+    run_folder.remove()
+    shutdown(group)
 
-    total = sum(layer.weight.numel() for layer in layers.values())
-    nnz = sum(layer.sparse.nnz for layer in result.packed.values() if layer.sparse is not None)
+    nnz = sum(info["nnz"] for info in modules.values())
+    packed_bytes = sum(t.numel() * t.element_size() for name, t in tensors.items() if name not in dense)
     summary: dict[str, object] = {
         "checkpoint": str(path),
         "method": options.method,
         "bits": options.bits,
-        "layers": len(result.packed),
+        "layers": len(modules),
         "sparse_fraction": nnz / total,
         "calibration_tokens": calibration.num_tokens if calibration is not None else 0,
         "timings_s": {key: round(value, 3) for key, value in timings.items()},
-        "packed_bytes": sum(layer.nbytes() for layer in result.packed.values()),
+        "packed_bytes": packed_bytes,
         "fp16_bytes": total * 2,
+        "ranks": group.world,
     }
     if args.eval_windows:
-        from sqz_export.runtime import replace_linears
-
-        replace_linears(loaded.model, result.packed)  # the same weights the checkpoint holds
+        model, _ = load_quantized_model(path)  # the weights the checkpoint holds
         evaluation = windows["evaluation"]
-        ppl = perplexity(loaded.model, evaluation.tokens, progress=True)
+        ppl = perplexity(model, evaluation.tokens, progress=True)
         summary["perplexity"] = ppl.perplexity
         summary["evaluation"] = evaluation.describe()
     rows = [
         ("checkpoint", str(path)),
         ("method", f"{options.method} {options.bits}-bit, {summary['sparse_fraction']:.4%} exact weights"),
-        ("layers", str(len(result.packed))),
+        ("layers", str(len(modules))),
         ("calibration tokens", str(summary["calibration_tokens"])),
-        ("quantized linears", f"{summary['fp16_bytes'] / 2**20:.1f} MiB fp16 -> {summary['packed_bytes'] / 2**20:.1f} MiB packed"),
+        ("quantized linears", f"{summary['fp16_bytes'] / 2**20:.1f} MiB fp16 -> {packed_bytes / 2**20:.1f} MiB packed"),
         ("time", ", ".join(f"{key} {value:.1f}s" for key, value in timings.items())),
     ]
     if "perplexity" in summary:
@@ -193,3 +246,13 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     write_json(args.json, summary)
     return 0
+
+
+def _dense_reader(blocked: object, key: str):  # noqa: ANN202 - a loader closure
+    import torch
+
+    def load() -> torch.Tensor:
+        tensor = blocked.read(key)
+        return (tensor.to(torch.float16) if tensor.is_floating_point() else tensor).contiguous()
+
+    return load

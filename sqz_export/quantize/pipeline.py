@@ -28,9 +28,10 @@ from torch import nn
 from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, METHODS
 from sqz_export.errors import UserError
 from sqz_export.formats import DEFAULT_CHUNK_NNZ, SUPPORTED_BITS, PackedLinear, pack_indices
-from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, row_groups
-from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
 from sqz_export.progress import Progress
+from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, row_groups
+from sqz_export.quantize.distributed import SINGLE, Group
+from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
 from sqz_export.quantize.lnq import RowStack, exactness_gain, refine
 from sqz_export.quantize.rtn import rtn_codebook
@@ -337,114 +338,264 @@ def _check_statistics(names: list[str], stats: CalibrationStats, options: Quanti
             raise UserError(f"{labels[statistic]} lack {len(missing)} layer(s), first {missing[0]!r}; recompute them for this model")
 
 
-def _quantize(
-    items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats, options: QuantizeOptions, progress: bool
-) -> QuantizeResult:
-    """(weight, bias) per layer name -> packed layers: start, gptq or LNQ refinement, sparse choice, pack.
+REFINE_BATCH_WEIGHTS = 1 << 20
+"""Weights per LNQ refinement job. Rows refine independently, so a start batch is split into jobs of
+about this size (whole layers): a block's jobs then weigh about the same, which keeps workers and
+ranks evenly busy (a SmolLM2 block: [q, k, v, o], gate, up, down, 0.9M weights each)."""
+FINAL_SUFFIX = " (final positions)"
+MAX_PENDING_BLOCKS = 2
+"""Blocks whose quantization may run behind the calibration pass (each holds its weights and statistics)."""
+
+
+class ModelQuantizer:
+    """Quantizes a model block by block, as each block's statistics become final.
+
+    Every method runs per start batch (layers of one block with equal in_features): the paper's split
+    and k-means (or RTN/GPTQ), then, for lnq, the LNQ rounds on jobs of about
+    :data:`REFINE_BATCH_WEIGHTS`, and the candidates for the model-wide sparse choice. Jobs run in a
+    thread pool behind the caller (the calibration pass goes on with the next block meanwhile), at most
+    :data:`MAX_PENDING_BLOCKS` blocks behind. With lnq's objective-chosen sparse part, a block's refined
+    matrices wait in ``store`` until :meth:`finish` knows the whole model's exact positions, then get
+    one more round on them and are packed.
 
     Batches run in ``options.workers`` threads with one torch thread each (torch ops release the GIL):
     k-means and the LNQ column loop are many small ops, which scale better across layers than across
-    intra-op threads, whose synchronization costs most of the gain on such ops.
+    intra-op threads. With several ranks, each block's start batches are dealt to the ranks with the
+    least work so far (the same choice on every rank), and rank 0 receives the packed layers.
     """
-    options.validate()
-    _check_statistics(list(items), statistics, options)
-    device = torch.device(options.device)
-    workers = options.workers or (1 if device.type != "cpu" else min(torch.get_num_threads(), MAX_CPU_WORKERS))
-    timings = dict.fromkeys(PHASES, 0.0)
-    shapes = {name: tuple(weight.shape) if weight.dim() == 2 else (0, 0) for name, (weight, _) in items.items()}
-    matrices: dict[str, _Matrix] = {}
-    packed: dict[str, PackedLinear] = {}
-    objective: dict[str, list[float]] = {}
-    lnq = options.method == "lnq"
-    global_sparse = lnq and options.selection == "objective" and options.sparsity > 0
-    budget = round(options.sparsity * sum(n * k for n, k in shapes.values()))
 
-    def timed(phase: str, spent: dict[str, float], started: float) -> float:
+    def __init__(
+        self, options: QuantizeOptions, total_weights: int, total_blocks: int, store: LayerStore, *, group: Group = SINGLE, progress: bool = True
+    ) -> None:
+        options.validate()
+        self.options, self.store, self.group, self.progress = options, store, group, progress
+        device = torch.device(options.device)
+        self.workers = options.workers or (1 if device.type != "cpu" else min(torch.get_num_threads(), MAX_CPU_WORKERS))
+        self.timings = dict.fromkeys(PHASES, 0.0)
+        self.objective: dict[str, list[float]] = {}
+        self.lnq = options.method == "lnq"
+        self.global_sparse = self.lnq and options.selection == "objective" and options.sparsity > 0
+        self.budget = round(options.sparsity * total_weights)
+        self.selected = _GlobalTopK(self.budget)
+        self.finished: set[str] = set()
+        """Blocks packed by an earlier, interrupted run (their final round is not repeated)."""
+        self._load = [0] * group.world
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers)
+        self._pending: list[tuple[str, list[concurrent.futures.Future]]] = []
+        self._threads = torch.get_num_threads()
+        self._started = time.perf_counter()
+        passes = "blocks (refine, then final positions)" if self.global_sparse else "blocks"
+        self._bar = Progress(total_blocks * (2 if self.global_sparse else 1), f"{options.method} {options.bits}-bit", passes, enabled=progress)
+
+    def add(self, block: str, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> None:
+        """Queues one block's layers ((weight, bias) by module name, snapshotted now: the caller may unload them)."""
+        _check_statistics(list(items), statistics, self.options)
+        items = {name: (weight.detach(), bias.detach() if bias is not None else None) for name, (weight, bias) in items.items()}
+        shapes = {name: tuple(weight.shape) if weight.dim() == 2 else (0, 0) for name, (weight, _) in items.items()}
+        futures = []
+        for names in _batches(shapes, BATCH_WEIGHTS):
+            rank = min(range(self.group.world), key=lambda r: (self._load[r], r))
+            self._load[rank] += sum(shapes[name][0] * shapes[name][1] for name in names)
+            if rank == self.group.rank:
+                batch = {name: items[name] for name in names}
+                futures.append(self._pool.submit(self._solve, batch, _subset_of(statistics, names)))
+        if self.workers > 1:
+            torch.set_num_threads(1)  # the pool's workers and the caller's pass share the cores
+        self._pending.append((block, futures))
+        self._drain(MAX_PENDING_BLOCKS - 1)
+
+    def __enter__(self) -> ModelQuantizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stops the workers; after a failure or Ctrl-C, blocks not yet collected are dropped, never stored
+        half done (a resumed run computes them again)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._threads)
+        self._bar.close()
+
+    def finish(self) -> dict[str, float]:
+        """Waits for every block; with the model-wide sparse choice, re-runs each refined block on its final
+        positions and packs it. Returns seconds per phase plus "quantize_wall". Use the quantizer as a
+        context manager around add() and finish(), so its workers stop however the run ends."""
+        self._drain(0)
+        if self.global_sparse:
+            gathered = self.group.gather(self.selected.candidates())
+            if self.group.leader:
+                merged = _GlobalTopK(self.budget)
+                for values, positions in gathered:
+                    merged.add(values, positions)
+                selection = merged.selection()
+            else:
+                selection = None
+            selection = self.group.broadcast(selection)
+            logger.info("sparse part: %d exact weights chosen by objective gain, %d layers hold some", sum(len(v) for v in selection.values()), len(selection))
+            for key in self.store.refined_keys():
+                if key in self.finished:
+                    continue
+                matrices = self.store.take_refined(key)
+                self._pending.append((key + FINAL_SUFFIX, [self._pool.submit(self._finalize, matrices, selection)] if matrices else []))
+                self._drain(MAX_PENDING_BLOCKS - 1)
+            self._drain(0)
+        timings = {key: value for key, value in self.timings.items() if value > 0 or key in ("sparse_split", "pack")}
+        timings["quantize_wall"] = time.perf_counter() - self._started
+        logger.info("quantized in %.1fs (%s)", timings["quantize_wall"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        return timings
+
+    def _drain(self, keep: int) -> None:
+        """Collects finished blocks, oldest first, until at most ``keep`` are pending (deterministic order)."""
+        while len(self._pending) > keep:
+            block, futures = self._pending.pop(0)
+            results = [future.result() for future in futures]
+            packed: dict[str, PackedLinear] = {}
+            refined: list[_Matrix] = []
+            values: list[torch.Tensor] = []
+            positions: list[tuple[str, torch.Tensor]] = []
+            for result in results:
+                for phase, seconds in result.spent.items():
+                    self.timings[phase] += seconds
+                self.objective.update(result.objective)
+                packed.update(result.packed)
+                refined += result.refined
+                if result.candidates is not None:
+                    self.selected.add(*result.candidates)
+                    values.append(result.candidates[0])
+                    positions += result.candidates[1]
+            if self.global_sparse and not block.endswith(FINAL_SUFFIX):
+                # every rank, even without matrices: the same keys everywhere; the candidates let a resumed run re-merge
+                candidates = (torch.cat(values), positions) if values else None
+                self.store.put_refined(block, refined, candidates)
+            parts = self.group.gather(packed)
+            merged = {name: layer for part in parts or [] for name, layer in part.items()}
+            if merged:  # a stored block counts as finished: never store one that waits for its final round
+                self.store.put_packed(block.removesuffix(FINAL_SUFFIX), merged)
+            self._bar.update()
+
+    def _solve(self, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> _BatchResult:
+        """One start batch: split, start (k-means/RTN/GPTQ), and for lnq the refinement jobs and sparse candidates."""
+        options, result = self.options, _BatchResult()
+        clock = time.perf_counter()
+        batch = [_prepare(name, weight, statistics, bias, options) for name, (weight, bias) in items.items()]
+        clock = result.timed("sparse_split", clock)
+        _start(batch, options)
+        clock = result.timed("gptq" if options.method == "gptq" else "kmeans", clock)
+        if not self.lnq:
+            result.packed = {m.name: _pack(m, options) for m in batch}
+            result.timed("pack", clock)
+            return result
+        shapes = {m.name: tuple(m.weight.shape) for m in batch}
+        by_name = {m.name: m for m in batch}
+        candidates: list[tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]] = []
+        for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
+            job = [by_name[name] for name in names]
+            history, *solution = _refine(job, options.lnq_iterations)
+            result.objective[",".join(names)] = history
+            clock = result.timed("lnq", clock)
+            if self.global_sparse:
+                candidates.append(_top_gains(job, *solution, self.budget))
+                clock = result.timed("sparse_select", clock)
+        if self.global_sparse:
+            for m in batch:
+                m.fisher = None  # the start's sample weights: not needed any more
+            result.refined = batch
+            values = torch.cat([c[0] for c in candidates]) if candidates else torch.empty(0)
+            result.candidates = (values, [position for c in candidates for position in c[1]])
+        else:
+            result.packed = {m.name: _pack(m, options) for m in batch}
+            result.timed("pack", clock)
+        return result
+
+    def _finalize(self, matrices: list[_Matrix], selection: dict[str, torch.Tensor]) -> _BatchResult:
+        """One more LNQ round on the model-wide exact positions, then pack."""
+        result = _BatchResult()
+        clock = time.perf_counter()
+        for m in matrices:
+            flat = selection.get(m.name)
+            m.mask = None
+            if flat is not None and flat.numel():
+                mask = torch.zeros(m.weight.numel(), dtype=torch.bool, device=m.weight.device)
+                mask[flat.to(mask.device)] = True
+                m.mask = mask.view_as(m.weight)
+        shapes = {m.name: tuple(m.weight.shape) for m in matrices}
+        by_name = {m.name: m for m in matrices}
+        for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
+            result.objective[",".join(names) + " (final positions)"] = _refine([by_name[name] for name in names], 1)[0]
+        clock = result.timed("lnq", clock)
+        result.packed = {m.name: _pack(m, self.options) for m in matrices}
+        result.timed("pack", clock)
+        return result
+
+
+@dataclasses.dataclass
+class _BatchResult:
+    """What one job hands back to the collecting thread."""
+
+    packed: dict[str, PackedLinear] = dataclasses.field(default_factory=dict)
+    refined: list[_Matrix] = dataclasses.field(default_factory=list)
+    candidates: tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None = None
+    objective: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    spent: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def timed(self, phase: str, started: float) -> float:
         now = time.perf_counter()
-        spent[phase] = spent.get(phase, 0.0) + now - started
+        self.spent[phase] = self.spent.get(phase, 0.0) + now - started
         return now
 
-    def start_batch(names: list[str]) -> tuple[list[_Matrix], dict[str, float]]:
-        spent: dict[str, float] = {}
-        clock = time.perf_counter()
-        batch = [_prepare(name, items[name][0], statistics, items[name][1], options) for name in names]
-        clock = timed("sparse_split", spent, clock)
-        _start(batch, options)
-        timed("gptq" if options.method == "gptq" else "kmeans", spent, clock)
-        return batch, spent
 
-    def refine_batch(names: list[str]) -> tuple[list[float], tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None, dict[str, float]]:
-        spent: dict[str, float] = {}
-        clock = time.perf_counter()
-        batch = [matrices[name] for name in names]
-        history, *solution = _refine(batch, options.lnq_iterations)
-        clock = timed("lnq", spent, clock)
-        top = _top_gains(batch, *solution, budget) if global_sparse else None
-        timed("sparse_select", spent, clock)
-        return history, top, spent
+class LayerStore:
+    """Packed layers and refined matrices waiting for the sparse choice, in memory.
 
-    def final_batch(names: list[str]) -> tuple[list[tuple[str, PackedLinear]], dict[str, float]]:
-        spent: dict[str, float] = {}
-        clock = time.perf_counter()
-        batch = [matrices[name] for name in names]
-        if global_sparse:
-            objective[",".join(names) + " (final positions)"] = _refine(batch, 1)[0]
-            clock = timed("lnq", spent, clock)
-        results = [(m.name, _pack(m, options)) for m in batch]
-        timed("pack", spent, clock)
-        return results, spent
+    :class:`sqz_export.quantize.rundir.RunDir` keeps them in a run folder instead (same methods), so
+    memory holds none of them and an interrupted run resumes.
+    """
 
-    def run(phase: str, function, batches: list[list[str]], collect) -> None:  # noqa: ANN001 - local driver
-        bar = Progress(sum(len(batch) for batch in batches), f"{options.method} {options.bits}-bit: {phase}", "layers", enabled=progress)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for names, (*result, spent) in zip(batches, pool.map(function, batches)):
-                    collect(names, *result)
-                    for key, seconds in spent.items():
-                        timings[key] += seconds
-                    bar.update(len(names))
-        finally:
-            bar.close()
+    def __init__(self) -> None:
+        self.packed: dict[str, PackedLinear] = {}
+        self._refined: dict[str, list[_Matrix]] = {}
 
-    def keep_started(names: list[str], batch: list[_Matrix]) -> None:
-        clock = time.perf_counter()
-        for m in batch:
-            if lnq:
-                matrices[m.name] = m
-            else:
-                packed[m.name] = _pack(m, options)
-        timings["pack"] += time.perf_counter() - clock
+    def put_packed(self, block: str, layers: dict[str, PackedLinear]) -> None:
+        self.packed.update(layers)
 
-    selected = _GlobalTopK(budget)
+    def put_refined(self, key: str, matrices: list[_Matrix], candidates: object = None) -> None:
+        self._refined[key] = matrices
 
-    def keep_refined(names: list[str], history: list[float], top: tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None) -> None:
-        objective[",".join(names)] = history
-        if top is not None:
-            selected.add(*top)
+    def refined_keys(self) -> list[str]:
+        return list(self._refined)
 
-    def keep_packed(names: list[str], results: list[tuple[str, PackedLinear]]) -> None:
-        for name, layer in results:
-            packed[name] = layer
-            matrices.pop(name)
+    def take_refined(self, key: str) -> list[_Matrix]:
+        return self._refined.pop(key)
 
-    start = time.perf_counter()
-    threads = torch.get_num_threads()
-    try:
-        if workers > 1:
-            torch.set_num_threads(1)
-        run("start", start_batch, _batches(shapes, BATCH_WEIGHTS), keep_started)
-        if lnq:
-            width_batches = _batches(shapes, BATCH_WEIGHTS, by_width=True)
-            run("refine", refine_batch, width_batches, keep_refined)
-            if global_sparse:
-                selected.assign(matrices)
-            run("final", final_batch, width_batches, keep_packed)
-    finally:
-        torch.set_num_threads(threads)
-    timings = {key: value for key, value in timings.items() if value > 0 or key in ("sparse_split", "pack")}
-    timings["quantize_wall"] = time.perf_counter() - start
-    logger.info("quantized %d layers in %.1fs (%s)", len(packed), timings["quantize_wall"], ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    return QuantizeResult(packed={name: packed[name] for name in items}, timings=timings, objective=objective)
+
+def _subset_of(statistics: CalibrationStats, names: list[str]) -> CalibrationStats:
+    return CalibrationStats(**{s: {n: statistics.get(s)[n] for n in names if n in statistics.get(s)} for s in ("fisher", "guided", "xtx")})
+
+
+def _block_of(name: str) -> str:
+    """The decoder block a layer belongs to (``model.layers.3``), or the name itself outside blocks."""
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return name
+
+
+def _quantize(
+    items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats, options: QuantizeOptions, progress: bool
+) -> QuantizeResult:
+    """(weight, bias) per layer name -> packed layers, block by block, all in memory."""
+    options.validate()
+    _check_statistics(list(items), statistics, options)
+    shapes = {name: tuple(weight.shape) if weight.dim() == 2 else (0, 0) for name, (weight, _) in items.items()}
+    blocks: dict[str, list[str]] = {}
+    for name in items:
+        blocks.setdefault(_block_of(name), []).append(name)
+    store = LayerStore()
+    quantizer = ModelQuantizer(options, sum(n * k for n, k in shapes.values()), len(blocks), store, progress=progress)
+    with quantizer:
+        for block, names in blocks.items():
+            quantizer.add(block, {name: items[name] for name in names}, _subset_of(statistics, names))
+        timings = quantizer.finish()
+    return QuantizeResult(packed={name: store.packed[name] for name in items}, timings=timings, objective=quantizer.objective)
 
 
 class _GlobalTopK:
@@ -475,18 +626,20 @@ class _GlobalTopK:
             keep = torch.topk(self.values, self.budget, sorted=False).indices
             self.values, self.owner, self.flat = self.values[keep], self.owner[keep], self.flat[keep]
 
-    def assign(self, matrices: dict[str, _Matrix]) -> None:
-        """Sets every matrix's exact positions to its share of the selection (None where it has none)."""
-        owner_names = [self.names[i] for i in self.owner.tolist()] if self.owner.numel() else []
-        chosen: dict[str, list[int]] = {}
-        for name, flat in zip(owner_names, self.flat.tolist()):
-            chosen.setdefault(name, []).append(flat)
-        for name, m in matrices.items():
-            mask = torch.zeros(m.weight.numel(), dtype=torch.bool, device=m.weight.device)
-            if name in chosen:
-                mask[torch.tensor(chosen[name], dtype=torch.int64, device=mask.device)] = True
-            m.mask = mask.view_as(m.weight) if name in chosen else None
-        logger.info("sparse part: %d exact weights chosen by objective gain, %d of %d layers hold some", self.flat.numel(), len(chosen), len(matrices))
+    def candidates(self) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+        """The kept (values, per matrix its flat positions) in the form :meth:`add` takes: ranks merge theirs."""
+        order = torch.sort(self.owner, stable=True).indices
+        values, owner, flat = self.values[order], self.owner[order], self.flat[order]
+        return values, [(self.names[o], flat[owner == o]) for o in torch.unique(owner).tolist()]
+
+    def selection(self) -> dict[str, torch.Tensor]:
+        """The chosen flat positions (int64, sorted) of each matrix that holds some."""
+        chosen: dict[str, list[torch.Tensor]] = {}
+        for owner, name in enumerate(self.names):
+            flat = self.flat[self.owner == owner]
+            if flat.numel():
+                chosen.setdefault(name, []).append(flat)
+        return {name: torch.sort(torch.cat(parts)).values for name, parts in chosen.items()}
 
 
 def quantize_weight(
