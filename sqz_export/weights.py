@@ -260,7 +260,7 @@ def open_blocked_model(files: ModelFiles, device: str | torch.device = "cpu") ->
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001  (a damaged file: name it, as models.load_weights does)
-        raise UserError(f"could not read the weights of model {files.source!r} ({type(exc).__name__}: {exc})") from exc
+        raise UserError(f"could not load the weights of model {files.source!r} ({type(exc).__name__}: {exc})") from exc
     layers = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
     blocked = BlockedModel(model=model, source=source, prefix=prefix, resident=False, device=torch.device(device), tokenizer=files.tokenizer, source_name=files.source)

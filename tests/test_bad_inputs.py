@@ -620,8 +620,14 @@ def test_a_file_size_limit_fails_the_write_cleanly(world: World, tmp_path: Path)
     process = cli_process(_quantize_args(world, out, "--method", "rtn"), preexec_fn=limit_file_size)
     _, err = process.communicate(timeout=300)
     assert_clean_failure(process.returncode, err, f"could not write {out}: File too large")
-    assert list(tmp_path.iterdir()) == [], "a partial output was left behind"
+    # No checkpoint; the blocks finished before the write failed wait in the run folder for --resume.
+    assert [path.name for path in tmp_path.iterdir()] == [".ckpt.sqz-run"], "a partial output was left behind"
+    assert "--resume continues" in err
     assert tree_digest(world.root) == before
+    resumed = cli_process([*_quantize_args(world, out, "--method", "rtn"), "--resume"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert [path.name for path in tmp_path.iterdir()] == ["ckpt"]
 
 
 def test_sigint_mid_run_leaves_no_partial_output(world: World, tmp_path: Path) -> None:

@@ -151,6 +151,9 @@ def test_interrupted_run_leaves_no_checkpoint_and_resume_completes_it(
     stored = len(list((run_dir / "refined").glob("*.pt")))
     assert stored >= 1  # blocks finished before the stop are kept (one still in the workers' hands is dropped)
     monkeypatch.setattr(ModelQuantizer, "add", original)
+    # Starting over would drop finished work: refused unless the user deletes the folder.
+    assert quantize_cli(model, out, data, "--fisher-dtype", "fp32", "--run-dir", str(run_dir)) == 2
+    assert "add --resume to continue it" in capsys.readouterr().err
     # A resume with other settings is refused, naming the difference, and keeps the run folder.
     assert quantize_cli(model, out, data, "--fisher-dtype", "fp32", "--run-dir", str(run_dir), "--resume", "--bits", "4") == 2
     assert "other settings (bits: 3 -> 4" in capsys.readouterr().err

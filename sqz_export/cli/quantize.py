@@ -167,49 +167,59 @@ def run(args: argparse.Namespace) -> int:
         quantizer.add(blocked.block_name(index), items, stats)
 
     start = time.perf_counter()
-    with quantizer:
-        if request is None:
-            from sqz_export.quantize.calibration import CalibrationStats
+    try:
+        with quantizer:
+            if request is None:
+                from sqz_export.quantize.calibration import CalibrationStats
 
-            for index in range(blocked.num_blocks):
-                if not skip(index):
-                    blocked.load_block(index)
-                    add(index, CalibrationStats())
-                    blocked.unload_block(index)
-        else:
-            logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
-            settings = StreamSettings(autocast_dtype=autocast, activation_memory=args.activation_memory, spill_folder=run_folder.activations, progress=group.leader, group=group)
-            for index, stats in iter_block_statistics(
-                blocked, calibration, request, settings, cache=args.stats, source=files.source, overwrite=args.overwrite_cache, skip=skip, spill_folder=run_folder.statistics
-            ):
-                add(index, stats)
-        quantizer_timings = quantizer.finish()
-    timings["calibration_and_quantize_wall"] = time.perf_counter() - start
-    timings.update(quantizer_timings)
-    if not group.leader:
-        shutdown(group)
-        return 0
+                for index in range(blocked.num_blocks):
+                    if not skip(index):
+                        blocked.load_block(index)
+                        add(index, CalibrationStats())
+                        blocked.unload_block(index)
+            else:
+                logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
+                settings = StreamSettings(autocast_dtype=autocast, activation_memory=args.activation_memory, spill_folder=run_folder.activations, progress=group.leader, group=group)
+                for index, stats in iter_block_statistics(
+                    blocked, calibration, request, settings, cache=args.stats, source=files.source, overwrite=args.overwrite_cache, skip=skip, spill_folder=run_folder.statistics
+                ):
+                    add(index, stats)
+            quantizer_timings = quantizer.finish()
+        timings["calibration_and_quantize_wall"] = time.perf_counter() - start
+        timings.update(quantizer_timings)
+        if not group.leader:
+            shutdown(group)
+            return 0
 
-    tensors, modules = run_folder.packed_tensors()
-    missing = sorted(set(shapes) - set(modules))
-    if missing:
-        raise RuntimeError(f"run folder {run_dir} lacks {len(missing)} packed layers after the run, first {missing[0]}")
-    dense = blocked.dense_keys(set(shapes))
-    for name, shape in dense.items():
-        tensors[name] = LazyTensor(torch.float16, tuple(shape), _dense_reader(blocked, name))
-    qconfig = QuantizationConfig(
-        quant_method=FORMAT_NAME,
-        method=options.method,
-        bits=options.bits,
-        sparsity=options.sparsity,
-        sensitive_fraction=options.sensitive_fraction,
-        modules=sorted(modules),
-        source_model=files.source,
-        calibration=calibration.describe() if calibration is not None else None,
-        chunk_nnz=options.chunk_nnz,
-        method_settings=options.settings(),
-    )
-    path = write_checkpoint(output, blocked.model.config, tensors, {name: modules[name] for name in sorted(modules)}, qconfig, files.tokenizer)
+        tensors, modules = run_folder.packed_tensors()
+        missing = sorted(set(shapes) - set(modules))
+        if missing:
+            raise RuntimeError(f"run folder {run_dir} lacks {len(missing)} packed layers after the run, first {missing[0]}")
+        dense = blocked.dense_keys(set(shapes))
+        for name, shape in dense.items():
+            tensors[name] = LazyTensor(torch.float16, tuple(shape), _dense_reader(blocked, name))
+        qconfig = QuantizationConfig(
+            quant_method=FORMAT_NAME,
+            method=options.method,
+            bits=options.bits,
+            sparsity=options.sparsity,
+            sensitive_fraction=options.sensitive_fraction,
+            modules=sorted(modules),
+            source_model=files.source,
+            calibration=calibration.describe() if calibration is not None else None,
+            chunk_nnz=options.chunk_nnz,
+            method_settings=options.settings(),
+        )
+        path = write_checkpoint(output, blocked.model.config, tensors, {name: modules[name] for name in sorted(modules)}, qconfig, files.tokenizer)
+    except BaseException:
+        # Finished blocks are kept for --resume; a run that finished none leaves nothing behind.
+        if group.leader:
+            finished = run_folder.done_blocks()
+            if finished:
+                logger.warning("%d of %d blocks are kept in %s: the same command with --resume continues from them", len(finished), blocked.num_blocks, run_dir)
+            else:
+                run_folder.remove()
+        raise
     run_folder.remove()
     shutdown(group)
 

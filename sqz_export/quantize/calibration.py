@@ -14,13 +14,15 @@ Three statistics, each the quadratic model of the loss that one quantizer minimi
   SqueezeLLM: the weighting is the point.
 * ``xtx`` [1, K, K]: GPTQ's layer-output Hessian ``sum_t x_t x_t^T``, for the GPTQ baseline.
 
-Memory stays bounded by one window's activations plus the accumulators: the inputs of a window's
-linears are referenced (not copied: q/k/v share one tensor) until their output gradient arrives in the
-backward pass, then folded into the fp32 accumulators and dropped; each weight gradient is squared into
-its accumulator by a post-accumulate hook and freed at once. The accumulators cost ``N*K`` (Fisher) plus
-``G*K*K`` (guided) floats per layer: for LLaMA-7B (K = 4096, 11008 for down_proj) about 27 GB of fp32
-Fisher and 28 GB per group of guided Hessians over its 224 linears. Streaming them block by block is
-the quantizer's scale work, not done here.
+The pass streams the model (:func:`stream_statistics`): one decoder block is loaded at a time, so
+memory holds one block's weights and accumulators, the inputs of every block for the calibration
+windows (``StreamSettings.activation_memory`` of them in memory, the rest on disk) and one window's
+activations inside the block. Inside a block, the inputs of its linears are referenced (not copied)
+until their output gradient arrives, then folded into fp32 accumulators and dropped. A block's
+accumulators cost ``N*K`` (Fisher) plus ``G*K*K`` (guided) floats per linear: for a LLaMA-7B block
+(K = 4096, 11008 for down_proj) 0.8 GB of Fisher and 0.9 GB per group of guided Hessians; the whole
+model's would be 27 GB and 28 GB per group, which is why the quantizer consumes each block's
+statistics as soon as they are final.
 """
 
 from __future__ import annotations

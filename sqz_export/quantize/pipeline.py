@@ -380,12 +380,15 @@ class ModelQuantizer:
         self.finished: set[str] = set()
         """Blocks packed by an earlier, interrupted run (their final round is not repeated)."""
         self._load = [0] * group.world
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers)
+        # One torch thread per worker (torch's thread count is per thread): the caller's calibration pass
+        # keeps its own intra-op threads while the workers run behind it.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.workers, initializer=torch.set_num_threads if self.workers > 1 else None, initargs=(1,) if self.workers > 1 else ()
+        )
         self._pending: list[tuple[str, list[concurrent.futures.Future]]] = []
-        self._threads = torch.get_num_threads()
         self._started = time.perf_counter()
-        passes = "blocks (refine, then final positions)" if self.global_sparse else "blocks"
-        self._bar = Progress(total_blocks * (2 if self.global_sparse else 1), f"{options.method} {options.bits}-bit", passes, enabled=progress)
+        desc = f"{options.method} {options.bits}-bit" + (" (each block refined, then finished on the final positions)" if self.global_sparse else "")
+        self._bar = Progress(total_blocks * (2 if self.global_sparse else 1), desc, "block passes", enabled=progress)
 
     def add(self, block: str, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> None:
         """Queues one block's layers ((weight, bias) by module name, snapshotted now: the caller may unload them)."""
@@ -399,8 +402,6 @@ class ModelQuantizer:
             if rank == self.group.rank:
                 batch = {name: items[name] for name in names}
                 futures.append(self._pool.submit(self._solve, batch, _subset_of(statistics, names)))
-        if self.workers > 1:
-            torch.set_num_threads(1)  # the pool's workers and the caller's pass share the cores
         self._pending.append((block, futures))
         self._drain(MAX_PENDING_BLOCKS - 1)
 
@@ -411,7 +412,6 @@ class ModelQuantizer:
         """Stops the workers; after a failure or Ctrl-C, blocks not yet collected are dropped, never stored
         half done (a resumed run computes them again)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(self._threads)
         self._bar.close()
 
     def finish(self) -> dict[str, float]:

@@ -59,8 +59,8 @@ class RunDir:
         """Creates the folder for a new run, or checks a previous one for ``--resume``.
 
         Raises:
-            UserError: ``--resume`` without a run folder, or one made for other settings; or a previous
-                run's folder without ``--resume`` (it would be overwritten: the user decides).
+            UserError: ``--resume`` without a run folder, or one made for other settings; or, without
+                ``--resume``, a folder holding finished blocks (the user decides whether to drop them).
         """
         key = {**key, "run_format": RUN_FORMAT, "ranks": group.world}
         run_file = folder / RUN_FILE
@@ -75,6 +75,8 @@ class RunDir:
                 if folder.exists():
                     if not run_file.is_file() and any(folder.iterdir()):
                         raise UserError(f"run folder {folder} exists and is not an sqz-export run folder; pass another --run-dir")
+                    if cls(folder, group).done_blocks():  # hours of work, perhaps: never dropped silently
+                        raise UserError(f"{folder} holds an interrupted run with finished blocks; add --resume to continue it, or delete the folder to start over")
                     shutil.rmtree(folder)
                 folder.mkdir(parents=True)
                 write_text(run_file, json.dumps(key, indent=2, sort_keys=True) + "\n")
