@@ -1,14 +1,18 @@
 /*
  * sqzOrtOps.cpp: libsqz_ort_ops.so, the onnxruntime custom-op library of sqz-export.
  *
- * One op, sqz::SqzLinear (domain "sqz", opset 1), on the CPU execution provider. A thin adapter:
+ * One op, sqz::SqzLinear (domain "sqz", opset 1), on the CPU execution provider, and (built with
+ * SQZ_ORT_CUDA: libsqz_ort_ops_cuda.so) on the CUDA execution provider too. A thin adapter:
  *   - every rule of the op (attributes, input count, shapes) comes from the TensorRT plugin's
  *     plain-C++ core (plugins/sqzLinearPlugin/sqzLinearPluginCore.h), so both front doors accept and
  *     refuse the same nodes with the same messages;
  *   - the arithmetic is the plain C++ CPU kernel (plugins/common/sqzLinearCpu.h) on the packed bytes
  *     onnxruntime holds for the initializers (no dense copy, no pre-packing);
  *   - the output rows are cut into ranges of equal work (sqzLinearCpuSplit) and run on onnxruntime's
- *     intra-op thread pool (KernelContext_ParallelFor), so the op shares the session's threads.
+ *     intra-op thread pool (KernelContext_ParallelFor), so the op shares the session's threads;
+ *   - on the CUDA execution provider the call goes to the CUDA launcher (plugins/common/sqzLinear.h:
+ *     GEMV for M <= 16, dequantize + GEMM above) on the session's compute stream, with the workspace
+ *     from the session's CUDA allocator; x must then be fp16 or bf16.
  *
  *   inputs  0 x          fp16 | bf16 | fp32 [..., K]   (converted to fp32 scratch when not fp32)
  *           1 qweight    int32 [N, ceil(K/32) * bits]  layout 2
@@ -29,6 +33,9 @@
 #include "sqzFormat.h"
 #include "sqzLinearCpu.h"
 #include "sqzLinearPluginCore.h"
+#if defined(SQZ_ORT_CUDA)
+#include "sqzLinear.h"
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -49,6 +56,8 @@ namespace cpu = sqz::cpu;
 //! arrived in 1.17, CreateKernelV2/KernelComputeV2/InferOutputShapeFn in 1.16-1.17.
 constexpr uint32_t kORT_API_VERSION = 17;
 constexpr char const* kDOMAIN = "sqz";
+constexpr char const* kCPU_PROVIDER = "CPUExecutionProvider";
+constexpr char const* kCUDA_PROVIDER = "CUDAExecutionProvider";
 constexpr int kOPSET = 1;
 
 //! Splits below this many output rows per part cost more in hand-offs than they save.
@@ -107,10 +116,11 @@ core::TensorType coreType(ONNXTensorElementDataType type)
     }
 }
 
-bool isActivationType(ONNXTensorElementDataType type)
+//! The CPU kernel takes fp32 x too; the CUDA launcher fp16 and bf16 only.
+bool isActivationType(ONNXTensorElementDataType type, bool cuda)
 {
     return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 || type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16
-        || type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        || (!cuda && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
 }
 
 //! "" if the weight inputs (1..nbInputs-1) have the op's types, else a message naming the input.
@@ -165,8 +175,10 @@ struct Kernel
     std::string node;                //!< node name, for messages
     core::SqzLinearParams params;    //!< validated attributes
     int32_t nbInputs{0};             //!< 3 (dense) or 7 (dense + sparse)
-    cpu::Isa isa{cpu::Isa::kScalar}; //!< the ISA every call runs (chosen once, logged)
+    bool cuda{false};                //!< the CUDA execution provider's op (device tensors)
+    cpu::Isa isa{cpu::Isa::kScalar}; //!< CPU: the ISA every call runs (chosen once, logged)
     bool weightsChecked{false};      //!< weights were constant and checked at creation
+    int64_t nnz{0};                  //!< non-zeros of the sparse part, when weightsChecked
     OrtMemoryInfo* cpuMemory{nullptr};
 
     ~Kernel()
@@ -181,13 +193,26 @@ struct Kernel
 
     OrtStatus* fail(std::string const& message) const { return error(ORT_INVALID_ARGUMENT, prefix() + message); }
 
-    //! Shapes and types of all inputs against the attributes, and the CSR contents.
+    OrtStatus* checkX(TensorDesc const& x) const
+    {
+        if (!isActivationType(x.type, cuda))
+        {
+            return fail(std::string("input 0 (x) must be ") + (cuda ? "fp16 or bf16 on CUDA" : "fp16, bf16 or fp32"));
+        }
+        return nullptr;
+    }
+
+    //! Non-zeros given the inputs' extents (0 for a dense-only node).
+    int64_t nnzOf(std::vector<TensorDesc> const& inputs) const
+    {
+        return nbInputs == core::kNB_INPUTS_SPARSE ? inputs[core::kCOL].dims[0] : 0;
+    }
+
+    //! Shapes and types of all inputs against the attributes, and the CSR contents when host pointers
+    //! to them are given (CPU; a CUDA node's weights are device tensors).
     OrtStatus* checkInputs(std::vector<TensorDesc> const& inputs, int32_t const* rowPtr, int32_t const* col) const
     {
-        if (!isActivationType(inputs[core::kX].type))
-        {
-            return fail("input 0 (x) must be fp16, bf16 or fp32");
-        }
+        SQZ_ORT_RETURN_IF_ERROR(checkX(inputs[core::kX]));
         std::string message = checkWeightTypes(inputs);
         if (message.empty())
         {
@@ -207,6 +232,12 @@ struct Kernel
 
     OrtStatus* create(OrtKernelInfo const* info);
     OrtStatus* compute(OrtKernelContext* context) const;
+    OrtStatus* runCpu(OrtKernelContext* context, TensorDesc const& x, std::vector<void*> const& data, void* yData,
+        int64_t m, int64_t nnzNow) const;
+#if defined(SQZ_ORT_CUDA)
+    OrtStatus* runCuda(OrtKernelContext* context, OrtValue const* xValue, TensorDesc const& x,
+        std::vector<void*> const& data, void* yData, int64_t m, int64_t nnzNow) const;
+#endif
 };
 
 OrtStatus* Kernel::create(OrtKernelInfo const* info)
@@ -287,11 +318,12 @@ OrtStatus* Kernel::create(OrtKernelInfo const* info)
     {
         if (inputs[core::kX].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED)
         {
-            inputs[core::kX].type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; // untyped graph input: checked per call
+            inputs[core::kX].type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; // untyped graph input: checked per call
         }
-        bool const sparse = nbInputs == core::kNB_INPUTS_SPARSE;
-        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, sparse ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
-            sparse ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
+        bool const hostCsr = nbInputs == core::kNB_INPUTS_SPARSE && !cuda;
+        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
+            hostCsr ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
+        nnz = nnzOf(inputs);
         weightsChecked = true;
     }
 
@@ -301,7 +333,9 @@ OrtStatus* Kernel::create(OrtKernelInfo const* info)
     OrtLogger const* logger = nullptr;
     if (gApi->KernelInfo_GetLogger(info, &logger) == nullptr && logger != nullptr)
     {
-        std::string const message = prefix() + "CPU LUT kernel, isa=" + cpu::sqzCpuIsaName(isa) + " (bits="
+        std::string const kernelName = cuda ? std::string("CUDA launcher (GEMV for M <= 16, dequantize + GEMM above)")
+                                            : std::string("CPU LUT kernel, isa=") + cpu::sqzCpuIsaName(isa);
+        std::string const message = prefix() + kernelName + " (bits="
             + std::to_string(params.bits) + ", K=" + std::to_string(params.inFeatures) + ", N="
             + std::to_string(params.outFeatures) + (nbInputs == core::kNB_INPUTS_SPARSE ? ", sparse" : ", dense")
             + (weightsChecked ? ", weights checked at creation)" : ", weights not constant: checked per call)");
@@ -373,12 +407,10 @@ OrtStatus* Kernel::compute(OrtKernelContext* context) const
         SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(const_cast<OrtValue*>(values[i]), &data[i]));
     }
     TensorDesc const& x = inputs[core::kX];
+    int64_t nnzNow = nnz;
     if (weightsChecked)
     {
-        if (!isActivationType(x.type))
-        {
-            return fail("input 0 (x) must be fp16, bf16 or fp32");
-        }
+        SQZ_ORT_RETURN_IF_ERROR(checkX(x));
         if (x.dims.empty() || x.dims.back() != params.inFeatures)
         {
             return fail("input 0 (x) must be [..., in_features=" + std::to_string(params.inFeatures) + "]");
@@ -390,9 +422,10 @@ OrtStatus* Kernel::compute(OrtKernelContext* context) const
         {
             SQZ_ORT_RETURN_IF_ERROR(describeValue(values[i], inputs[i]));
         }
-        bool const sparse = nbInputs == core::kNB_INPUTS_SPARSE;
-        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, sparse ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
-            sparse ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
+        bool const hostCsr = nbInputs == core::kNB_INPUTS_SPARSE && !cuda;
+        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
+            hostCsr ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
+        nnzNow = nnzOf(inputs);
     }
 
     int64_t const m = core::rowsOf(x.dims);
@@ -409,7 +442,18 @@ OrtStatus* Kernel::compute(OrtKernelContext* context) const
     {
         return nullptr;
     }
+#if defined(SQZ_ORT_CUDA)
+    if (cuda)
+    {
+        return runCuda(context, values[core::kX], x, data, yData, m, nnzNow);
+    }
+#endif
+    return runCpu(context, x, data, yData, m, nnzNow);
+}
 
+OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::vector<void*> const& data, void* yData,
+    int64_t m, int64_t nnzNow) const
+{
     int64_t const k = params.inFeatures;
     int64_t const n = params.outFeatures;
     bool const fp32 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -438,16 +482,12 @@ OrtStatus* Kernel::compute(OrtKernelContext* context) const
     job.shape.inFeatures = params.inFeatures;
     job.shape.outFeatures = params.outFeatures;
     job.shape.bits = params.bits;
-    if (nbInputs == core::kNB_INPUTS_SPARSE)
+    job.shape.nnz = static_cast<int32_t>(nnzNow);
+    if (nnzNow > 0)
     {
-        auto const* rowPtr = static_cast<int32_t const*>(data[core::kROW_PTR]);
-        job.shape.nnz = rowPtr[params.outFeatures];
-        if (job.shape.nnz > 0)
-        {
-            job.args.rowPtr = rowPtr;
-            job.args.col = static_cast<int32_t const*>(data[core::kCOL]);
-            job.args.val = static_cast<uint16_t const*>(data[core::kVAL]);
-        }
+        job.args.rowPtr = static_cast<int32_t const*>(data[core::kROW_PTR]);
+        job.args.col = static_cast<int32_t const*>(data[core::kCOL]);
+        job.args.val = static_cast<uint16_t const*>(data[core::kVAL]);
     }
     job.args.x = x32;
     job.args.qweight = static_cast<int32_t const*>(data[core::kQWEIGHT]);
@@ -479,9 +519,61 @@ OrtStatus* Kernel::compute(OrtKernelContext* context) const
     return nullptr;
 }
 
+#if defined(SQZ_ORT_CUDA)
+//! The CUDA launcher on the session's compute stream; its workspace (dequantized tiles for large M)
+//! comes from the session's allocator for x's device.
+OrtStatus* Kernel::runCuda(OrtKernelContext* context, OrtValue const* xValue, TensorDesc const& x,
+    std::vector<void*> const& data, void* yData, int64_t m, int64_t nnzNow) const
+{
+    sqz::SqzLinearShape shape{};
+    shape.m = static_cast<int32_t>(m);
+    shape.inFeatures = params.inFeatures;
+    shape.outFeatures = params.outFeatures;
+    shape.bits = params.bits;
+    shape.nnz = static_cast<int32_t>(nnzNow);
+    shape.chunkNnz = params.chunkNnz;
+    shape.dtype = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? sqz::DataType::kBF16 : sqz::DataType::kHALF;
+    if (char const* message = sqz::sqzLinearValidate(shape))
+    {
+        return fail(message);
+    }
+    void* stream = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetGPUComputeStream(context, &stream));
+    size_t const bytes = sqz::sqzLinearWorkspaceSize(shape);
+    Scratch workspace;
+    if (bytes > 0)
+    {
+        OrtMemoryInfo const* device = nullptr;
+        SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMemoryInfo(xValue, &device));
+        SQZ_ORT_RETURN_IF_ERROR(workspace.allocate(context, device, bytes));
+    }
+    sqz::SqzLinearArgs args{};
+    args.x = data[core::kX];
+    args.qweight = static_cast<int32_t const*>(data[core::kQWEIGHT]);
+    args.lut = data[core::kLUT];
+    if (nnzNow > 0)
+    {
+        args.rowPtr = static_cast<int32_t const*>(data[core::kROW_PTR]);
+        args.col = static_cast<int32_t const*>(data[core::kCOL]);
+        args.val = data[core::kVAL];
+        args.chunkRow = static_cast<int32_t const*>(data[core::kCHUNK_ROW]);
+    }
+    args.y = yData;
+    args.workspace = workspace.data;
+    args.workspaceBytes = bytes;
+    cudaError_t const status
+        = sqz::sqzLinearLaunch(shape, args, sqz::KernelKind::kAuto, static_cast<cudaStream_t>(stream));
+    if (status != cudaSuccess)
+    {
+        return error(ORT_EP_FAIL, prefix() + "CUDA launch failed: " + cudaGetErrorString(status));
+    }
+    return nullptr;
+}
+#endif
+
 // --- OrtCustomOp callbacks ---------------------------------------------------------------------
 
-OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const*, OrtApi const*, OrtKernelInfo const* info, void** out)
+OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const* op, OrtApi const*, OrtKernelInfo const* info, void** out)
 {
     *out = nullptr;
     auto* kernel = new (std::nothrow) Kernel();
@@ -489,6 +581,7 @@ OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const*, OrtApi const*, OrtKerne
     {
         return error(ORT_FAIL, "SqzLinear: out of memory creating a kernel");
     }
+    kernel->cuda = std::strcmp(op->GetExecutionProviderType(op), kCUDA_PROVIDER) == 0;
     try
     {
         if (OrtStatus* status = kernel->create(info))
@@ -589,10 +682,17 @@ char const* ORT_API_CALL opName(OrtCustomOp const*)
     return core::kPLUGIN_NAME;
 }
 
-char const* ORT_API_CALL opProvider(OrtCustomOp const*)
+char const* ORT_API_CALL cpuProvider(OrtCustomOp const*)
 {
-    return "CPUExecutionProvider";
+    return kCPU_PROVIDER;
 }
+
+#if defined(SQZ_ORT_CUDA)
+char const* ORT_API_CALL cudaProvider(OrtCustomOp const*)
+{
+    return kCUDA_PROVIDER;
+}
+#endif
 
 //! x (and so y) is any of fp16/bf16/fp32: UNDEFINED lets the kernel check it; the weights are fixed.
 ONNXTensorElementDataType ORT_API_CALL inputType(OrtCustomOp const*, size_t index)
@@ -656,14 +756,15 @@ int ORT_API_CALL endVersion(OrtCustomOp const*)
     return kOPSET;
 }
 
-//! The op, filled for OrtCustomOp version 17: onnxruntime reads no field added after that version.
-OrtCustomOp makeOp()
+//! The op for one execution provider, filled for OrtCustomOp version 17: onnxruntime reads no field
+//! added after that version.
+OrtCustomOp makeOp(char const*(ORT_API_CALL* provider)(OrtCustomOp const*))
 {
     OrtCustomOp op;
     std::memset(&op, 0, sizeof(op));
     op.version = kORT_API_VERSION;
     op.GetName = opName;
-    op.GetExecutionProviderType = opProvider;
+    op.GetExecutionProviderType = provider;
     op.GetInputType = inputType;
     op.GetInputTypeCount = inputCount;
     op.GetOutputType = outputType;
@@ -684,7 +785,13 @@ OrtCustomOp makeOp()
     return op;
 }
 
-OrtCustomOp const gSqzLinearOp = makeOp();
+//! Every op of the library, one per execution provider (inputs of the CUDA one live on the device).
+std::vector<OrtCustomOp> const gOps{
+    makeOp(cpuProvider),
+#if defined(SQZ_ORT_CUDA)
+    makeOp(cudaProvider),
+#endif
+};
 
 } // namespace
 
@@ -715,11 +822,14 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     if (domain == nullptr)
     {
         SQZ_ORT_RETURN_IF_ERROR(gApi->CreateCustomOpDomain(kDOMAIN, &domain));
-        if (OrtStatus* status = gApi->CustomOpDomain_Add(domain, &gSqzLinearOp))
+        for (OrtCustomOp const& op : gOps)
         {
-            gApi->ReleaseCustomOpDomain(domain);
-            domain = nullptr;
-            return status;
+            if (OrtStatus* status = gApi->CustomOpDomain_Add(domain, &op))
+            {
+                gApi->ReleaseCustomOpDomain(domain);
+                domain = nullptr;
+                return status;
+            }
         }
     }
     return gApi->AddCustomOpDomain(options, domain);
