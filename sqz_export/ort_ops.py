@@ -90,7 +90,9 @@ def check_library(path: Path | str, what: str = "--ort-ops") -> Path:
     process, and one that exports ``RegisterCustomOps`` (what onnxruntime calls).
     """
     path = check_input_file(path, what)
-    expected = f"expected {LIBRARY_NAME}, the onnxruntime custom-op library built from plugins/ort (see plugins/README.md)"
+    expected = (
+        f"expected {LIBRARY_NAME}, the onnxruntime custom-op library built from plugins/ort (see plugins/README.md)"
+    )
     with path.open("rb") as handle:
         if handle.read(4) != _ELF_MAGIC:
             raise UserError(f"{what} {path}: not a shared library (no ELF header); {expected}")
@@ -99,7 +101,9 @@ def check_library(path: Path | str, what: str = "--ort-ops") -> Path:
     except OSError as exc:
         raise UserError(f"{what} {path}: cannot be loaded ({exc}); {expected}") from exc
     if not hasattr(library, ENTRY_POINT):
-        raise UserError(f"{what} {path}: does not export {ENTRY_POINT}, so it is no onnxruntime custom-op library; {expected}")
+        raise UserError(
+            f"{what} {path}: does not export {ENTRY_POINT}, so it is no onnxruntime custom-op library; {expected}"
+        )
     return path
 
 
@@ -133,7 +137,9 @@ def make_session(
     except Exception as exc:
         if ort_ops is None:
             raise
-        raise UserError(f"onnxruntime could not create a session on {path} with the custom-op library {ort_ops}: {exc}") from exc
+        raise UserError(
+            f"onnxruntime could not create a session on {path} with the custom-op library {ort_ops}: {exc}"
+        ) from exc
 
 
 def main() -> None:
@@ -143,7 +149,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     headers = find_headers()
     if headers is None:
-        sys.exit(f"onnxruntime headers not found: set ONNXRUNTIME_ROOT (a release archive) or ONNXRUNTIME_INCLUDE_DIR (a folder with {HEADER})")
+        sys.exit(
+            "onnxruntime headers not found: set ONNXRUNTIME_ROOT (a release archive) or ONNXRUNTIME_INCLUDE_DIR "
+            f"(a folder with {HEADER})"
+        )
     build_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else SOURCE_DIR.parents[1] / "build" / "ort"
     print(build_library(build_dir, headers))
 

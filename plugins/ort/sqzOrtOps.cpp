@@ -321,7 +321,8 @@ OrtStatus* Kernel::create(OrtKernelInfo const* info)
             inputs[core::kX].type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; // untyped graph input: checked per call
         }
         bool const hostCsr = nbInputs == core::kNB_INPUTS_SPARSE && !cuda;
-        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
+        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, //
+            hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
             hostCsr ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
         nnz = nnzOf(inputs);
         weightsChecked = true;
@@ -379,7 +380,9 @@ struct Scratch
     {
         SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetAllocator(context, info, &allocator));
         data = allocator->Alloc(allocator, std::max<size_t>(bytes, 1));
-        return data != nullptr ? nullptr : error(ORT_FAIL, "SqzLinear: out of memory for " + std::to_string(bytes) + " bytes of scratch");
+        return data != nullptr
+            ? nullptr
+            : error(ORT_FAIL, "SqzLinear: out of memory for " + std::to_string(bytes) + " bytes of scratch");
     }
 };
 
@@ -423,7 +426,8 @@ OrtStatus* Kernel::compute(OrtKernelContext* context) const
             SQZ_ORT_RETURN_IF_ERROR(describeValue(values[i], inputs[i]));
         }
         bool const hostCsr = nbInputs == core::kNB_INPUTS_SPARSE && !cuda;
-        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
+        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, //
+            hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
             hostCsr ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
         nnzNow = nnzOf(inputs);
     }
