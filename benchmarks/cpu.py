@@ -285,7 +285,7 @@ def initializer_bytes(path: Path) -> int:
     return total
 
 
-def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int) -> dict[str, object]:
+def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads: int | None) -> dict[str, object]:
     """Runs in the child: one onnxruntime session on an export folder's graph, greedy decode, peak RSS."""
     from transformers import AutoTokenizer
 
@@ -296,7 +296,7 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int) -> dict[
     library = ort_ops if variant == ORT_SQZ else None
     rss_before = rss_bytes()
     start = time.perf_counter()
-    generator = OnnxGenerator(path, ort_ops=library)
+    generator = OnnxGenerator(path, ort_ops=library, threads=threads)
     session_s = time.perf_counter() - start
     session_peak = peak_rss_bytes()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -307,6 +307,7 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int) -> dict[
         "variant": variant,
         "source": str(path),
         "ort_ops": library,
+        "intra_op_threads": threads,
         "ms_per_token": 1e3 * (result.prefill_s + result.decode_s) / len(result.new_ids),
         "decode_ms_per_token": 1e3 / result.tokens_per_s if result.tokens_per_s else None,
         "new_tokens": len(result.new_ids),
@@ -375,6 +376,8 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
         if library:
             cmd += ["--ort-ops", library]
+        if args.ort_threads is not None:
+            cmd += ["--ort-threads", str(args.ort_threads)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"decode child {variant} failed:\n{result.stderr[-3000:]}")
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", nargs="*", default=[], help="NAME=FOLDER of `sqz-export export` folders (onnxruntime rows)")
     parser.add_argument("--ort-ops", help="libsqz_ort_ops.so for the onnxruntime sqz rows (default: build/ort, built if needed)")
     parser.add_argument("--ort-function", action="store_true", help="also time model.onnx on its ONNX function fallback")
+    parser.add_argument("--ort-threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument(
         "--only", nargs="*", default=[], help=f"decode variants to run, of {', '.join(RESERVED_VARIANTS)}, sqz (the --checkpoint rows)"
     )
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.child == "llama.cpp":
             row = llama_cpp_child(args.new_tokens)
         elif args.child in (ORT_BASELINE, ORT_SQZ, ORT_FUNCTION):
-            row = ort_child(args.child, args.child_source, args.ort_ops, args.new_tokens)
+            row = ort_child(args.child, args.child_source, args.ort_ops, args.new_tokens, args.ort_threads)
         else:
             row = decode_child(args.child, args.child_source, args.new_tokens)
         print(json.dumps(row))

@@ -46,11 +46,12 @@ class OnnxGenerator:
         onnx_path: str | os.PathLike[str],
         providers: list[str] | None = None,
         ort_ops: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         from sqz_export.ort_ops import make_session
 
         self.signature = DecoderSignature.from_onnx(onnx_path)
-        self.session = make_session(Path(onnx_path), providers, ort_ops)
+        self.session = make_session(Path(onnx_path), providers, ort_ops, threads)
         self._outputs = ["logits"] + self.signature.present_names
 
     def step(

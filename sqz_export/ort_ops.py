@@ -107,12 +107,18 @@ def check_library(path: Path | str, what: str = "--ort-ops") -> Path:
     return path
 
 
-def session_options(ort_ops: Path | str | None = None) -> onnxruntime.SessionOptions:
-    """Session options with the custom-op library registered (when given); warnings and errors only."""
+def session_options(ort_ops: Path | str | None = None, threads: int | None = None) -> onnxruntime.SessionOptions:
+    """Session options with the custom-op library registered (when given); warnings and errors only.
+
+    ``threads`` sets onnxruntime's intra-op thread count (None: its default, one per physical core),
+    which the custom op's row split runs on too.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if ort_ops is not None:
         try:
             options.register_custom_ops_library(str(Path(ort_ops).resolve()))
@@ -122,7 +128,10 @@ def session_options(ort_ops: Path | str | None = None) -> onnxruntime.SessionOpt
 
 
 def make_session(
-    path: Path | str, providers: list[str] | None = None, ort_ops: Path | str | None = None
+    path: Path | str,
+    providers: list[str] | None = None,
+    ort_ops: Path | str | None = None,
+    threads: int | None = None,
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime session on ``path`` (CPU unless ``providers`` says otherwise).
 
@@ -131,7 +140,7 @@ def make_session(
     """
     import onnxruntime as ort
 
-    options = session_options(ort_ops)
+    options = session_options(ort_ops, threads)
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:
