@@ -14,7 +14,15 @@ from ``sqz-export quantize --method rtn --bits 3 --sparsity 0.45% -o runs/sqz3s`
 generate() wall time over the new tokens (prefill of the short prompt included). llama.cpp is a peer
 row when ``llama_cpp`` is importable.
 
+onnxruntime rows (``--onnx NAME=FOLDER``, folders written by ``sqz-export export``): the FP16
+baseline.onnx, and model.onnx with the custom-op library (``--ort-ops LIB``; by default built into
+build/ort when onnxruntime headers are found, see sqz_export.ort_ops), each greedy-decoded by
+sqz_export.generate.OnnxGenerator (KV cache) in its own child process; ``--ort-function`` adds
+model.onnx on its ONNX function fallback (dense weights after folding: several GB of session). ms/token
+is prefill + decode wall time over the new tokens, as above; peak RSS includes session creation.
+
     python benchmarks/cpu.py --out runs/cpu.json --checkpoint sqz3s=runs/sqz3s sqz3=runs/sqz3 sqz4=runs/sqz4
+    python benchmarks/cpu.py --part decode --onnx sqz3s=runs/sqz3s-onnx --ort-ops build/ort/libsqz_ort_ops.so
     python benchmarks/cpu.py --part op --shapes 4096x4096 --out runs/cpu_op.json
 
 Prints tables and writes one JSON (atomically).
@@ -248,28 +256,144 @@ def llama_cpp_child(new_tokens: int) -> dict[str, object]:
     }
 
 
-def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+ORT_BASELINE, ORT_SQZ, ORT_FUNCTION = "ort-baseline", "ort-sqz", "ort-function"
+"""onnxruntime variants: baseline.onnx; model.onnx with the custom-op library; model.onnx on its function."""
+RESERVED_VARIANTS = ("fp32", "bf16", ORT_BASELINE, ORT_SQZ, ORT_FUNCTION, "llama.cpp")
+"""Decode variants by fixed name; any other name is a --checkpoint NAME (selected by --only sqz)."""
+
+
+def rss_bytes() -> int:
+    """This process's current resident set (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line")
+
+
+def initializer_bytes(path: Path) -> int:
+    """Bytes of a graph's initializers (from the tensor shapes; external data is not read)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    total = 0
+    for tensor in graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        total += count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads: int | None) -> dict[str, object]:
+    """Runs in the child: one onnxruntime session on an export folder's graph, greedy decode, peak RSS."""
+    from transformers import AutoTokenizer
+
+    from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE
+    from sqz_export.generate import OnnxGenerator
+
+    path = Path(folder) / (BASELINE_FILE if variant == ORT_BASELINE else MODEL_FILE)
+    library = ort_ops if variant == ORT_SQZ else None
+    rss_before = rss_bytes()
+    start = time.perf_counter()
+    generator = OnnxGenerator(path, ort_ops=library, threads=threads)
+    session_s = time.perf_counter() - start
+    session_peak = peak_rss_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer(PROMPT)["input_ids"]
+    generator.greedy(prompt, 4)
+    result = generator.greedy(prompt, new_tokens)
+    return {
+        "variant": variant,
+        "source": str(path),
+        "ort_ops": library,
+        "intra_op_threads": threads,
+        "ms_per_token": 1e3 * (result.prefill_s + result.decode_s) / len(result.new_ids),
+        "decode_ms_per_token": 1e3 / result.tokens_per_s if result.tokens_per_s else None,
+        "new_tokens": len(result.new_ids),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "session_peak_rss_bytes": session_peak,
+        "rss_before_session_bytes": rss_before,
+        "initializer_bytes": initializer_bytes(path),
+        "session_seconds": session_s,
+        "text": tokenizer.decode(result.new_ids[:24]),
+    }
+
+
+def default_ort_ops() -> str | None:
+    """build/ort/libsqz_ort_ops.so, built now if onnxruntime headers are found; None (with a reason) if not."""
+    from sqz_export import ort_ops
+
+    library = ort_ops.SOURCE_DIR.parents[1] / "build" / "ort" / ort_ops.LIBRARY_NAME
+    if library.is_file():
+        return str(library)
+    headers = ort_ops.find_headers()
+    if headers is None:
+        print("onnxruntime sqz rows skipped: no --ort-ops and no onnxruntime headers to build it (ONNXRUNTIME_ROOT)")
+        return None
+    return str(ort_ops.build_library(library.parent, headers))
+
+
+def decode_variants(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(variant, source, ort-ops library) of every decode child, in table order."""
     import importlib.util
 
-    variants = [("fp32", ""), ("bf16", "")] + [tuple(spec.split("=", 1)) for spec in args.checkpoint]
+    variants = [("fp32", "", ""), ("bf16", "", "")] + [(*spec.split("=", 1), "") for spec in args.checkpoint]
+    folders = [spec.split("=", 1) for spec in args.onnx]
+    library = args.ort_ops or (default_ort_ops() if folders else None)
+    if folders:
+        variants.append((ORT_BASELINE, folders[0][1], ""))
+    for _, folder in folders:
+        if library:
+            variants.append((ORT_SQZ, folder, library))
+        if args.ort_function:
+            variants.append((ORT_FUNCTION, folder, ""))
     if importlib.util.find_spec("llama_cpp") is not None:
-        variants.append(("llama.cpp", ""))
+        variants.append(("llama.cpp", "", ""))
     else:
         print("llama.cpp row skipped: llama_cpp is not importable", flush=True)
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only or (v[0] not in RESERVED_VARIANTS and "sqz" in args.only)]
+    return variants
+
+
+def format_decode_row(row: dict[str, object]) -> str:
+    line = f"{row['variant']:<12} {row['ms_per_token']:7.2f} ms/token  peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB"
+    if row.get("linear_fp32_bytes"):
+        ratio = row["linear_bytes"] / row["linear_fp32_bytes"]
+        line += f"  linears {row['linear_bytes'] / 2**20:6.1f} MiB ({ratio:.3f}x FP32)"
+    if "initializer_bytes" in row:
+        line += (
+            f"  initializers {row['initializer_bytes'] / 2**20:6.1f} MiB  session peak "
+            f"{row['session_peak_rss_bytes'] / 2**20:6.0f} MiB (from {row['rss_before_session_bytes'] / 2**20:.0f})  {row['source']}"
+        )
+    return line
+
+
+def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     rows = []
-    for variant, source in variants:
+    for variant, source, library in decode_variants(args):
         cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
+        if library:
+            cmd += ["--ort-ops", library]
+        if args.ort_threads is not None:
+            cmd += ["--ort-threads", str(args.ort_threads)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"decode child {variant} failed:\n{result.stderr[-3000:]}")
         row = json.loads(result.stdout.strip().splitlines()[-1])
+        row["load_average_after"] = os.getloadavg()
         rows.append(row)
-        ratio = row["linear_bytes"] / row["linear_fp32_bytes"] if row.get("linear_fp32_bytes") else float("nan")
-        print(
-            f"{variant:<10} {row['ms_per_token']:7.2f} ms/token  peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB  "
-            f"linears {row.get('linear_bytes', 0) / 2**20:6.1f} MiB ({ratio:.3f}x FP32)",
-            flush=True,
-        )
+        print(format_decode_row(row), flush=True)
+    baseline = next((r for r in rows if r["variant"] == ORT_BASELINE), None)
+    for row in rows:
+        if baseline is not None and row["variant"] == ORT_SQZ:
+            print(
+                f"onnxruntime {row['source']} with the custom op vs FP16 baseline.onnx: "
+                f"{baseline['ms_per_token'] / row['ms_per_token']:.2f}x per token, peak RSS "
+                f"{row['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}x (load average {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
     return rows
 
 
@@ -283,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpoint", nargs="*", default=[], help="NAME=DIR of sqz checkpoints for the decode part")
+    parser.add_argument("--onnx", nargs="*", default=[], help="NAME=FOLDER of `sqz-export export` folders (onnxruntime rows)")
+    parser.add_argument("--ort-ops", help="libsqz_ort_ops.so for the onnxruntime sqz rows (default: build/ort, built if needed)")
+    parser.add_argument("--ort-function", action="store_true", help="also time model.onnx on its ONNX function fallback")
+    parser.add_argument("--ort-threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help=f"decode variants to run, of {', '.join(RESERVED_VARIANTS)}, sqz (the --checkpoint rows)"
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -290,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
-        row = llama_cpp_child(args.new_tokens) if args.child == "llama.cpp" else decode_child(args.child, args.child_source, args.new_tokens)
+        if args.child == "llama.cpp":
+            row = llama_cpp_child(args.new_tokens)
+        elif args.child in (ORT_BASELINE, ORT_SQZ, ORT_FUNCTION):
+            row = ort_child(args.child, args.child_source, args.ort_ops, args.new_tokens, args.ort_threads)
+        else:
+            row = decode_child(args.child, args.child_source, args.new_tokens)
         print(json.dumps(row))
         return 0
 

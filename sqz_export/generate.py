@@ -35,17 +35,23 @@ class GenerationResult:
 
 
 class OnnxGenerator:
-    """An onnxruntime session over one exported decoder graph (CPU unless providers say otherwise)."""
+    """An onnxruntime session over one exported decoder graph (CPU unless providers say otherwise).
 
-    def __init__(self, onnx_path: str | os.PathLike[str], providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
+    ``ort_ops`` is the custom-op library (plugins/ort): with it the SqzLinear nodes run the C++ CPU
+    kernel on the packed weights; without it, their ONNX function (dense weights after folding).
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike[str],
+        providers: list[str] | None = None,
+        ort_ops: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        from sqz_export.ort_ops import make_session
 
         self.signature = DecoderSignature.from_onnx(onnx_path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(Path(onnx_path)), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        self.session = make_session(Path(onnx_path), providers, ort_ops, threads)
         self._outputs = ["logits"] + self.signature.present_names
 
     def step(

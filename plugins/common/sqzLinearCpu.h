@@ -1,7 +1,7 @@
 /*
  * sqzLinearCpu.h: the SqzLinear CPU kernel (plain C++: no CUDA, torch or onnxruntime types), shared by
  * the torch op (sqz_export/kernels/cpu_binding.cpp) and the onnxruntime custom-op library
- * (plugins/sqzOrtOps/).
+ * (plugins/ort/).
  *
  *   y[m, n] = sum_k x[m, k] * LUT[n, idx[n, k]] + sum_{j in CSR row n} val[j] * x[m, col[j]]
  *

@@ -22,6 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", type=Path, help="TensorRT engine built by `sqz-export build` (needs TensorRT)")
     parser.add_argument("--plugin", type=Path, help="SqzLinear plugin library for --engine (default: the build's own)")
     parser.add_argument(
+        "--ort-ops",
+        type=Path,
+        metavar="LIB",
+        help="onnxruntime custom-op library libsqz_ort_ops.so (plugins/ort) for model.onnx: SqzLinear runs the C++ "
+        "kernel on the packed weights (default: the model's ONNX function)",
+    )
+    parser.add_argument(
         "--checkpoint", type=Path, help="checkpoint for the torch reference (default: the one recorded at export)"
     )
     add_dataset_argument(parser)
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.compare.report import write_plot
     from sqz_export.export.signature import load_graph
     from sqz_export.export.sqz_model import MODEL_FILE
+    from sqz_export.ort_ops import check_library
     from sqz_export.progress import stage
     from sqz_export.validate import (
         check_export_folder,
@@ -72,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Checked before any graph, model or engine loads: outputs, inputs, positions, the graph's nodes.
     check_outputs(args, "json", "plot")
+    if args.ort_ops is not None:
+        check_library(args.ort_ops, "--ort-ops")
     check_export_folder(args.folder)
     config = model_config(args.folder)
     check_seq_len(args.seq_len, config.get("max_position_embeddings"), f"exported to {args.folder}")
@@ -94,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         atol=DEFAULT_ATOL if args.atol is None else args.atol,
         rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
         check_stat=args.check_stat or DEFAULT_CHECK_STAT,
+        ort_ops=args.ort_ops,
     )
     with stage(f"compare {args.folder}"):
         report, errors = compare_folder(args.folder, options)

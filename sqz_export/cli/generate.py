@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--provider", action="append", help="onnxruntime execution provider, repeatable (default: CPUExecutionProvider)"
     )
+    parser.add_argument(
+        "--ort-ops",
+        type=Path,
+        metavar="LIB",
+        help="onnxruntime custom-op library libsqz_ort_ops.so (plugins/ort): SqzLinear runs the C++ kernel on the "
+        "packed weights (default: the model's ONNX function, dense weights after onnxruntime's folding)",
+    )
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -42,9 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.export.signature import load_graph
     from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE
     from sqz_export.generate import OnnxGenerator
+    from sqz_export.ort_ops import check_library
     from sqz_export.validate import check_export_folder, check_sqz_linear_nodes, model_config
 
     check_outputs(args, "json")
+    if args.ort_ops is not None:
+        check_library(args.ort_ops, "--ort-ops")
     check_export_folder(args.onnx)
     path = args.onnx / (MODEL_FILE if args.graph == "model" else BASELINE_FILE)
     if not path.is_file():
@@ -62,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             f"--prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the model's "
             f"{positions} positions; shorten one of them"
         )
-    generator = OnnxGenerator(path, args.provider)
+    generator = OnnxGenerator(path, args.provider, args.ort_ops)
     result = generator.greedy(prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(result.new_ids, skip_special_tokens=True)
     print(args.prompt + text)
@@ -75,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 "decode",
                 f"{result.tokens_per_s:.1f} tokens/s (onnxruntime, {', '.join(generator.session.get_providers())})",
             ),
+            ("SqzLinear", f"custom-op library {args.ort_ops}" if args.ort_ops else "ONNX function (no --ort-ops)"),
         ]
     )
     write_json(
@@ -87,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             "text": text,
             "prefill_s": result.prefill_s,
             "decode_tokens_per_s": result.tokens_per_s,
+            "ort_ops": str(args.ort_ops) if args.ort_ops else None,
         },
     )
     return 0

@@ -3,7 +3,8 @@
 Runners (each optional except the sqz graph):
 
 - ``torch-reference``: the quantized checkpoint as torch SqzLinear modules in fp32, the reference;
-- ``sqz-onnxrt``: model.onnx in onnxruntime (the sqz::SqzLinear function);
+- ``sqz-onnxrt``: model.onnx in onnxruntime (the sqz::SqzLinear function, or the custom-op library
+  of plugins/ort when ``ort_ops`` is given);
 - ``fp16-baseline-onnxrt``: baseline.onnx in onnxruntime (the unquantized model);
 - ``tensorrt``: a built engine with the SqzLinear plugin.
 
@@ -66,6 +67,8 @@ class CompareOptions:
     check_stat: str = DEFAULT_CHECK_STAT
     """Polygraphy's check_error_stat: which error statistic must be within the tolerances."""
     providers: list[str] | None = None
+    ort_ops: Path | None = None
+    """onnxruntime custom-op library for model.onnx's SqzLinear nodes (None: their ONNX function)."""
 
 
 def _token_windows(folder: Path, options: CompareOptions) -> np.ndarray:
@@ -89,7 +92,7 @@ def _runners(folder: Path, manifest: dict, signature: DecoderSignature, options:
         raise UserError(f"--checkpoint {options.checkpoint} is not a folder")
     else:
         logger.warning("checkpoint %s not found; comparing without the torch reference", checkpoint)
-    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers))
+    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers, options.ort_ops))
     if (folder / BASELINE_FILE).is_file():
         runners.append(onnxrt_runner(folder / BASELINE_FILE, BASELINE, options.providers))
     if options.engine is not None:
@@ -224,5 +227,6 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
         check_stat=options.check_stat,
         pairs=stats,
         latency=latency,
+        ort_ops=str(options.ort_ops) if options.ort_ops else None,
     )
     return report, errors

@@ -16,9 +16,19 @@ from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 
 
-def onnxrt_runner(path: Path, name: str, providers: list[str] | None = None) -> OnnxrtRunner:
-    """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise)."""
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
+def onnxrt_runner(
+    path: Path, name: str, providers: list[str] | None = None, ort_ops: Path | None = None
+) -> OnnxrtRunner:
+    """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise).
+
+    With ``ort_ops`` (the custom-op library of plugins/ort) the session registers it, so SqzLinear
+    runs the C++ kernel on the packed weights; the session is still built on activation only.
+    """
+    if ort_ops is None:
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
+    from sqz_export.ort_ops import make_session
+
+    return OnnxrtRunner(lambda: make_session(path, providers, ort_ops), name=name)
 
 
 def trt_runner(

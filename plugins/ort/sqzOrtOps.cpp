@@ -1,0 +1,840 @@
+/*
+ * sqzOrtOps.cpp: libsqz_ort_ops.so, the onnxruntime custom-op library of sqz-export.
+ *
+ * One op, sqz::SqzLinear (domain "sqz", opset 1), on the CPU execution provider, and (built with
+ * SQZ_ORT_CUDA: libsqz_ort_ops_cuda.so) on the CUDA execution provider too. A thin adapter:
+ *   - every rule of the op (attributes, input count, shapes) comes from the TensorRT plugin's
+ *     plain-C++ core (plugins/sqzLinearPlugin/sqzLinearPluginCore.h), so both front doors accept and
+ *     refuse the same nodes with the same messages;
+ *   - the arithmetic is the plain C++ CPU kernel (plugins/common/sqzLinearCpu.h) on the packed bytes
+ *     onnxruntime holds for the initializers (no dense copy, no pre-packing);
+ *   - the output rows are cut into ranges of equal work (sqzLinearCpuSplit) and run on onnxruntime's
+ *     intra-op thread pool (KernelContext_ParallelFor), so the op shares the session's threads;
+ *   - on the CUDA execution provider the call goes to the CUDA launcher (plugins/common/sqzLinear.h:
+ *     GEMV for M <= 16, dequantize + GEMM above) on the session's compute stream, with the workspace
+ *     from the session's CUDA allocator; x must then be fp16 or bf16.
+ *
+ *   inputs  0 x          fp16 | bf16 | fp32 [..., K]   (converted to fp32 scratch when not fp32)
+ *           1 qweight    int32 [N, ceil(K/32) * bits]  layout 2
+ *           2 lut        fp16  [N, 2^bits]
+ *           3 row_ptr    int32 [N + 1]     } optional sparse part: all four or none (3 or 7 inputs)
+ *           4 col        int32 [nnz]       }
+ *           5 val        fp16  [nnz]       }
+ *           6 chunk_row  int32 [...]       } read by the CUDA SpMV only; checked, not used here
+ *   output  0 y          dtype(x) [..., N]  fp32 accumulation, one rounding to x's dtype
+ *
+ * ABI: only onnxruntime's C API (onnxruntime_c_api.h), and only functions of API version <= 17
+ * (onnxruntime >= 1.17), requested from the OrtApiBase that onnxruntime passes to RegisterCustomOps.
+ * The library links no libonnxruntime: the Python wheel's runtime lives inside its pybind module,
+ * and a C/C++ host has its own libonnxruntime loaded already. Only RegisterCustomOps is exported.
+ */
+#include "onnxruntime_c_api.h"
+
+#include "sqzFormat.h"
+#include "sqzLinearCpu.h"
+#include "sqzLinearPluginCore.h"
+#if defined(SQZ_ORT_CUDA)
+#include "sqzLinear.h"
+#endif
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace
+{
+
+namespace core = sqz::plugin;
+namespace cpu = sqz::cpu;
+
+//! The C API version this library asks for: KernelContext_ParallelFor and OrtCustomOp::GetStartVersion
+//! arrived in 1.17, CreateKernelV2/KernelComputeV2/InferOutputShapeFn in 1.16-1.17.
+constexpr uint32_t kORT_API_VERSION = 17;
+constexpr char const* kDOMAIN = "sqz";
+constexpr char const* kCPU_PROVIDER = "CPUExecutionProvider";
+constexpr char const* kCUDA_PROVIDER = "CUDAExecutionProvider";
+constexpr int kOPSET = 1;
+
+//! Splits below this many output rows per part cost more in hand-offs than they save.
+constexpr int64_t kMIN_ROWS_PER_PART = 16;
+
+OrtApi const* gApi = nullptr; //!< set once by RegisterCustomOps
+
+#define SQZ_ORT_RETURN_IF_ERROR(expr)                                                                                \
+    do                                                                                                                 \
+    {                                                                                                                  \
+        if (OrtStatus* _status = (expr))                                                                               \
+        {                                                                                                              \
+            return _status;                                                                                            \
+        }                                                                                                              \
+    } while (0)
+
+OrtStatus* error(OrtErrorCode code, std::string const& message)
+{
+    return gApi->CreateStatus(code, message.c_str());
+}
+
+//! Element type and extents of a tensor value (-1 for an extent unknown at session creation).
+struct TensorDesc
+{
+    ONNXTensorElementDataType type{ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
+    std::vector<int64_t> dims;
+};
+
+OrtStatus* describe(OrtTensorTypeAndShapeInfo const* info, TensorDesc& out)
+{
+    size_t rank = 0;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorElementType(info, &out.type));
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetDimensionsCount(info, &rank));
+    out.dims.assign(rank, 0);
+    return rank ? gApi->GetDimensions(info, out.dims.data(), rank) : nullptr;
+}
+
+OrtStatus* describeValue(OrtValue const* value, TensorDesc& out)
+{
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorTypeAndShape(value, &info));
+    OrtStatus* status = describe(info, out);
+    gApi->ReleaseTensorTypeAndShapeInfo(info);
+    return status;
+}
+
+core::TensorType coreType(ONNXTensorElementDataType type)
+{
+    switch (type)
+    {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return core::TensorType::kFLOAT16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return core::TensorType::kBFLOAT16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return core::TensorType::kFLOAT32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return core::TensorType::kINT32;
+    default: return core::TensorType::kOTHER;
+    }
+}
+
+//! The CPU kernel takes fp32 x too; the CUDA launcher fp16 and bf16 only.
+bool isActivationType(ONNXTensorElementDataType type, bool cuda)
+{
+    return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 || type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16
+        || (!cuda && type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+}
+
+//! "" if the weight inputs (1..nbInputs-1) have the op's types, else a message naming the input.
+std::string checkWeightTypes(std::vector<TensorDesc> const& inputs)
+{
+    int32_t const nbInputs = static_cast<int32_t>(inputs.size());
+    std::vector<core::TensorType> types(inputs.size());
+    for (int32_t i = 0; i < nbInputs; ++i)
+    {
+        types[i] = coreType(inputs[i].type);
+    }
+    for (int32_t i = core::kQWEIGHT; i < nbInputs; ++i)
+    {
+        if (!core::supportsType(i, nbInputs, types.data()))
+        {
+            return core::positionName(i, nbInputs) + " must be " + core::expectedTypeName(i, nbInputs);
+        }
+    }
+    return "";
+}
+
+//! "" if the CSR part is well formed (what the kernel indexes with), else why not. O(N + nnz), run
+//! once per node at session creation (constant weights) so a corrupt file fails early, not in a read.
+std::string checkCsr(core::SqzLinearParams const& p, int32_t const* rowPtr, int32_t const* col, int64_t nnz)
+{
+    if (rowPtr[0] != 0 || rowPtr[p.outFeatures] != nnz)
+    {
+        return "row_ptr must start at 0 and end at nnz=" + std::to_string(nnz) + ", got " + std::to_string(rowPtr[0])
+            + " ... " + std::to_string(rowPtr[p.outFeatures]);
+    }
+    for (int32_t n = 0; n < p.outFeatures; ++n)
+    {
+        if (rowPtr[n + 1] < rowPtr[n])
+        {
+            return "row_ptr decreases at row " + std::to_string(n);
+        }
+    }
+    for (int64_t j = 0; j < nnz; ++j)
+    {
+        if (col[j] < 0 || col[j] >= p.inFeatures)
+        {
+            return "col[" + std::to_string(j) + "]=" + std::to_string(col[j]) + " is outside [0, in_features="
+                + std::to_string(p.inFeatures) + ")";
+        }
+    }
+    return "";
+}
+
+//! One SqzLinear node of a session.
+struct Kernel
+{
+    std::string node;                //!< node name, for messages
+    core::SqzLinearParams params;    //!< validated attributes
+    int32_t nbInputs{0};             //!< 3 (dense) or 7 (dense + sparse)
+    bool cuda{false};                //!< the CUDA execution provider's op (device tensors)
+    cpu::Isa isa{cpu::Isa::kScalar}; //!< CPU: the ISA every call runs (chosen once, logged)
+    bool weightsChecked{false};      //!< weights were constant and checked at creation
+    int64_t nnz{0};                  //!< non-zeros of the sparse part, when weightsChecked
+    OrtMemoryInfo* cpuMemory{nullptr};
+
+    ~Kernel()
+    {
+        if (cpuMemory != nullptr)
+        {
+            gApi->ReleaseMemoryInfo(cpuMemory);
+        }
+    }
+
+    std::string prefix() const { return "SqzLinear node '" + node + "': "; }
+
+    OrtStatus* fail(std::string const& message) const { return error(ORT_INVALID_ARGUMENT, prefix() + message); }
+
+    OrtStatus* checkX(TensorDesc const& x) const
+    {
+        if (!isActivationType(x.type, cuda))
+        {
+            return fail(std::string("input 0 (x) must be ") + (cuda ? "fp16 or bf16 on CUDA" : "fp16, bf16 or fp32"));
+        }
+        return nullptr;
+    }
+
+    //! Non-zeros given the inputs' extents (0 for a dense-only node).
+    int64_t nnzOf(std::vector<TensorDesc> const& inputs) const
+    {
+        return nbInputs == core::kNB_INPUTS_SPARSE ? inputs[core::kCOL].dims[0] : 0;
+    }
+
+    //! Shapes and types of all inputs against the attributes, and the CSR contents when host pointers
+    //! to them are given (CPU; a CUDA node's weights are device tensors).
+    OrtStatus* checkInputs(std::vector<TensorDesc> const& inputs, int32_t const* rowPtr, int32_t const* col) const
+    {
+        SQZ_ORT_RETURN_IF_ERROR(checkX(inputs[core::kX]));
+        std::string message = checkWeightTypes(inputs);
+        if (message.empty())
+        {
+            std::vector<std::vector<int64_t>> dims;
+            for (TensorDesc const& input : inputs)
+            {
+                dims.push_back(input.dims);
+            }
+            message = core::checkInputShapes(params, dims);
+        }
+        if (message.empty() && nbInputs == core::kNB_INPUTS_SPARSE && rowPtr != nullptr)
+        {
+            message = checkCsr(params, rowPtr, col, inputs[core::kCOL].dims[0]);
+        }
+        return message.empty() ? nullptr : fail(message);
+    }
+
+    OrtStatus* create(OrtKernelInfo const* info);
+    OrtStatus* compute(OrtKernelContext* context) const;
+    OrtStatus* runCpu(OrtKernelContext* context, TensorDesc const& x, std::vector<void*> const& data, void* yData,
+        int64_t m, int64_t nnzNow) const;
+#if defined(SQZ_ORT_CUDA)
+    OrtStatus* runCuda(OrtKernelContext* context, OrtValue const* xValue, TensorDesc const& x,
+        std::vector<void*> const& data, void* yData, int64_t m, int64_t nnzNow) const;
+#endif
+};
+
+OrtStatus* Kernel::create(OrtKernelInfo const* info)
+{
+    size_t size = 0;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfo_GetNodeName(info, nullptr, &size));
+    node.assign(size, '\0');
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfo_GetNodeName(info, node.data(), &size));
+    node.resize(std::strlen(node.c_str()));
+
+    // Attributes, through the plugin core's parser (same names, ranges and messages as TensorRT's).
+    std::vector<int64_t> values;
+    std::vector<char const*> names;
+    values.reserve(core::attributeSpecs().size());
+    for (core::AttributeSpec const& spec : core::attributeSpecs())
+    {
+        int64_t value = 0;
+        if (OrtStatus* missing = gApi->KernelInfoGetAttribute_int64(info, spec.name, &value))
+        {
+            gApi->ReleaseStatus(missing); // absent: the core reports it if it is required
+            continue;
+        }
+        values.push_back(value);
+        names.push_back(spec.name);
+    }
+    std::vector<core::FieldView> fields;
+    for (size_t i = 0; i < values.size(); ++i)
+    {
+        fields.push_back({names[i], &values[i], core::FieldType::kINT64, 1});
+    }
+    core::ParseResult const parsed = core::parseFields(fields);
+    if (!parsed.error.empty())
+    {
+        return fail(parsed.error);
+    }
+    params = parsed.params;
+
+    size_t count = 0;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfo_GetInputCount(info, &count));
+    nbInputs = static_cast<int32_t>(count);
+    std::string const countError = core::checkInputCount(nbInputs);
+    if (!countError.empty())
+    {
+        return fail(countError);
+    }
+
+    // Weights are initializers: check them once here. x's extents come from the graph's type info
+    // (-1 where symbolic, which the core treats as dynamic).
+    std::vector<TensorDesc> inputs(count);
+    OrtTypeInfo* typeInfo = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfo_GetInputTypeInfo(info, 0, &typeInfo));
+    OrtTensorTypeAndShapeInfo const* xInfo = nullptr;
+    OrtStatus* status = gApi->CastTypeInfoToTensorInfo(typeInfo, &xInfo);
+    if (status == nullptr && xInfo != nullptr)
+    {
+        status = describe(xInfo, inputs[core::kX]);
+    }
+    gApi->ReleaseTypeInfo(typeInfo);
+    SQZ_ORT_RETURN_IF_ERROR(status);
+    bool allConstant = true;
+    std::vector<void const*> data(count, nullptr);
+    for (size_t i = core::kQWEIGHT; i < count; ++i)
+    {
+        int isConstant = 0;
+        OrtValue const* value = nullptr;
+        SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfoGetConstantInput_tensor(info, i, &isConstant, &value));
+        if (!isConstant || value == nullptr)
+        {
+            allConstant = false;
+            break;
+        }
+        SQZ_ORT_RETURN_IF_ERROR(describeValue(value, inputs[i]));
+        void* raw = nullptr;
+        SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(const_cast<OrtValue*>(value), &raw));
+        data[i] = raw;
+    }
+    if (allConstant)
+    {
+        if (inputs[core::kX].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED)
+        {
+            inputs[core::kX].type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; // untyped graph input: checked per call
+        }
+        bool const hostCsr = nbInputs == core::kNB_INPUTS_SPARSE && !cuda;
+        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, //
+            hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
+            hostCsr ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
+        nnz = nnzOf(inputs);
+        weightsChecked = true;
+    }
+
+    isa = cpu::sqzCpuEffectiveIsa(cpu::sqzCpuBestIsa(), params.bits);
+    SQZ_ORT_RETURN_IF_ERROR(gApi->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpuMemory));
+
+    OrtLogger const* logger = nullptr;
+    if (gApi->KernelInfo_GetLogger(info, &logger) == nullptr && logger != nullptr)
+    {
+        std::string const kernelName = cuda ? std::string("CUDA launcher (GEMV for M <= 16, dequantize + GEMM above)")
+                                            : std::string("CPU LUT kernel, isa=") + cpu::sqzCpuIsaName(isa);
+        std::string const message = prefix() + kernelName + " (bits="
+            + std::to_string(params.bits) + ", K=" + std::to_string(params.inFeatures) + ", N="
+            + std::to_string(params.outFeatures) + (nbInputs == core::kNB_INPUTS_SPARSE ? ", sparse" : ", dense")
+            + (weightsChecked ? ", weights checked at creation)" : ", weights not constant: checked per call)");
+        if (OrtStatus* logged = gApi->Logger_LogMessage(
+                logger, ORT_LOGGING_LEVEL_INFO, message.c_str(), ORT_FILE, __LINE__, "SqzLinear::create"))
+        {
+            gApi->ReleaseStatus(logged);
+        }
+    }
+    return nullptr;
+}
+
+//! One call's arguments, shared by the parallel parts.
+struct Job
+{
+    cpu::CpuShape shape;
+    cpu::CpuArgs args;
+    cpu::Isa isa;
+    std::vector<int64_t> bounds;
+};
+
+void runPart(void* data, size_t part)
+{
+    Job const& job = *static_cast<Job const*>(data);
+    cpu::sqzLinearCpuRows(job.shape, job.args, job.isa, job.bounds[part], job.bounds[part + 1]);
+}
+
+//! A scratch buffer from onnxruntime's CPU allocator (the session's arena), freed on scope exit.
+struct Scratch
+{
+    OrtAllocator* allocator{nullptr};
+    void* data{nullptr};
+    ~Scratch()
+    {
+        if (data != nullptr)
+        {
+            allocator->Free(allocator, data);
+        }
+    }
+    OrtStatus* allocate(OrtKernelContext* context, OrtMemoryInfo const* info, size_t bytes)
+    {
+        SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetAllocator(context, info, &allocator));
+        data = allocator->Alloc(allocator, std::max<size_t>(bytes, 1));
+        return data != nullptr
+            ? nullptr
+            : error(ORT_FAIL, "SqzLinear: out of memory for " + std::to_string(bytes) + " bytes of scratch");
+    }
+};
+
+OrtStatus* Kernel::compute(OrtKernelContext* context) const
+{
+    size_t count = 0;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetInputCount(context, &count));
+    std::vector<OrtValue const*> values(static_cast<size_t>(nbInputs), nullptr);
+    for (size_t i = 0; i < values.size() && i < count; ++i)
+    {
+        SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetInput(context, i, &values[i]));
+    }
+    for (size_t i = 0; i < values.size(); ++i)
+    {
+        if (values[i] == nullptr)
+        {
+            return fail(core::positionName(static_cast<int32_t>(i), nbInputs) + " is missing at run time");
+        }
+    }
+    std::vector<TensorDesc> inputs(values.size());
+    SQZ_ORT_RETURN_IF_ERROR(describeValue(values[core::kX], inputs[core::kX]));
+    std::vector<void*> data(values.size(), nullptr);
+    for (size_t i = 0; i < values.size(); ++i)
+    {
+        SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(const_cast<OrtValue*>(values[i]), &data[i]));
+    }
+    TensorDesc const& x = inputs[core::kX];
+    int64_t nnzNow = nnz;
+    if (weightsChecked)
+    {
+        SQZ_ORT_RETURN_IF_ERROR(checkX(x));
+        if (x.dims.empty() || x.dims.back() != params.inFeatures)
+        {
+            return fail("input 0 (x) must be [..., in_features=" + std::to_string(params.inFeatures) + "]");
+        }
+    }
+    else
+    {
+        for (size_t i = core::kQWEIGHT; i < values.size(); ++i)
+        {
+            SQZ_ORT_RETURN_IF_ERROR(describeValue(values[i], inputs[i]));
+        }
+        bool const hostCsr = nbInputs == core::kNB_INPUTS_SPARSE && !cuda;
+        SQZ_ORT_RETURN_IF_ERROR(checkInputs(inputs, //
+            hostCsr ? static_cast<int32_t const*>(data[core::kROW_PTR]) : nullptr,
+            hostCsr ? static_cast<int32_t const*>(data[core::kCOL]) : nullptr));
+        nnzNow = nnzOf(inputs);
+    }
+
+    int64_t const m = core::rowsOf(x.dims);
+    if (m > INT32_MAX)
+    {
+        return fail("x has " + std::to_string(m) + " rows; the CPU kernel takes at most 2^31 - 1 per call");
+    }
+    std::vector<int64_t> const yDims = core::outputShape(params, x.dims);
+    OrtValue* yValue = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetOutput(context, 0, yDims.data(), yDims.size(), &yValue));
+    void* yData = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(yValue, &yData));
+    if (m == 0)
+    {
+        return nullptr;
+    }
+#if defined(SQZ_ORT_CUDA)
+    if (cuda)
+    {
+        return runCuda(context, values[core::kX], x, data, yData, m, nnzNow);
+    }
+#endif
+    return runCpu(context, x, data, yData, m, nnzNow);
+}
+
+OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::vector<void*> const& data, void* yData,
+    int64_t m, int64_t nnzNow) const
+{
+    int64_t const k = params.inFeatures;
+    int64_t const n = params.outFeatures;
+    bool const fp32 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    bool const bf16 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+    Scratch xScratch;
+    Scratch yScratch;
+    float const* x32 = static_cast<float const*>(data[core::kX]);
+    float* y32 = static_cast<float*>(yData);
+    if (!fp32)
+    {
+        // x [M, K] and y [M, N] in fp32: a few KB at decode, next to the weights' MBs.
+        SQZ_ORT_RETURN_IF_ERROR(xScratch.allocate(context, cpuMemory, static_cast<size_t>(m * k) * sizeof(float)));
+        SQZ_ORT_RETURN_IF_ERROR(yScratch.allocate(context, cpuMemory, static_cast<size_t>(m * n) * sizeof(float)));
+        auto const* src = static_cast<uint16_t const*>(data[core::kX]);
+        auto* dst = static_cast<float*>(xScratch.data);
+        for (int64_t i = 0; i < m * k; ++i)
+        {
+            dst[i] = bf16 ? sqz::format::bf16BitsToFloat(src[i]) : sqz::format::halfBitsToFloat(src[i]);
+        }
+        x32 = dst;
+        y32 = static_cast<float*>(yScratch.data);
+    }
+
+    Job job{};
+    job.shape.m = static_cast<int32_t>(m);
+    job.shape.inFeatures = params.inFeatures;
+    job.shape.outFeatures = params.outFeatures;
+    job.shape.bits = params.bits;
+    job.shape.nnz = static_cast<int32_t>(nnzNow);
+    if (nnzNow > 0)
+    {
+        job.args.rowPtr = static_cast<int32_t const*>(data[core::kROW_PTR]);
+        job.args.col = static_cast<int32_t const*>(data[core::kCOL]);
+        job.args.val = static_cast<uint16_t const*>(data[core::kVAL]);
+    }
+    job.args.x = x32;
+    job.args.qweight = static_cast<int32_t const*>(data[core::kQWEIGHT]);
+    job.args.lut = static_cast<uint16_t const*>(data[core::kLUT]);
+    job.args.y = y32;
+    job.isa = isa;
+    int64_t const threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    int32_t const parts = static_cast<int32_t>(std::clamp<int64_t>(n / kMIN_ROWS_PER_PART, 1, threads));
+    job.bounds.resize(static_cast<size_t>(parts) + 1);
+    cpu::sqzLinearCpuSplit(job.shape, job.args.rowPtr, parts, job.bounds.data());
+    if (parts == 1)
+    {
+        runPart(&job, 0);
+    }
+    else
+    {
+        SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_ParallelFor(
+            context, runPart, static_cast<size_t>(parts), static_cast<size_t>(parts), &job));
+    }
+
+    if (!fp32)
+    {
+        auto* dst = static_cast<uint16_t*>(yData);
+        for (int64_t i = 0; i < m * n; ++i)
+        {
+            dst[i] = bf16 ? sqz::format::floatToBf16Bits(y32[i]) : sqz::format::floatToHalfBits(y32[i]);
+        }
+    }
+    return nullptr;
+}
+
+#if defined(SQZ_ORT_CUDA)
+//! The CUDA launcher on the session's compute stream; its workspace (dequantized tiles for large M)
+//! comes from the session's allocator for x's device.
+OrtStatus* Kernel::runCuda(OrtKernelContext* context, OrtValue const* xValue, TensorDesc const& x,
+    std::vector<void*> const& data, void* yData, int64_t m, int64_t nnzNow) const
+{
+    sqz::SqzLinearShape shape{};
+    shape.m = static_cast<int32_t>(m);
+    shape.inFeatures = params.inFeatures;
+    shape.outFeatures = params.outFeatures;
+    shape.bits = params.bits;
+    shape.nnz = static_cast<int32_t>(nnzNow);
+    shape.chunkNnz = params.chunkNnz;
+    shape.dtype = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? sqz::DataType::kBF16 : sqz::DataType::kHALF;
+    if (char const* message = sqz::sqzLinearValidate(shape))
+    {
+        return fail(message);
+    }
+    void* stream = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetGPUComputeStream(context, &stream));
+    size_t const bytes = sqz::sqzLinearWorkspaceSize(shape);
+    Scratch workspace;
+    if (bytes > 0)
+    {
+        OrtMemoryInfo const* device = nullptr;
+        SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMemoryInfo(xValue, &device));
+        SQZ_ORT_RETURN_IF_ERROR(workspace.allocate(context, device, bytes));
+    }
+    sqz::SqzLinearArgs args{};
+    args.x = data[core::kX];
+    args.qweight = static_cast<int32_t const*>(data[core::kQWEIGHT]);
+    args.lut = data[core::kLUT];
+    if (nnzNow > 0)
+    {
+        args.rowPtr = static_cast<int32_t const*>(data[core::kROW_PTR]);
+        args.col = static_cast<int32_t const*>(data[core::kCOL]);
+        args.val = data[core::kVAL];
+        args.chunkRow = static_cast<int32_t const*>(data[core::kCHUNK_ROW]);
+    }
+    args.y = yData;
+    args.workspace = workspace.data;
+    args.workspaceBytes = bytes;
+    cudaError_t const status
+        = sqz::sqzLinearLaunch(shape, args, sqz::KernelKind::kAuto, static_cast<cudaStream_t>(stream));
+    if (status != cudaSuccess)
+    {
+        return error(ORT_EP_FAIL, prefix() + "CUDA launch failed: " + cudaGetErrorString(status));
+    }
+    return nullptr;
+}
+#endif
+
+// --- OrtCustomOp callbacks ---------------------------------------------------------------------
+
+OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const* op, OrtApi const*, OrtKernelInfo const* info, void** out)
+{
+    *out = nullptr;
+    auto* kernel = new (std::nothrow) Kernel();
+    if (kernel == nullptr)
+    {
+        return error(ORT_FAIL, "SqzLinear: out of memory creating a kernel");
+    }
+    kernel->cuda = std::strcmp(op->GetExecutionProviderType(op), kCUDA_PROVIDER) == 0;
+    try
+    {
+        if (OrtStatus* status = kernel->create(info))
+        {
+            delete kernel;
+            return status;
+        }
+    }
+    catch (std::exception const& e)
+    {
+        delete kernel;
+        return error(ORT_FAIL, std::string("SqzLinear: ") + e.what());
+    }
+    *out = kernel;
+    return nullptr;
+}
+
+OrtStatus* ORT_API_CALL computeKernel(void* kernel, OrtKernelContext* context)
+{
+    try
+    {
+        return static_cast<Kernel const*>(kernel)->compute(context);
+    }
+    catch (std::exception const& e)
+    {
+        return error(ORT_FAIL, static_cast<Kernel const*>(kernel)->prefix() + e.what());
+    }
+}
+
+void ORT_API_CALL destroyKernel(void* kernel)
+{
+    delete static_cast<Kernel*>(kernel);
+}
+
+//! y = x's shape with the last extent replaced by out_features, x's element type.
+OrtStatus* ORT_API_CALL inferOutputShape(OrtCustomOp const*, OrtShapeInferContext* context)
+{
+    OrtTensorTypeAndShapeInfo* xInfo = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->ShapeInferContext_GetInputTypeShape(context, 0, &xInfo));
+    TensorDesc x;
+    OrtStatus* status = describe(xInfo, x);
+    std::vector<char const*> symbols(x.dims.size(), nullptr);
+    if (status == nullptr && !x.dims.empty())
+    {
+        status = gApi->GetSymbolicDimensions(xInfo, symbols.data(), symbols.size());
+    }
+    OrtOpAttr const* attr = nullptr;
+    int64_t outFeatures = 0;
+    size_t read = 0;
+    if (status == nullptr)
+    {
+        status = gApi->ShapeInferContext_GetAttribute(context, "out_features", &attr);
+    }
+    if (status == nullptr && attr == nullptr)
+    {
+        status = error(ORT_INVALID_GRAPH, "SqzLinear: missing required attribute 'out_features'");
+    }
+    if (status == nullptr)
+    {
+        status = gApi->ReadOpAttr(attr, ORT_OP_ATTR_INT, &outFeatures, sizeof(outFeatures), &read);
+    }
+    if (status == nullptr && x.dims.empty())
+    {
+        status = error(ORT_INVALID_GRAPH, "SqzLinear: input 0 (x) is a scalar; expected [..., in_features]");
+    }
+    if (status == nullptr)
+    {
+        x.dims.back() = outFeatures;
+        symbols.back() = "";
+        OrtTensorTypeAndShapeInfo* yInfo = nullptr;
+        status = gApi->CreateTensorTypeAndShapeInfo(&yInfo);
+        if (status == nullptr)
+        {
+            status = gApi->SetTensorElementType(yInfo, x.type);
+        }
+        if (status == nullptr)
+        {
+            status = gApi->SetDimensions(yInfo, x.dims.data(), x.dims.size());
+        }
+        if (status == nullptr)
+        {
+            status = gApi->SetSymbolicDimensions(yInfo, symbols.data(), symbols.size());
+        }
+        if (status == nullptr)
+        {
+            status = gApi->ShapeInferContext_SetOutputTypeShape(context, 0, yInfo);
+        }
+        if (yInfo != nullptr)
+        {
+            gApi->ReleaseTensorTypeAndShapeInfo(yInfo);
+        }
+    }
+    return status; // xInfo belongs to the context (onnxruntime frees it; releasing it here is a double free)
+}
+
+char const* ORT_API_CALL opName(OrtCustomOp const*)
+{
+    return core::kPLUGIN_NAME;
+}
+
+char const* ORT_API_CALL cpuProvider(OrtCustomOp const*)
+{
+    return kCPU_PROVIDER;
+}
+
+#if defined(SQZ_ORT_CUDA)
+char const* ORT_API_CALL cudaProvider(OrtCustomOp const*)
+{
+    return kCUDA_PROVIDER;
+}
+#endif
+
+//! x (and so y) is any of fp16/bf16/fp32: UNDEFINED lets the kernel check it; the weights are fixed.
+ONNXTensorElementDataType ORT_API_CALL inputType(OrtCustomOp const*, size_t index)
+{
+    switch (index)
+    {
+    case core::kX: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    case core::kLUT:
+    case core::kVAL: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    }
+}
+
+size_t ORT_API_CALL inputCount(OrtCustomOp const*)
+{
+    return core::kNB_INPUTS_SPARSE;
+}
+
+ONNXTensorElementDataType ORT_API_CALL outputType(OrtCustomOp const*, size_t)
+{
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+size_t ORT_API_CALL outputCount(OrtCustomOp const*)
+{
+    return core::kNB_OUTPUTS;
+}
+
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL inputCharacteristic(OrtCustomOp const*, size_t index)
+{
+    return index < static_cast<size_t>(core::kNB_INPUTS_DENSE) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL outputCharacteristic(OrtCustomOp const*, size_t)
+{
+    return INPUT_OUTPUT_REQUIRED;
+}
+
+OrtMemType ORT_API_CALL inputMemoryType(OrtCustomOp const*, size_t)
+{
+    return OrtMemTypeDefault;
+}
+
+int ORT_API_CALL variadicMinArity(OrtCustomOp const*)
+{
+    return 1;
+}
+
+int ORT_API_CALL variadicHomogeneity(OrtCustomOp const*)
+{
+    return 1;
+}
+
+int ORT_API_CALL startVersion(OrtCustomOp const*)
+{
+    return kOPSET;
+}
+
+int ORT_API_CALL endVersion(OrtCustomOp const*)
+{
+    return kOPSET;
+}
+
+//! The op for one execution provider, filled for OrtCustomOp version 17: onnxruntime reads no field
+//! added after that version.
+OrtCustomOp makeOp(char const*(ORT_API_CALL* provider)(OrtCustomOp const*))
+{
+    OrtCustomOp op;
+    std::memset(&op, 0, sizeof(op));
+    op.version = kORT_API_VERSION;
+    op.GetName = opName;
+    op.GetExecutionProviderType = provider;
+    op.GetInputType = inputType;
+    op.GetInputTypeCount = inputCount;
+    op.GetOutputType = outputType;
+    op.GetOutputTypeCount = outputCount;
+    op.KernelDestroy = destroyKernel;
+    op.GetInputCharacteristic = inputCharacteristic;
+    op.GetOutputCharacteristic = outputCharacteristic;
+    op.GetInputMemoryType = inputMemoryType;
+    op.GetVariadicInputMinArity = variadicMinArity;
+    op.GetVariadicInputHomogeneity = variadicHomogeneity;
+    op.GetVariadicOutputMinArity = variadicMinArity;
+    op.GetVariadicOutputHomogeneity = variadicHomogeneity;
+    op.CreateKernelV2 = createKernel;
+    op.KernelComputeV2 = computeKernel;
+    op.InferOutputShapeFn = inferOutputShape;
+    op.GetStartVersion = startVersion;
+    op.GetEndVersion = endVersion;
+    return op;
+}
+
+//! Every op of the library, one per execution provider (inputs of the CUDA one live on the device).
+std::vector<OrtCustomOp> const gOps{
+    makeOp(cpuProvider),
+#if defined(SQZ_ORT_CUDA)
+    makeOp(cudaProvider),
+#endif
+};
+
+} // namespace
+
+/*!
+ * The entry point of SessionOptions.register_custom_ops_library / RegisterCustomOpsLibrary_V2: adds
+ * the "sqz" domain with SqzLinear to `options`. The domain is created once per process and shared by
+ * every session options object (onnxruntime keeps a pointer to it), so it is never released.
+ */
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(
+    OrtSessionOptions* options, OrtApiBase const* apiBase)
+{
+    static std::mutex mutex;
+    static OrtCustomOpDomain* domain = nullptr;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (gApi == nullptr)
+    {
+        OrtApi const* api = apiBase->GetApi(kORT_API_VERSION);
+        if (api == nullptr)
+        {
+            // Every onnxruntime has API version 1, whose first entry is CreateStatus: fail the
+            // registration rather than leave the nodes to the function fallback unnoticed.
+            std::string const message = std::string("libsqz_ort_ops needs onnxruntime >= 1.17 (C API version ")
+                + std::to_string(kORT_API_VERSION) + "), this process runs onnxruntime " + apiBase->GetVersionString();
+            return apiBase->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
+        }
+        gApi = api;
+    }
+    if (domain == nullptr)
+    {
+        SQZ_ORT_RETURN_IF_ERROR(gApi->CreateCustomOpDomain(kDOMAIN, &domain));
+        for (OrtCustomOp const& op : gOps)
+        {
+            if (OrtStatus* status = gApi->CustomOpDomain_Add(domain, &op))
+            {
+                gApi->ReleaseCustomOpDomain(domain);
+                domain = nullptr;
+                return status;
+            }
+        }
+    }
+    return gApi->AddCustomOpDomain(options, domain);
+}

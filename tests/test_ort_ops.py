@@ -1,0 +1,265 @@
+"""The onnxruntime custom-op library (plugins/ort, libsqz_ort_ops.so) against the torch reference and
+the ONNX function fallback: one-node graphs over bits, sparsity, odd shapes and M, its refusals, what
+the session holds, and whole tiny models through generate and compare.
+
+The library is built once per session with CMake when onnxruntime's C API header is found (env
+ONNXRUNTIME_INCLUDE_DIR / ONNXRUNTIME_ROOT, else /tmp/ort_headers); the PyPI wheel has no headers, so
+without them the tests that need the library skip with that reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from test_onnx_function import one_node_model
+from tiny_models import SAMPLE_TEXT, random_packed
+from tolerances import TOLERANCES, tolerance
+
+from sqz_export import ort_ops
+from sqz_export.checkpoint import load_quantized_model
+from sqz_export.cli import main
+from sqz_export.compare.driver import SQZ, CompareOptions, compare_folder
+from sqz_export.errors import UserError
+from sqz_export.export.sqz_model import MODEL_FILE
+from sqz_export.formats import PackedLinear
+from sqz_export.generate import OnnxGenerator
+
+FALLBACK_HEADERS = Path("/tmp/ort_headers")
+"""Where a developer session keeps onnxruntime's headers fetched for this build (never committed)."""
+PROMPT = [5, 17, 42, 9, 33, 71]
+STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    headers = ort_ops.find_headers([FALLBACK_HEADERS])
+    if headers is None:
+        pytest.skip(
+            "onnxruntime headers not found (the PyPI wheel ships none): set ONNXRUNTIME_ROOT to a release archive "
+            f"or ONNXRUNTIME_INCLUDE_DIR to a folder with {ort_ops.HEADER}"
+        )
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not on the PATH")
+    return ort_ops.build_library(tmp_path_factory.mktemp("ort-ops"), headers)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, library: Path | None) -> np.ndarray:
+    options = ort_ops.session_options(library)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def dense_reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T in fp32 on the reconstructed weight, rounded once to x's dtype."""
+    return (x.float() @ layer.weight().t()).to(x.dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("density", [0.0, 0.03])
+@pytest.mark.parametrize("shape", [(5, 33), (64, 96), (17, 1), (40, 128), (33, 310)])
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_and_function(
+    library: Path, bits: int, density: float, shape: tuple[int, int], rows: int, dtype: torch.dtype
+) -> None:
+    layer = random_packed(*shape, bits, density, seed=bits * 11 + shape[1])
+    model = one_node_model(layer, dtype)
+    x = torch.randn(1, rows, shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
+    y = run(model, x.numpy(), library)
+    assert y.dtype == x.numpy().dtype and y.shape == (1, rows, shape[0])
+    tol = tolerance("sqz_linear_cpu" if dtype == torch.float32 else "sqz_linear", dtype)
+    torch.testing.assert_close(torch.from_numpy(y), dense_reference(layer, x), **tol)
+    torch.testing.assert_close(torch.from_numpy(y), torch.from_numpy(run(model, x.numpy(), None)), **tol)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("density", [0.0, 0.05])
+def test_identity_input_gives_exact_weight(library: Path, bits: int, density: float) -> None:
+    """x = I makes every output one product with 1 (plus zeros): the kernel's dequantization must be exact."""
+    layer = random_packed(24, 70, bits, density, seed=5)
+    y = run(one_node_model(layer, torch.float32), np.eye(70, dtype=np.float32)[None], library)
+    assert np.array_equal(y[0], layer.weight().numpy().T)
+
+
+def test_multithreaded_rows_match_one_thread(library: Path) -> None:
+    """The balanced split over onnxruntime's intra-op threads writes every row once, as one thread does."""
+    layer = random_packed(1000, 256, 3, 0.03, seed=9)
+    model = one_node_model(layer, torch.float32)
+    x = torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(2)).numpy()
+    outputs = []
+    for threads in (1, 4):
+        options = ort_ops.session_options(library)
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x})[0])
+    assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_session_keeps_the_packed_weights(library: Path, tmp_path: Path) -> None:
+    """With the library the optimized graph is the SqzLinear node on the packed initializers as they
+    were (no folded dense weight); without it onnxruntime folds the function into a dense MatMul."""
+    layer = random_packed(48, 160, 3, 0.03, seed=3)
+    model = one_node_model(layer, torch.float16)
+    packed = {t.name: (t.data_type, list(t.dims)) for t in model.graph.initializer}
+    graphs = {}
+    for name, lib in (("library", library), ("function", None)):
+        options = ort_ops.session_options(lib)
+        options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        graphs[name] = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+    assert [(n.domain, n.op_type) for n in graphs["library"].node] == [("sqz", "SqzLinear")]
+    assert {t.name: (t.data_type, list(t.dims)) for t in graphs["library"].initializer} == packed
+    assert "MatMul" in [n.op_type for n in graphs["function"].node]
+    assert [list(t.dims) for t in graphs["function"].initializer if t.data_type == TensorProto.FLOAT] == [[160, 48]]
+
+
+def _with_attribute(model: onnx.ModelProto, name: str, value: int) -> onnx.ModelProto:
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute(name, value)])
+    return model
+
+
+def _with_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name == name)
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, name))
+    return model
+
+
+def _refusals() -> list[tuple[str, Callable[[], onnx.ModelProto], str]]:
+    def base(density: float = 0.0) -> onnx.ModelProto:
+        return one_node_model(random_packed(16, 64, 3, density, seed=4), torch.float32)
+
+    def corrupt_col() -> onnx.ModelProto:
+        model = base(0.1)
+        col = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "layer.sparse_col")).copy()
+        col[0] = 64
+        return _with_initializer(model, "layer.sparse_col", col)
+
+    return [
+        ("layout", lambda: _with_attribute(base(), "layout", 1), "layout=1 is not supported"),
+        ("bits", lambda: _with_attribute(base(), "bits", 5), "bits=5 is not supported"),
+        (
+            "qweight",
+            lambda: _with_initializer(base(), "layer.qweight", np.zeros((16, 5), np.int32)),
+            "input 1 (qweight) has shape [16, 5], expected [16, 6]",
+        ),
+        ("col", corrupt_col, "is outside [0, in_features=64)"),
+    ]
+
+
+@pytest.mark.parametrize("case", _refusals(), ids=lambda case: case[0])
+def test_bad_node_fails_the_session_naming_node_and_cause(
+    library: Path, tmp_path: Path, case: tuple[str, Callable[[], onnx.ModelProto], str]
+) -> None:
+    _, build, expected = case
+    path = tmp_path / "bad.onnx"
+    onnx.save(build(), str(path))
+    with pytest.raises(UserError, match="custom-op library") as raised:
+        ort_ops.make_session(path, ort_ops=library)
+    assert "SqzLinear node '/layer/SqzLinear'" in str(raised.value)
+    assert expected in str(raised.value)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not on the PATH")
+def test_library_exports_only_the_entry_point_and_needs_no_libonnxruntime(library: Path) -> None:
+    symbols = subprocess.run(
+        ["readelf", "--dyn-syms", "--wide", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    defined = {
+        line.split()[-1]
+        for line in symbols.splitlines()
+        if " FUNC " in line and " GLOBAL " in line and " UND " not in line
+    }
+    assert defined == {ort_ops.ENTRY_POINT}
+    needed = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    assert "libonnxruntime" not in needed
+    assert ort_ops.check_library(library) == library
+
+
+def test_check_library_names_the_file_and_what_was_expected(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such file"):
+        ort_ops.check_library(tmp_path / "missing.so")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a library")
+    with pytest.raises(UserError, match=r"notes\.txt: not a shared library .*libsqz_ort_ops\.so"):
+        ort_ops.check_library(text)
+    other = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_shared.so"
+    with pytest.raises(UserError, match="does not export RegisterCustomOps"):
+        ort_ops.check_library(other)
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_cli_rejects_a_bad_ort_ops_path(
+    command: str, tiny_export: Callable[[str, str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tiny_export("llama", "fp32")
+    text = tmp_path / "lib.txt"
+    text.write_text("not a library")
+    args = ["--onnx", str(folder), "--prompt", "x"] if command == "generate" else [str(folder)]
+    assert main([command, *args, "--ort-ops", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ort-ops {text}: not a shared library" in err and "libsqz_ort_ops.so" in err
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_greedy_tokens_match_torch_reference(
+    library: Path, arch: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    model, _ = load_quantized_model(tiny_checkpoint(arch))
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor([PROMPT]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0
+        )
+    result = OnnxGenerator(tiny_export(arch, "fp32") / MODEL_FILE, ort_ops=library).greedy(PROMPT, STEPS)
+    assert result.new_ids == expected[0, len(PROMPT) :].tolist()
+
+
+def test_fp16_model_logits_match_the_function_fallback(library: Path, tiny_export: Callable[[str, str], Path]) -> None:
+    path = tiny_export("llama", "fp16") / MODEL_FILE
+    tokens = np.asarray([PROMPT])
+    logits = {lib: OnnxGenerator(path, ort_ops=lib).step(tokens, None)[0] for lib in (library, None)}
+    torch.testing.assert_close(
+        torch.from_numpy(logits[library]).float(),
+        torch.from_numpy(logits[None]).float(),
+        **tolerance("model_logits", torch.float16),
+    )
+
+
+def test_cli_generate_with_ort_ops(
+    library: Path, tiny_export: Callable[[str, str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    summary = tmp_path / "gen.json"
+    folder = tiny_export("llama", "fp16")
+    argv = ["generate", "--onnx", str(folder), "--prompt", "The quick", "--max-new-tokens", "4", "--json", str(summary)]
+    assert main([*argv, "--ort-ops", str(library)]) == 0
+    result = json.loads(summary.read_text())
+    assert result["ort_ops"] == str(library) and 1 <= len(result["new_ids"]) <= 4
+    assert f"custom-op library {library}" in capsys.readouterr().out
+
+
+def test_compare_with_ort_ops_passes_against_the_reference(
+    library: Path, tiny_export: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    text = tmp_path / "sample.txt"
+    text.write_text(SAMPLE_TEXT)
+    atol, rtol = TOLERANCES[("model_logits", torch.float32)]
+    options = CompareOptions(
+        dataset=str(text), windows=1, seq_len=32, iterations=1, atol=atol, rtol=rtol, ort_ops=library
+    )
+    report, _ = compare_folder(tiny_export("llama", "fp32"), options)
+    (pair,) = [p for p in report.pairs if p.runner == SQZ]
+    assert pair.passed is True and pair.top1_agreement == 1.0
+    assert report.ort_ops == str(library) and f"custom-op library {library}" in report.table()
