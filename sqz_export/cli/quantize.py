@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from sqz_export.data import load_windows
     from sqz_export.evaluate import perplexity
     from sqz_export.quantize import QuantizeOptions
-    from sqz_export.quantize.calibration import STATISTICS_KEY_FIELD, StreamSettings, iter_block_statistics, statistics_key
+    from sqz_export.quantize.calibration import STATISTICS_KEY_FIELD, BlockStatistics, StreamSettings, statistics_key
     from sqz_export.quantize.distributed import device_for, from_environment, shutdown
     from sqz_export.quantize.pipeline import ModelQuantizer
     from sqz_export.quantize.rundir import RunDir, default_run_dir
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 logger.info("calibration: %d windows x %d tokens = %d tokens of %s (%s)", *calibration.tokens.shape, calibration.num_tokens, args.dataset, calibration.split)
                 settings = StreamSettings(autocast_dtype=autocast, activation_memory=args.activation_memory, spill_folder=run_folder.activations, progress=group.leader, group=group)
-                for index, stats in iter_block_statistics(
+                for index, stats in BlockStatistics(
                     blocked, calibration, request, settings, cache=args.stats, source=files.source, overwrite=args.overwrite_cache, skip=skip, spill_folder=run_folder.statistics
                 ):
                     add(index, stats)

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -395,7 +395,7 @@ def stream_statistics(
             stand_ins = [_Inject(i == 0, box, returns_tuple) for i in range(len(blocks))]
             parent, attribute = _parent_of(model, embedding)
             grads: dict[int, torch.Tensor] = {}
-            with _blocks_replaced(blocks, stand_ins), _replaced(parent, attribute, _ZeroEmbedding(hidden[mine[0]].shape[-1])):
+            with _blocks_replaced(blocks, stand_ins), _replaced(parent, attribute, _ZeroEmbedding(embedding.weight.shape[-1])):
                 for window in mine:
                     last = hidden.pop(window).detach().requires_grad_(True)
                     box["hidden"] = last
@@ -509,25 +509,10 @@ def statistics_key(source: str, calibration: TokenWindows, autocast_dtype: torch
     return {"source": source, "calibration": calibration.describe(), "autocast": str(autocast_dtype), "format": CACHE_FORMAT}
 
 
-def _read_cache(cache: Path, layers: Mapping[str, nn.Linear], statistics: Sequence[str] = ("fisher", "guided", "xtx")) -> tuple[CalibrationStats, int]:
-    """The listed statistics a matching cache holds for all ``layers``, and its guided row groups."""
-    from safetensors import safe_open
-
-    stats = CalibrationStats()
-    with safe_open(str(cache), framework="pt") as handle:
-        names = set(handle.keys())
-        for statistic in statistics:
-            wanted = [f"{statistic}/{layer}" for layer in layers]
-            if all(name in names for name in wanted):
-                stats.get(statistic).update({layer: handle.get_tensor(name) for layer, name in zip(layers, wanted)})
-        groups = int((handle.metadata() or {}).get("guided_groups", 0))
-    return stats, groups if stats.guided else 0
-
-
 def load_or_collect_statistics(
-    model: nn.Module,
+    model: nn.Module | BlockedModel,
     calibration: TokenWindows,
-    layers: Mapping[str, nn.Linear],
+    layers: Mapping[str, nn.Linear] | None,
     request: StatisticsRequest,
     *,
     cache: Path | None,
@@ -536,130 +521,109 @@ def load_or_collect_statistics(
     progress: bool,
     overwrite: bool = False,
 ) -> tuple[CalibrationStats, bool]:
-    """Calibration statistics, reused from ``cache`` when computed for this model and calibration.
+    """The whole model's calibration statistics, reused from ``cache`` when computed for this model and
+    calibration (the cache policy of :class:`BlockStatistics`, whose blocks this gathers).
 
     The calibration pass is the slowest step on a CPU, and it does not depend on bits or sparsity, so a
-    sweep over settings computes it once. The cache records the model source, the calibration windows'
-    description and which statistics it holds. A cache made for another source or calibration (or a
-    file that is no cache) is refused unless ``overwrite`` (:func:`sqz_export.caches.reusable_cache`),
-    never silently reused or replaced. A statistic a matching cache lacks (another method, other row
-    groups) is computed alone and added, so a sweep over methods runs each statistic once.
+    sweep over settings (benchmarks/quality.py) computes it once and holds every layer's statistics.
 
     Returns:
-        (statistics, whether any was computed now rather than read from the cache), so callers report
-        a computation time only for a real computation.
+        (statistics of ``layers``, default every decoder linear; whether any was computed now rather
+        than read from the cache), so callers report a computation time only for a real computation.
     """
-    key = statistics_key(source, calibration, autocast_dtype)
-    reuse = reusable_cache(cache, key, STATISTICS_KEY_FIELD, "--stats", overwrite=overwrite)
-    # Only what this run needs is read; the rest only when a missing statistic makes the cache be rewritten.
-    cached, cached_groups = _read_cache(cache, layers, request.names()) if reuse else (CalibrationStats(), 0)
-    missing = StatisticsRequest(
-        fisher=request.fisher and not cached.fisher,
-        guided_groups=request.guided_groups if request.guided_groups and cached_groups != request.guided_groups else 0,
-        xtx=request.xtx and not cached.xtx,
-    )
-    if not missing.names():
-        logger.info("reusing calibration statistics from %s", cache)
-        return _subset(cached, request), False
-    if reuse:
-        logger.warning("statistics cache %s lacks %s; computing and adding it", cache, ", ".join(missing.names()))
-    fresh = collect_statistics(model, calibration.tokens, layers, missing, autocast_dtype=autocast_dtype, progress=progress)
-    if reuse:  # the rewritten cache keeps what it held beside the new statistics
-        others, other_groups = _read_cache(cache, layers, [name for name in ("fisher", "guided", "xtx") if name not in request.names()])
-        for statistic in ("fisher", "guided", "xtx"):
-            if not cached.get(statistic):
-                cached.get(statistic).update(others.get(statistic))
-        cached_groups = cached_groups or other_groups
-    for statistic in missing.names():
-        cached.get(statistic).clear()
-        cached.get(statistic).update(fresh.get(statistic))
-    groups = request.guided_groups if missing.guided_groups else cached_groups
-    if cache is not None:
-        tensors = {f"{statistic}/{layer}": tensor.contiguous() for statistic in ("fisher", "guided", "xtx") for layer, tensor in cached.get(statistic).items()}
-        metadata = {STATISTICS_KEY_FIELD: json.dumps(key, sort_keys=True), "guided_groups": str(groups)}
-        with open_for_write(cache) as handle:
-            write_safetensors(handle, tensors, metadata=metadata)
-    return _subset(cached, request), True
+    import tempfile
+
+    blocked = model if isinstance(model, BlockedModel) else blocked_from_model(model, next(model.parameters()).device)
+    wanted = set(layers) if layers is not None else None
+    stats = CalibrationStats()
+    settings = StreamSettings(autocast_dtype=autocast_dtype, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="sqz-stats-") as spill:
+        blocks = BlockStatistics(blocked, calibration, request, settings, cache=cache, source=source, overwrite=overwrite, spill_folder=Path(spill))
+        for _, block_stats in blocks:
+            for statistic in request.names():
+                stats.get(statistic).update({name: t for name, t in block_stats.get(statistic).items() if wanted is None or name in wanted})
+    return stats, blocks.computed
 
 
-def _subset(stats: CalibrationStats, request: StatisticsRequest) -> CalibrationStats:
-    """Only the requested statistics (the rest would only hold memory)."""
-    return CalibrationStats(**{name: stats.get(name) if name in request.names() else {} for name in ("fisher", "guided", "xtx")})
-
-
-def iter_block_statistics(
-    blocked: BlockedModel,
-    calibration: TokenWindows,
-    request: StatisticsRequest,
-    settings: StreamSettings,
-    *,
-    cache: Path | None,
-    source: str,
-    overwrite: bool = False,
-    skip: Callable[[int], bool] = lambda index: False,
-    spill_folder: Path | None = None,
-) -> Iterator[tuple[int, CalibrationStats]]:
+@dataclasses.dataclass
+class BlockStatistics:
     """Each block's statistics, with the block loaded: read from a matching ``cache``, else computed.
 
-    The streamed form of :func:`load_or_collect_statistics`, with its cache policy: a cache made for other
-    settings is refused unless ``overwrite``; statistics a matching cache lacks are computed alone and
-    added. A cache to be (re)written is assembled at the end from per-block files in ``spill_folder``
-    (statistics of one block in memory at a time); a resumed run whose earlier part left no such files
+    The cache policy: a cache made for other settings is refused unless ``overwrite``; statistics a
+    matching cache lacks are computed alone and added, so a sweep over methods computes each statistic
+    once. A cache to be (re)written is assembled at the end from per-block files in ``spill_folder``
+    (one block's statistics in memory at a time); a resumed run whose earlier part left no such files
     leaves the cache as it was and says so.
 
-    Yields:
-        (block index, its statistics), skipping blocks for which ``skip`` is true.
+    Iterating yields (block index, its statistics), skipping blocks for which ``skip`` is true;
+    ``computed`` then tells whether any statistic was computed rather than read.
     """
-    from safetensors import safe_open
 
-    key = statistics_key(source, calibration, settings.autocast_dtype)
-    reuse = reusable_cache(cache, key, STATISTICS_KEY_FIELD, "--stats", overwrite=overwrite)
-    present: set[str] = set()
-    cached_groups = 0
-    if reuse:
-        all_layers = [name for index in range(blocked.num_blocks) for name in _linear_names(blocked, index)]
-        with safe_open(str(cache), framework="pt") as handle:
-            names = set(handle.keys())
-            cached_groups = int((handle.metadata() or {}).get("guided_groups", 0))
-        present = {statistic for statistic in request.names() if all(f"{statistic}/{layer}" in names for layer in all_layers)}
-        if "guided" in present and cached_groups != request.guided_groups:
-            present.discard("guided")
-    missing = StatisticsRequest(
-        fisher=request.fisher and "fisher" not in present,
-        guided_groups=request.guided_groups if "guided" not in present else 0,
-        xtx=request.xtx and "xtx" not in present,
-    )
+    blocked: BlockedModel
+    calibration: TokenWindows
+    request: StatisticsRequest
+    settings: StreamSettings
+    cache: Path | None
+    source: str
+    overwrite: bool = False
+    skip: Callable[[int], bool] = lambda index: False
+    spill_folder: Path | None = None
+    computed: bool = False
 
-    def cached_part(index: int) -> CalibrationStats:
-        stats = CalibrationStats()
-        if present:
+    def __iter__(self) -> Iterator[tuple[int, CalibrationStats]]:
+        blocked, calibration, request, settings = self.blocked, self.calibration, self.request, self.settings
+        cache, source, overwrite, skip, spill_folder = self.cache, self.source, self.overwrite, self.skip, self.spill_folder
+        from safetensors import safe_open
+
+        key = statistics_key(source, calibration, settings.autocast_dtype)
+        reuse = reusable_cache(cache, key, STATISTICS_KEY_FIELD, "--stats", overwrite=overwrite)
+        present: set[str] = set()
+        cached_groups = 0
+        if reuse:
+            all_layers = [name for index in range(blocked.num_blocks) for name in _linear_names(blocked, index)]
             with safe_open(str(cache), framework="pt") as handle:
-                for statistic in present:
-                    stats.get(statistic).update({layer: handle.get_tensor(f"{statistic}/{layer}") for layer in _linear_names(blocked, index)})
-        return stats
+                names = set(handle.keys())
+                cached_groups = int((handle.metadata() or {}).get("guided_groups", 0))
+            present = {statistic for statistic in request.names() if all(f"{statistic}/{layer}" in names for layer in all_layers)}
+            if "guided" in present and cached_groups != request.guided_groups:
+                present.discard("guided")
+        missing = StatisticsRequest(
+            fisher=request.fisher and "fisher" not in present,
+            guided_groups=request.guided_groups if "guided" not in present else 0,
+            xtx=request.xtx and "xtx" not in present,
+        )
 
-    if not missing.names():
-        logger.info("reusing calibration statistics from %s", cache)
-        for index in range(blocked.num_blocks):
-            if skip(index):
-                continue
-            blocked.load_block(index)
-            yield index, cached_part(index)
-            blocked.unload_block(index)
-        return
-    if reuse:
-        logger.warning("statistics cache %s lacks %s; computing and adding it", cache, ", ".join(missing.names()))
-    write_cache = cache is not None and settings.group.leader and spill_folder is not None
-    for index, fresh in stream_statistics(blocked, calibration.tokens, missing, settings, skip=skip):
+        def cached_part(index: int) -> CalibrationStats:
+            stats = CalibrationStats()
+            if present:
+                with safe_open(str(cache), framework="pt") as handle:
+                    for statistic in present:
+                        stats.get(statistic).update({layer: handle.get_tensor(f"{statistic}/{layer}") for layer in _linear_names(blocked, index)})
+            return stats
+
+        if not missing.names():
+            logger.info("reusing calibration statistics from %s", cache)
+            for index in range(blocked.num_blocks):
+                if skip(index):
+                    continue
+                blocked.load_block(index)
+                yield index, cached_part(index)
+                blocked.unload_block(index)
+            return
+        if reuse:
+            logger.warning("statistics cache %s lacks %s; computing and adding it", cache, ", ".join(missing.names()))
+        self.computed = True
+        write_cache = cache is not None and settings.group.leader and spill_folder is not None
+        for index, fresh in stream_statistics(blocked, calibration.tokens, missing, settings, skip=skip):
+            if write_cache:
+                with open_for_write(spill_folder / f"{index}.safetensors") as handle:
+                    write_safetensors(handle, {f"{s}/{layer}": t for s in missing.names() for layer, t in fresh.get(s).items()})
+            merged = cached_part(index)
+            for statistic in missing.names():
+                merged.get(statistic).update(fresh.get(statistic))
+            yield index, merged
         if write_cache:
-            with open_for_write(spill_folder / f"{index}.safetensors") as handle:
-                write_safetensors(handle, {f"{s}/{layer}": t for s in missing.names() for layer, t in fresh.get(s).items()})
-        merged = cached_part(index)
-        for statistic in missing.names():
-            merged.get(statistic).update(fresh.get(statistic))
-        yield index, merged
-    if write_cache:
-        _write_cache_from_blocks(cache, key, blocked, missing, request.guided_groups or cached_groups, spill_folder, reuse)
+            _write_cache_from_blocks(cache, key, blocked, missing, request.guided_groups or cached_groups, spill_folder, reuse)
 
 
 def _linear_names(blocked: BlockedModel, index: int) -> list[str]:

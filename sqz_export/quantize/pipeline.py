@@ -368,7 +368,7 @@ class ModelQuantizer:
         self, options: QuantizeOptions, total_weights: int, total_blocks: int, store: LayerStore, *, group: Group = SINGLE, progress: bool = True
     ) -> None:
         options.validate()
-        self.options, self.store, self.group, self.progress = options, store, group, progress
+        self.options, self.store, self.group = options, store, group
         device = torch.device(options.device)
         self.workers = options.workers or (1 if device.type != "cpu" else min(torch.get_num_threads(), MAX_CPU_WORKERS))
         self.timings = dict.fromkeys(PHASES, 0.0)
