@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import mmap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -58,21 +59,21 @@ class SafetensorsWeights:
                     files.update(dict.fromkeys(handle.keys(), path))
         if not files:
             raise UserError(f"model folder {folder} holds no safetensors weights")
+        missing = sorted({str(path) for path in files.values() if not path.is_file()})
+        if missing:
+            raise UserError(f"safetensors shard {missing[0]} named by {index.name} is missing")
         self._files = files
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> set[str]:
         return set(self._files)
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor, copied out of a mapping opened for this read only: pages of a mapping kept open
+        count in the process's resident memory, and over a whole model would add up to its size."""
         from safetensors import safe_open
 
-        path = self._files[key]
-        if path not in self._handles:
-            if not path.is_file():
-                raise UserError(f"safetensors shard {path} named by the index is missing")
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(key)
+        with safe_open(str(self._files[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
 
 
 class GGUFWeights:
@@ -98,7 +99,11 @@ class GGUFWeights:
 
         tensor = self._tensors[key]
         weights = self._processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
-        return torch.from_numpy(np.array(weights, dtype=np.float32))
+        out = torch.from_numpy(np.array(weights, dtype=np.float32))
+        mapping = getattr(self._reader.data, "_mmap", None)
+        if mapping is not None:  # drop the pages just read from this process's resident set (they stay cached)
+            mapping.madvise(mmap.MADV_DONTNEED)
+        return out
 
 
 class ModuleWeights:

@@ -90,11 +90,34 @@ def quiet_third_party_output(verbose: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")  # bars drawn with tqdm directly (the GGUF loader's)
 
 
+def return_freed_memory() -> None:
+    """Makes glibc give large freed blocks back to the system (a fixed mmap threshold, two arenas).
+
+    By default glibc raises its mmap threshold each time a large block is freed, so later tensors come
+    from the heap and their memory stays with the process after they die; with worker threads each
+    arena keeps its own. Quantizing a model block by block allocates and frees the same large tensors
+    per block: measured on an 8-block LLaMA (hidden 2048), peak RSS 3.27 GB by default, 2.07 GB with
+    this. glibc reads MALLOC_MMAP_THRESHOLD_ / MALLOC_ARENA_MAX itself; an explicit setting wins.
+    """
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_arena_max, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a machine shared
     # with other work, spinning threads steal the cores the busy ones need (measured on 2 shared
     # cores: the Fisher pass took 744 s spinning, 139 s passive). An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return_freed_memory()
     # A file size limit (ulimit -f) then fails the write with EFBIG, reported below, instead of
     # killing the process without a word.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -17,10 +17,12 @@ layers that ``runtime.replace_linears`` or ``checkpoint.save_checkpoint`` consum
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -199,13 +201,22 @@ def _start(matrices: list[_Matrix], options: QuantizeOptions) -> None:
         centroids = rtn_codebook(w, options.bits, mask)
     else:
         f = torch.cat([m.fisher for m in matrices])
-        result = weighted_kmeans(
-            w, f, options.bits, exclude=mask, max_iter=options.kmeans_max_iter, n_init=options.kmeans_n_init, seed=options.seed
-        )
-        if result.sanitized:
+        # k-means holds several fp64 copies of its rows: a layer larger than a batch (LLaMA's MLP) is
+        # clustered in row chunks of at most a batch, so its memory follows the batch, not the layer.
+        rows = max(1, BATCH_WEIGHTS // w.shape[1])
+        parts, sanitized = [], 0
+        for start in range(0, w.shape[0], rows):
+            end = start + rows
+            result = weighted_kmeans(
+                w[start:end], f[start:end], options.bits, exclude=None if mask is None else mask[start:end],
+                max_iter=options.kmeans_max_iter, n_init=options.kmeans_n_init, seed=options.seed,
+            )
+            parts.append(result.centroids)
+            sanitized += result.sanitized
+        if sanitized:
             names = ", ".join(m.name for m in matrices)
-            logger.warning("%s: %d Fisher values were negative, NaN or infinite and were treated as 0", names, result.sanitized)
-        centroids = result.centroids
+            logger.warning("%s: %d Fisher values were negative, NaN or infinite and were treated as 0", names, sanitized)
+        centroids = torch.cat(parts)
     for matrix, lut in zip(matrices, torch.split(centroids, [m.weight.shape[0] for m in matrices])):
         lut = lut.to(torch.float16)  # rounding is monotone: rows stay ascending
         if not bool(torch.isfinite(lut).all()):
@@ -343,8 +354,32 @@ REFINE_BATCH_WEIGHTS = 1 << 20
 about this size (whole layers): a block's jobs then weigh about the same, which keeps workers and
 ranks evenly busy (a SmolLM2 block: [q, k, v, o], gate, up, down, 0.9M weights each)."""
 FINAL_SUFFIX = " (final positions)"
-MAX_PENDING_BLOCKS = 2
-"""Blocks whose quantization may run behind the calibration pass (each holds its weights and statistics)."""
+MAX_PENDING_BLOCKS = 1
+"""Blocks whose quantization may run behind the calibration pass (each holds its weights and statistics):
+one keeps both going (the pass computes block i-1 while block i is quantized) with two blocks in memory."""
+
+
+class _WeightBudget:
+    """Jobs hold weights while they run (several fp64/int64 working copies each): jobs start only while the
+    weights in flight stay within ``limit``, so a layer larger than a batch (LLaMA's MLP: 11-45M weights)
+    runs alone instead of beside another, and memory follows the batch size, not the worker count."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._free = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, weights: int) -> Iterator[None]:
+        weights = min(weights, self.limit)
+        with self._free:
+            self._free.wait_for(lambda: self.used + weights <= self.limit)
+            self.used += weights
+        try:
+            yield
+        finally:
+            with self._free:
+                self.used -= weights
+                self._free.notify_all()
 
 
 class ModelQuantizer:
@@ -385,6 +420,7 @@ class ModelQuantizer:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.workers, initializer=torch.set_num_threads if self.workers > 1 else None, initargs=(1,) if self.workers > 1 else ()
         )
+        self._budget = _WeightBudget(2 * BATCH_WEIGHTS)
         self._pending: list[tuple[str, list[concurrent.futures.Future]]] = []
         self._started = time.perf_counter()
         desc = f"{options.method} {options.bits}-bit" + (" (each block refined, then finished on the final positions)" if self.global_sparse else "")
@@ -395,6 +431,7 @@ class ModelQuantizer:
         _check_statistics(list(items), statistics, self.options)
         items = {name: (weight.detach(), bias.detach() if bias is not None else None) for name, (weight, bias) in items.items()}
         shapes = {name: tuple(weight.shape) if weight.dim() == 2 else (0, 0) for name, (weight, _) in items.items()}
+        self._drain(MAX_PENDING_BLOCKS - 1)  # before queueing: at most MAX_PENDING_BLOCKS behind, this one included
         futures = []
         for names in _batches(shapes, BATCH_WEIGHTS):
             rank = min(range(self.group.world), key=lambda r: (self._load[r], r))
@@ -403,7 +440,6 @@ class ModelQuantizer:
                 batch = {name: items[name] for name in names}
                 futures.append(self._pool.submit(self._solve, batch, _subset_of(statistics, names)))
         self._pending.append((block, futures))
-        self._drain(MAX_PENDING_BLOCKS - 1)
 
     def __enter__(self) -> ModelQuantizer:
         return self
@@ -434,8 +470,8 @@ class ModelQuantizer:
                 if key in self.finished:
                     continue
                 matrices = self.store.take_refined(key)
-                self._pending.append((key + FINAL_SUFFIX, [self._pool.submit(self._finalize, matrices, selection)] if matrices else []))
                 self._drain(MAX_PENDING_BLOCKS - 1)
+                self._pending.append((key + FINAL_SUFFIX, [self._pool.submit(self._finalize, matrices, selection)] if matrices else []))
             self._drain(0)
         timings = {key: value for key, value in self.timings.items() if value > 0 or key in ("sparse_split", "pack")}
         timings["quantize_wall"] = time.perf_counter() - self._started
@@ -473,6 +509,10 @@ class ModelQuantizer:
 
     def _solve(self, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> _BatchResult:
         """One start batch: split, start (k-means/RTN/GPTQ), and for lnq the refinement jobs and sparse candidates."""
+        with self._budget.hold(sum(weight.numel() for weight, _ in items.values())):
+            return self._solve_held(items, statistics)
+
+    def _solve_held(self, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> _BatchResult:
         options, result = self.options, _BatchResult()
         clock = time.perf_counter()
         batch = [_prepare(name, weight, statistics, bias, options) for name, (weight, bias) in items.items()]
@@ -507,6 +547,10 @@ class ModelQuantizer:
 
     def _finalize(self, matrices: list[_Matrix], selection: dict[str, torch.Tensor]) -> _BatchResult:
         """One more LNQ round on the model-wide exact positions, then pack."""
+        with self._budget.hold(sum(m.weight.numel() for m in matrices)):
+            return self._finalize_held(matrices, selection)
+
+    def _finalize_held(self, matrices: list[_Matrix], selection: dict[str, torch.Tensor]) -> _BatchResult:
         result = _BatchResult()
         clock = time.perf_counter()
         for m in matrices:
