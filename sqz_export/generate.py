@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sqz_export.export.signature import DecoderSignature
+from sqz_export.ort_session import UNPACK_SESSION, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,12 @@ class GenerationResult:
 class OnnxGenerator:
     """An onnxruntime session over one exported decoder graph (CPU unless providers say otherwise)."""
 
-    def __init__(self, onnx_path: str | os.PathLike[str], providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
+    def __init__(
+        self, onnx_path: str | os.PathLike[str], providers: list[str] | None = None, unpack: str = UNPACK_SESSION
+    ) -> None:
+        """``unpack``: when the SqzLinear function fallback unpacks (``sqz_export.ort_session``)."""
         self.signature = DecoderSignature.from_onnx(onnx_path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(Path(onnx_path)), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        self.session = create_session(Path(onnx_path), providers, unpack)
         self._outputs = ["logits"] + self.signature.present_names
 
     def step(

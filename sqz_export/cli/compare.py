@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_dataset_argument, add_json_argument, check_outputs, positive_int, write_json
+from sqz_export.cli.common import (
+    add_dataset_argument,
+    add_json_argument,
+    add_unpack_argument,
+    check_outputs,
+    positive_int,
+    write_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="error statistic the verdict checks against the tolerances (default: mean)",
     )
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write a histogram of logit errors")
+    add_unpack_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         atol=DEFAULT_ATOL if args.atol is None else args.atol,
         rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
         check_stat=args.check_stat or DEFAULT_CHECK_STAT,
+        unpack=args.unpack,
     )
     with stage(f"compare {args.folder}"):
         report, errors = compare_folder(args.folder, options)

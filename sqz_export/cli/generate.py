@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqz_export.cli.common import (
     add_json_argument,
+    add_unpack_argument,
     check_outputs,
     positive_int,
     print_table,
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--provider", action="append", help="onnxruntime execution provider, repeatable (default: CPUExecutionProvider)"
     )
+    add_unpack_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             f"--prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the model's "
             f"{positions} positions; shorten one of them"
         )
-    generator = OnnxGenerator(path, args.provider)
+    generator = OnnxGenerator(path, args.provider, args.unpack)
     result = generator.greedy(prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(result.new_ids, skip_special_tokens=True)
     print(args.prompt + text)

@@ -34,6 +34,7 @@ from sqz_export.defaults import DEFAULT_DATASET
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
+from sqz_export.ort_session import UNPACK_SESSION
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class CompareOptions:
     check_stat: str = DEFAULT_CHECK_STAT
     """Polygraphy's check_error_stat: which error statistic must be within the tolerances."""
     providers: list[str] | None = None
+    unpack: str = UNPACK_SESSION
+    """When model.onnx's SqzLinear function fallback unpacks (``sqz_export.ort_session``)."""
 
 
 def _token_windows(folder: Path, options: CompareOptions) -> np.ndarray:
@@ -89,7 +92,7 @@ def _runners(folder: Path, manifest: dict, signature: DecoderSignature, options:
         raise UserError(f"--checkpoint {options.checkpoint} is not a folder")
     else:
         logger.warning("checkpoint %s not found; comparing without the torch reference", checkpoint)
-    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers))
+    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers, options.unpack))
     if (folder / BASELINE_FILE).is_file():
         runners.append(onnxrt_runner(folder / BASELINE_FILE, BASELINE, options.providers))
     if options.engine is not None:

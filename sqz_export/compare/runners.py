@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
+from sqz_export.ort_session import UNPACK_SESSION, create_session
 
 
-def onnxrt_runner(path: Path, name: str, providers: list[str] | None = None) -> OnnxrtRunner:
-    """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise)."""
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
+def onnxrt_runner(
+    path: Path, name: str, providers: list[str] | None = None, unpack: str = UNPACK_SESSION
+) -> OnnxrtRunner:
+    """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise).
+
+    The session is built by ``sqz_export.ort_session.create_session`` (``unpack``: when the SqzLinear
+    function fallback unpacks), on activation and dropped on deactivation, as Polygraphy's
+    ``SessionFromOnnx`` does, so a comparison holds one runner's session at a time.
+    """
+    return OnnxrtRunner(functools.partial(create_session, path, providers, unpack), name=name)
 
 
 def trt_runner(
