@@ -259,7 +259,7 @@ def main() -> None:
     if args.out:
         results = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": platform.processor() or platform.machine(),
+            "machine": cpu_name(),
             "cpus": os.cpu_count(),
             "load_average": os.getloadavg(),
             "command": " ".join(sys.argv),
@@ -270,6 +270,18 @@ def main() -> None:
             "acceptance": checks,
         }
         write_text(args.out, json.dumps(results, indent=2) + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU model of /proc/cpuinfo (the dev machine changes between sessions), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def acceptance(rows: dict[str, dict[str, dict]], slopes: dict[str, float | None], size: str) -> list[str]:
