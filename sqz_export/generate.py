@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sqz_export.export.signature import DecoderSignature
+from sqz_export.ort_session import UNPACK_SESSION, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +38,21 @@ class GenerationResult:
 class OnnxGenerator:
     """An onnxruntime session over one exported decoder graph (CPU unless providers say otherwise).
 
+    ``unpack`` says when the SqzLinear function fallback unpacks (``sqz_export.ort_session``);
     ``ort_ops`` is the custom-op library (plugins/ort): with it the SqzLinear nodes run the C++ CPU
-    kernel on the packed weights; without it, their ONNX function (dense weights after folding).
+    kernel on the packed weights and ``unpack`` does not matter for them.
     """
 
     def __init__(
         self,
         onnx_path: str | os.PathLike[str],
         providers: list[str] | None = None,
+        unpack: str = UNPACK_SESSION,
         ort_ops: str | os.PathLike[str] | None = None,
         threads: int | None = None,
     ) -> None:
-        from sqz_export.ort_ops import make_session
-
         self.signature = DecoderSignature.from_onnx(onnx_path)
-        self.session = make_session(Path(onnx_path), providers, ort_ops, threads)
+        self.session = create_session(Path(onnx_path), providers, unpack, ort_ops, threads)
         self._outputs = ["logits"] + self.signature.present_names
 
     def step(

@@ -1,5 +1,7 @@
 """The onnxruntime custom-op library ``libsqz_ort_ops.so`` (plugins/ort): build it, check one a user
-names, and create onnxruntime sessions that run ``sqz::SqzLinear`` with it.
+names, and the session options that register it (sessions themselves come from
+:func:`sqz_export.ort_session.create_session`, the one factory, so ``--unpack`` and ``--ort-ops`` meet
+in one place).
 
 Without the library onnxruntime runs an exported model's SqzLinear nodes through their model-local
 ONNX function, which it constant-folds into dense fp32 weights at session creation (see
@@ -125,30 +127,6 @@ def session_options(ort_ops: Path | str | None = None, threads: int | None = Non
         except Exception as exc:  # onnxruntime raises its own exception types, not OSError
             raise UserError(f"onnxruntime refused the custom-op library {ort_ops}: {exc}") from exc
     return options
-
-
-def make_session(
-    path: Path | str,
-    providers: list[str] | None = None,
-    ort_ops: Path | str | None = None,
-    threads: int | None = None,
-) -> onnxruntime.InferenceSession:
-    """An onnxruntime session on ``path`` (CPU unless ``providers`` says otherwise).
-
-    With ``ort_ops`` every SqzLinear node runs the library's kernel; a node it refuses (bad
-    attributes or weight shapes) fails the session with the node's name, raised as a UserError.
-    """
-    import onnxruntime as ort
-
-    options = session_options(ort_ops, threads)
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:
-        if ort_ops is None:
-            raise
-        raise UserError(
-            f"onnxruntime could not create a session on {path} with the custom-op library {ort_ops}: {exc}"
-        ) from exc
 
 
 def main() -> None:

@@ -102,3 +102,26 @@ def test_cli_compare_writes_json_and_plot(
     report = json.loads(out_json.read_text())
     assert {pair["runner"] for pair in report["pairs"]} == {SQZ, BASELINE}
     assert plot.is_file()
+
+
+def test_onnxrt_runner_outputs_own_their_memory(tiny_export: Callable[[str, str], Path]) -> None:
+    """onnxruntime's own output arrays keep their session's memory alive; the runner's copies do not,
+    and they hold the same values."""
+    import numpy as np
+
+    from sqz_export.compare.runners import onnxrt_runner
+    from sqz_export.export.signature import DecoderSignature
+    from sqz_export.export.sqz_model import MODEL_FILE
+    from sqz_export.ort_session import create_session
+
+    path = tiny_export("llama", "fp32") / MODEL_FILE
+    feed = DecoderSignature.from_onnx(path).feed(np.asarray([[5, 17, 42, 9]]))
+    runner = onnxrt_runner(path, "sqz")
+    with runner:
+        outputs = runner.infer(feed)
+        assert runner.last_inference_time() is not None and runner.last_inference_time() > 0
+    expected = create_session(path).run(None, feed)
+    assert list(outputs) == [node.name for node in create_session(path).get_outputs()]
+    for value, reference in zip(outputs.values(), expected, strict=True):
+        assert value.base is None and value.flags.owndata
+        assert np.array_equal(value, reference)

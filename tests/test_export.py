@@ -144,3 +144,36 @@ def test_tensors_stream_to_external_data(tmp_path: Path, tiny_checkpoint: Callab
     torch.testing.assert_close(
         torch.from_numpy(run_prefill(out / MODEL_FILE, token_ids)), expected, **tolerance("model_logits", torch.float32)
     )
+
+
+def graph_arrays(path: Path) -> tuple[list[tuple[str, str]], dict[str, np.ndarray]]:
+    model = onnx.load(str(path))
+    nodes = [(node.op_type, node.name) for node in model.graph.node]
+    return nodes, {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_streamed_baseline_equals_whole_load(
+    arch: str, tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A safetensors source read tensor by tensor gives the baseline a whole load gives, bit for bit."""
+    from sqz_export.export import sqz_model, source_weights
+
+    checkpoint = read_checkpoint(tiny_checkpoint(arch))
+    source = checkpoint.qconfig.source_model
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in checkpoint.packed.items()}
+    assert source_weights.open_source(source) is not None  # the tiny sources are safetensors folders
+    reads: list[str] = []
+    get = source_weights.SafetensorsSource.get
+    monkeypatch.setattr(source_weights.SafetensorsSource, "get", lambda self, name, dtype: reads.append(name) or get(self, name, dtype))
+    sqz_model.export_baseline(source, checkpoint.hf_config, shapes, torch.float16, 18, tmp_path / "streamed.onnx")
+    assert len(reads) == len(set(reads))  # every tensor read once
+    assert any(name.endswith("q_proj.weight") for name in reads)
+    monkeypatch.setattr(sqz_model, "open_source", lambda _source: None)
+    sqz_model.export_baseline(source, checkpoint.hf_config, shapes, torch.float16, 18, tmp_path / "whole.onnx")
+    streamed_nodes, streamed = graph_arrays(tmp_path / "streamed.onnx")
+    whole_nodes, whole = graph_arrays(tmp_path / "whole.onnx")
+    assert streamed_nodes == whole_nodes
+    assert streamed.keys() == whole.keys()
+    for name, array in whole.items():
+        assert streamed[name].dtype == array.dtype and np.array_equal(streamed[name], array), name

@@ -24,7 +24,7 @@ from test_onnx_function import one_node_model
 from tiny_models import SAMPLE_TEXT, random_packed
 from tolerances import TOLERANCES, tolerance
 
-from sqz_export import ort_ops
+from sqz_export import ort_ops, ort_session
 from sqz_export.checkpoint import load_quantized_model
 from sqz_export.cli import main
 from sqz_export.compare.driver import SQZ, CompareOptions, compare_folder
@@ -166,7 +166,7 @@ def test_bad_node_fails_the_session_naming_node_and_cause(
     path = tmp_path / "bad.onnx"
     onnx.save(build(), str(path))
     with pytest.raises(UserError, match="custom-op library") as raised:
-        ort_ops.make_session(path, ort_ops=library)
+        ort_session.create_session(path, ort_ops=library)
     assert "SqzLinear node '/layer/SqzLinear'" in str(raised.value)
     assert expected in str(raised.value)
 
@@ -234,6 +234,21 @@ def test_fp16_model_logits_match_the_function_fallback(library: Path, tiny_expor
         torch.from_numpy(logits[None]).float(),
         **tolerance("model_logits", torch.float16),
     )
+
+
+def test_unpack_mode_does_not_matter_with_the_library(
+    library: Path, tiny_export: Callable[[str, str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the kernel there is no function to fold, so ``--unpack call`` must neither slow nor change it."""
+    path = tiny_export("llama", "fp32") / MODEL_FILE
+    tokens = np.asarray([PROMPT])
+    with caplog.at_level("INFO", logger="sqz_export.ort_session"):
+        logits = {
+            unpack: OnnxGenerator(path, unpack=unpack, ort_ops=library).step(tokens, None)[0]
+            for unpack in ort_session.UNPACK_MODES
+        }
+    np.testing.assert_array_equal(logits[ort_session.UNPACK_SESSION], logits[ort_session.UNPACK_CALL])
+    assert "no effect with --ort-ops" in caplog.text and "constant folding off" not in caplog.text
 
 
 def test_cli_generate_with_ort_ops(

@@ -30,6 +30,18 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: 512)")
 
 
+def add_unpack_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unpack",
+        choices=("session", "call"),
+        default="session",
+        help="when onnxruntime unpacks model.onnx's SqzLinear layers (its ONNX function): 'session' folds them into "
+        "dense fp32 weights once, at session creation (FP16 speed; about 25 bytes per quantized weight at the peak), "
+        "'call' on every run (holds only the packed weights; decoding about 20x slower) (default: session). No effect on "
+        "SqzLinear with --ort-ops: the custom-op library's kernel runs it on the packed weights",
+    )
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE ('-' for stdout)")
 

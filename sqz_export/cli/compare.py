@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqz_export.cli.common import add_dataset_argument, add_json_argument, check_outputs, positive_int, write_json
+from sqz_export.cli.common import (
+    add_dataset_argument,
+    add_json_argument,
+    add_unpack_argument,
+    check_outputs,
+    positive_int,
+    write_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="LIB",
         help="onnxruntime custom-op library libsqz_ort_ops.so (plugins/ort) for model.onnx: SqzLinear runs the C++ "
-        "kernel on the packed weights (default: the model's ONNX function)",
+        "kernel on the packed weights; --unpack then does not matter for SqzLinear (default: the model's ONNX "
+        "function, unpacked as --unpack says)",
     )
     parser.add_argument(
         "--checkpoint", type=Path, help="checkpoint for the torch reference (default: the one recorded at export)"
@@ -48,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="error statistic the verdict checks against the tolerances (default: mean)",
     )
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write a histogram of logit errors")
+    add_unpack_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -105,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
         check_stat=args.check_stat or DEFAULT_CHECK_STAT,
         ort_ops=args.ort_ops,
+        unpack=args.unpack,
     )
     with stage(f"compare {args.folder}"):
         report, errors = compare_folder(args.folder, options)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqz_export.cli.common import (
     add_json_argument,
+    add_unpack_argument,
     check_outputs,
     positive_int,
     print_table,
@@ -36,8 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="LIB",
         help="onnxruntime custom-op library libsqz_ort_ops.so (plugins/ort): SqzLinear runs the C++ kernel on the "
-        "packed weights (default: the model's ONNX function, dense weights after onnxruntime's folding)",
+        "packed weights; --unpack then does not matter for SqzLinear (default: the model's ONNX function, unpacked "
+        "as --unpack says)",
     )
+    add_unpack_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             f"--prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the model's "
             f"{positions} positions; shorten one of them"
         )
-    generator = OnnxGenerator(path, args.provider, args.ort_ops)
+    generator = OnnxGenerator(path, args.provider, args.unpack, args.ort_ops)
     result = generator.greedy(prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(result.new_ids, skip_special_tokens=True)
     print(args.prompt + text)
@@ -85,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
                 "decode",
                 f"{result.tokens_per_s:.1f} tokens/s (onnxruntime, {', '.join(generator.session.get_providers())})",
             ),
-            ("SqzLinear", f"custom-op library {args.ort_ops}" if args.ort_ops else "ONNX function (no --ort-ops)"),
+            (
+                "SqzLinear",
+                f"custom-op library {args.ort_ops}" if args.ort_ops else f"ONNX function (no --ort-ops, --unpack {args.unpack})",
+            ),
         ]
     )
     write_json(
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             "prefill_s": result.prefill_s,
             "decode_tokens_per_s": result.tokens_per_s,
             "ort_ops": str(args.ort_ops) if args.ort_ops else None,
+            "unpack": args.unpack,
         },
     )
     return 0

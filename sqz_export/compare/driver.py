@@ -35,6 +35,7 @@ from sqz_export.defaults import DEFAULT_DATASET
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
+from sqz_export.ort_session import UNPACK_SESSION
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class CompareOptions:
     providers: list[str] | None = None
     ort_ops: Path | None = None
     """onnxruntime custom-op library for model.onnx's SqzLinear nodes (None: their ONNX function)."""
+    unpack: str = UNPACK_SESSION
+    """When model.onnx's SqzLinear function fallback unpacks (``sqz_export.ort_session``); no effect with ``ort_ops``."""
 
 
 def _token_windows(folder: Path, options: CompareOptions) -> np.ndarray:
@@ -92,7 +95,7 @@ def _runners(folder: Path, manifest: dict, signature: DecoderSignature, options:
         raise UserError(f"--checkpoint {options.checkpoint} is not a folder")
     else:
         logger.warning("checkpoint %s not found; comparing without the torch reference", checkpoint)
-    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers, options.ort_ops))
+    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers, options.unpack, options.ort_ops))
     if (folder / BASELINE_FILE).is_file():
         runners.append(onnxrt_runner(folder / BASELINE_FILE, BASELINE, options.providers))
     if options.engine is not None:

@@ -31,17 +31,22 @@ is the number of rows that end at or before s, which is the row of non-zero s.
 
 What onnxruntime holds: it constant-folds the body on initializer inputs at session creation, so at
 run time it multiplies by a dense fp32 W^T (the file on disk stays packed). Its folding keeps every
-tensor it produces until the pass over the whole graph ends (measured with onnxruntime 1.32: a
-chain of four Adds on an initializer costs five copies at the peak), so a session's peak is the sum
-of the body's intermediates over all layers, not one layer's. The body is written for that: it
+tensor it produces until the pass over the whole graph ends, while a tensor stored in the file is read
+only while the node consuming it is folded (measured with onnxruntime 1.32: a chain of four Adds on
+each of eight stored weights peaks at four copies of all eight), so a session's peak is the sum of
+the body's intermediates over all layers, not one layer's. The body is written for that: it
 builds W^T directly in [K, N] order (no Transpose copy), in four 4-byte [K, N] tensors (int32
 chunk, int32 shifted, int32 index, fp32 W^T; one more fp32 W^T with a sparse part) plus [K/m, N]
 chunk tensors, and casts x rather than W (onnxruntime's CPU MatMul is fp32: an fp16 W^T would be
 folded a second time into fp32). Measured on 8 layers of 1024 x 2048 at 3 bits, peak RSS of session
 creation per weight: 22 bytes dense-only, 29 with 0.45% sparse, against 74 for the previous body
 (int64/uint64 [N, K] unpack) and 6 for the same layers as fp16 MatMul initializers
-(``benchmarks/memory.py`` measures whole models). The outputs are bit-identical to the previous
-body's on onnxruntime's CPU provider (``tests/test_onnx_function.py``).
+(``benchmarks/memory.py`` measures whole models). No body in standard ops folds within a small
+factor of the dense weights: its last step gathers from the LUT with an int32 [K, N] index (Gather
+and GatherElements take no narrower one), and index and result are both folded outputs, 8 bytes per
+weight before whatever computes the index. ``sqz_export.ort_session`` documents this and offers the
+other choice, unpacking on every run (``--unpack call``). The outputs are bit-identical to the
+previous body's on onnxruntime's CPU provider (``tests/test_onnx_function.py``).
 """
 
 from __future__ import annotations

@@ -13,13 +13,16 @@ Steps, and why in this order:
    reason (the "1 refusals" of a LLaMA export's log), and ``DenseLinearPass`` gives them their FP
    weight from the checkpoint. Every tensor goes straight into ``model.onnx.data`` as it is made.
 3. ``CleanupPass`` drops the dead placeholder chains.
-4. The FP16 baseline is the source model recorded in the checkpoint (or ``--baseline-from``), loaded
-   in the export dtype and checked against the checkpoint's architecture and shapes, traced the same
-   way with its linears as placeholders; ``DenseLinearPass`` streams its weights into
-   ``baseline.onnx.data``, one at a time.
+4. The FP16 baseline is the source model recorded in the checkpoint (or ``--baseline-from``), checked
+   against the checkpoint's architecture and shapes and traced the same way with its linears as
+   placeholders; ``DenseLinearPass`` streams its weights into ``baseline.onnx.data``, one at a time.
+   A source folder of safetensors is read tensor by tensor (``export/source_weights.py``: the model
+   is built without weights, like the checkpoint's); any other source is loaded whole in the export
+   dtype.
 
-So the export holds the packed checkpoint, then the source model in the export dtype, each with one
-layer's tensor in flight: no dense FP copy of a quantized linear ever exists.
+So the export holds the packed checkpoint, then (nothing of the first stage kept) the source
+model's non-linear tensors, each with one layer's tensor in flight: no dense FP copy of a quantized
+linear ever exists, and for a safetensors source no copy of the source model either.
 
 Output folder (written into a temporary sibling and renamed into place)::
 
@@ -52,7 +55,8 @@ from sqz_export.checkpoint import WEIGHTS_FILE, Checkpoint
 from sqz_export.errors import UserError
 from sqz_export.export.baseline import DEFAULT_OPSET, export_decoder, tensor_bytes
 from sqz_export.export.external_data import ExternalData, TensorStore, inline_tensor
-from sqz_export.export.placeholders import replace_with_placeholders
+from sqz_export.export.placeholders import PlaceholderLinear, replace_with_placeholders
+from sqz_export.export.source_weights import LinearWeights, open_source
 from sqz_export.formats import FormatError, PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -197,21 +201,23 @@ def op_counts(graph: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def check_baseline_matches(baseline: nn.Module, hf_config: Any, packed: dict[str, PackedLinear], source: str) -> None:
-    """Raises UserError unless ``baseline`` has the checkpoint's architecture and layer shapes."""
+def check_baseline_matches(baseline: nn.Module, hf_config: Any, shapes: dict[str, tuple[int, int]], source: str) -> None:
+    """Raises UserError unless ``baseline`` has the checkpoint's architecture and the quantized layers'
+    shapes (``shapes``: module name -> (out_features, in_features); ``baseline`` may hold its linears
+    as weightless placeholders)."""
     problems = []
     for key in CONFIG_KEYS:
         mine, theirs = getattr(hf_config, key, None), getattr(baseline.config, key, None)
         if mine != theirs:
             problems.append(f"{key} {theirs!r} (checkpoint: {mine!r})")
     modules = dict(baseline.named_modules())
-    for name, layer in packed.items():
+    for name, (out_features, in_features) in shapes.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear | PlaceholderLinear):
             problems.append(f"no linear {name!r}")
-        elif (module.out_features, module.in_features) != (layer.out_features, layer.in_features):
+        elif (module.out_features, module.in_features) != (out_features, in_features):
             problems.append(
-                f"{name!r} is [{module.out_features}, {module.in_features}] (checkpoint: [{layer.out_features}, {layer.in_features}])"
+                f"{name!r} is [{module.out_features}, {module.in_features}] (checkpoint: [{out_features}, {in_features}])"
             )
         if len(problems) > 8:
             break
@@ -220,25 +226,66 @@ def check_baseline_matches(baseline: nn.Module, hf_config: Any, packed: dict[str
 
 
 def export_baseline(
-    source: str, hf_config: Any, packed: dict[str, PackedLinear], dtype: torch.dtype, opset: int, path: Path
+    source: str, hf_config: Any, shapes: dict[str, tuple[int, int]], dtype: torch.dtype, opset: int, path: Path
 ) -> None:
     """Writes the FP baseline of ``source`` at ``path`` (+ .data), streaming its linear weights.
 
-    The source model is loaded in the export dtype (it is all this stage holds), checked against the
-    checkpoint, traced with its linears as placeholders, and each linear's weight goes to the data file
-    in turn.
+    The source model is checked against the checkpoint (``shapes``: quantized module -> (out, in)),
+    traced with its linears as placeholders, and each linear's weight goes to the data file in turn.
+    A folder of safetensors is read tensor by tensor (``source_weights``): the stage then holds the
+    model's non-linear tensors and one linear weight. Any other source is loaded whole, in the export
+    dtype.
     """
     from sqz_export.models import load_model
 
-    loaded = load_model(source, dtype)
-    check_baseline_matches(loaded.model, hf_config, packed, source)
-    linears = replace_with_placeholders(loaded.model)
-    graph = export_decoder(loaded.model, dtype, opset)
+    streamed = source_model_skeleton(source, dtype)
+    if streamed is not None:
+        model, weights = streamed
+        check_baseline_matches(model, hf_config, shapes, source)
+        shared = tied_weights(model)
+    else:
+        logger.info("baseline %s: not a folder of safetensors, loading it whole", source)
+        loaded = load_model(source, dtype)
+        check_baseline_matches(loaded.model, hf_config, shapes, source)
+        model = loaded.model
+        linears = replace_with_placeholders(model)
+        weights = {name: linear.weight for name, linear in linears.items()}.get
+        shared = tied_weights(model)
+    graph = export_decoder(model, dtype, opset)
+    del model
     with ExternalData(path) as store:
-        weights = {name: linear.weight for name, linear in linears.items()}
-        dense_graph(graph, weights.get, dtype, store, tied_weights(loaded.model))
+        dense_graph(graph, weights, dtype, store, shared)
         store.externalize(graph)
     onnx.save_model(graph, str(path))
+
+
+def source_model_skeleton(
+    source: str, dtype: torch.dtype
+) -> tuple[nn.Module, Callable[[str], torch.Tensor | None]] | None:
+    """The source model with placeholder linears and its other tensors read from its safetensors,
+    and a reader of its linear weights, or None when ``source`` is not a folder of safetensors or
+    its files lack a tensor the model has (then it is loaded whole, which reports that clearly).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from sqz_export.models import open_model
+
+    tensors = open_source(source)
+    if tensors is None:
+        return None
+    files = open_model(source)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(files.config)
+    linears = replace_with_placeholders(model)
+    needed = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    absent = [name for name in needed if name not in tensors]
+    absent += [f"{name}.weight" for name in linears if f"{name}.weight" not in tensors and name not in tied_weights(model)]
+    if absent:
+        logger.info("baseline %s: its safetensors lack %s (other names?), loading it whole", source, ", ".join(absent[:3]))
+        return None
+    model.load_state_dict({name: tensors.get(name, dtype) for name in needed}, strict=False, assign=True)
+    return model.eval(), LinearWeights(tensors, dtype, set(linears))
 
 
 def write_polygraphy_inputs(onnx_path: Path, tokenizer: Any, target: Path) -> None:
@@ -299,11 +346,15 @@ def export_checkpoint(
             store.externalize(graph)
         onnx.save_model(graph, str(tmp / MODEL_FILE))
         bytes_after = tensor_bytes(graph)
+        counts = op_counts(graph)
+        layers = {name: layer.describe() for name, layer in packed.items()}
+        shapes = {name: (layer.out_features, layer.in_features) for name, layer in packed.items()}
         hf_config = checkpoint.hf_config
-        del skeleton, checkpoint  # the baseline's source model replaces them in memory
+        # The baseline stage holds the source model's tensors: nothing of this stage stays beside them.
+        del skeleton, checkpoint, packed, graph, store
 
         if baseline_source is not None:
-            export_baseline(baseline_source, hf_config, packed, dtype, opset, tmp / BASELINE_FILE)
+            export_baseline(baseline_source, hf_config, shapes, dtype, opset, tmp / BASELINE_FILE)
         hf_config.save_pretrained(str(tmp))
         checkpoint_path = Path(checkpoint_dir)
         if (checkpoint_path / "tokenizer_config.json").is_file():
@@ -319,10 +370,10 @@ def export_checkpoint(
             "dtype": str(dtype).removeprefix("torch."),
             "opset": opset,
             "files": files,
-            "op_counts": op_counts(graph),
+            "op_counts": counts,
             "passes": {result.name: result.count for result in results},
             "tensor_bytes": {"before_rewrite": bytes_before, "after_rewrite": bytes_after},
-            "layers": {name: layer.describe() for name, layer in packed.items()},
+            "layers": layers,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     written = [name for name in files if name.endswith((".onnx", ".data"))]
@@ -330,8 +381,8 @@ def export_checkpoint(
     return ExportResult(
         out_dir=out,
         rewritten=results[0].count,
-        layers=len(packed),
-        op_counts=op_counts(graph),
+        layers=len(layers),
+        op_counts=counts,
         bytes_before=bytes_before,
         bytes_after=bytes_after,
         files=files,

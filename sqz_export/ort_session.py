@@ -1,0 +1,153 @@
+"""onnxruntime sessions over exported graphs, and when the SqzLinear function fallback unpacks.
+
+Without a SqzLinear kernel, onnxruntime runs ``sqz::SqzLinear`` through its model-local ONNX
+function (``export/onnx_function.py``). Every input of that body except ``x`` is an initializer, so
+onnxruntime's constant folding can run the whole unpack once, at session creation, and leave a dense
+fp32 W^T per layer: from then on the graph runs at the FP16 baseline's speed. What that costs in
+memory, measured with onnxruntime 1.32 (``benchmarks/memory.py``, and stacks of 2048 x 2048 layers):
+
+- An initializer stored in the file (external data) is read only while the node that consumes it is
+  folded, and dropped afterwards: a GatherElements from a *stored* int32 index folds at the baseline's
+  peak (4.8 B per weight, with glibc's mmap threshold fixed).
+- Every tensor constant folding *produces* stays in the graph until the folding pass over the whole
+  graph ends (``Graph::Resolve`` then drops the unused ones): a chain of four Adds on each of eight
+  weights peaks at four copies of all eight. So the peak is the sum, over all layers, of every
+  intermediate of the body, not one layer's: four 4-byte [K, N] tensors (chunk, shifted, index,
+  fp32 W^T), a fifth with a sparse part, and the [K/10, N] chunk tensors: 24-25 B per quantized
+  weight, against 4.8 B for the baseline's fp16 -> fp32 weights (that conversion is onnxruntime's
+  FuseInitializersTransformer, not constant folding, and is done one initializer at a time).
+- No body in standard ops can fold within 1.15x of the baseline: its last step is a gather whose
+  int32 [K, N] index (Gather and GatherElements take no narrower index) and fp32 [K, N] result are both
+  folded outputs, at least 8 B per weight before anything that computes the index.
+- glibc keeps freed folding buffers of up to 32 MiB in its heap (its mmap threshold grows with
+  every freed mapping), so a process's resident set stays near the folding peak after the session
+  is built; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment hands them back.
+
+Hence two ways to run the fallback (``UNPACK_MODES``):
+
+- ``session`` (default): onnxruntime's own behaviour, constant folding on. Baseline speed, outputs
+  bit-identical to every earlier release, peak about ``FOLD_BYTES_PER_WEIGHT`` per quantized weight.
+- ``call``: constant folding off for graphs with SqzLinear nodes, so the body unpacks one layer at a
+  time on every run. The session holds the packed weights and one layer's intermediates (below the
+  baseline's peak), but decoding is about 20x slower, and the outputs differ from ``session`` in the
+  last bits: onnxruntime's MatMul takes another path for a weight that is not a constant (no
+  prepacking).
+
+The onnxruntime custom-op library (``--ort-ops``, :mod:`sqz_export.ort_ops`), where it is built,
+runs SqzLinear's C++ kernel on the packed weights and needs neither: with it the SqzLinear nodes are
+no function to fold, so ``unpack`` changes nothing for them and ``create_session`` ignores it.
+``create_session`` is the one session factory: generate, compare and the benchmarks all use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+UNPACK_SESSION = "session"
+UNPACK_CALL = "call"
+UNPACK_MODES = (UNPACK_SESSION, UNPACK_CALL)
+FOLD_BYTES_PER_WEIGHT = 25
+"""Peak bytes per quantized weight while onnxruntime folds the SqzLinear bodies (3-bit + 0.45%
+sparse, measured with onnxruntime 1.32); used only to warn before a session that will not fit."""
+
+
+def quantized_weights(graph: onnx.ModelProto) -> int:
+    """in_features x out_features summed over the graph's sqz::SqzLinear nodes (0 for other graphs)."""
+    from sqz_export.export import onnx_function as fn
+
+    total = 0
+    for node in graph.graph.node:
+        if node.op_type == fn.OP_TYPE and node.domain == fn.DOMAIN:
+            values = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+            total += values.get("in_features", 0) * values.get("out_features", 0)
+    return total
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def create_session(
+    onnx_path: str | os.PathLike[str],
+    providers: list[str] | None = None,
+    unpack: str = UNPACK_SESSION,
+    ort_ops: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime InferenceSession over an exported graph: the one factory every caller uses.
+
+    One place decides how SqzLinear runs, so generate, compare and the benchmarks cannot disagree.
+
+    Args:
+        onnx_path: model.onnx or baseline.onnx of an export folder.
+        providers: execution providers (default: CPUExecutionProvider).
+        unpack: ``session`` (fold the unpack at creation) or ``call`` (unpack on every run); see the
+            module docstring. Graphs without SqzLinear nodes are created the same way in both modes,
+            and so is any graph when ``ort_ops`` is given (the kernel replaces the function).
+        ort_ops: the custom-op library libsqz_ort_ops.so (plugins/ort); None runs the ONNX function.
+        threads: onnxruntime's intra-op thread count (None: its default), which the custom op's row
+            split runs on too.
+
+    Raises:
+        ValueError: ``unpack`` is not one of ``UNPACK_MODES``.
+        UserError: onnxruntime refused ``ort_ops``, or a SqzLinear node it runs (bad attributes or
+            weight shapes; the message names the node).
+    """
+    import onnxruntime as ort
+
+    from sqz_export.errors import UserError
+    from sqz_export.export.signature import load_graph
+    from sqz_export.ort_ops import session_options
+
+    if unpack not in UNPACK_MODES:
+        raise ValueError(f"unpack={unpack!r}; expected one of {UNPACK_MODES}")
+    path = Path(onnx_path)
+    weights = quantized_weights(load_graph(path))
+    disabled: list[str] = []
+    if weights and ort_ops is not None:
+        if unpack == UNPACK_CALL:
+            logger.info("%s: --unpack call has no effect with --ort-ops (SqzLinear runs the library's kernel)", path)
+    elif weights and unpack == UNPACK_CALL:
+        disabled.append("ConstantFolding")
+        logger.info("%s: SqzLinear unpacks on every run (--unpack call: constant folding off)", path)
+    elif weights:
+        needed, free = FOLD_BYTES_PER_WEIGHT * weights, available_memory()
+        if free is not None and needed > free:
+            logger.warning(
+                "%s: onnxruntime folds its %d quantized weights into dense ones at session creation, which takes "
+                "about %.1f GiB (%.1f GiB available); --unpack call holds only the packed weights (decoding is "
+                "about 20x slower), --ort-ops runs them packed at speed",
+                path,
+                weights,
+                needed / 2**30,
+                free / 2**30,
+            )
+    options = session_options(ort_ops, threads)
+    try:
+        return ort.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled or None
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        if ort_ops is None:
+            raise
+        raise UserError(
+            f"onnxruntime could not create a session on {path} with the custom-op library {ort_ops}: {exc}"
+        ) from exc
