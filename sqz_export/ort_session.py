@@ -14,8 +14,9 @@ memory, measured with onnxruntime 1.32 (``benchmarks/memory.py``, and stacks of 
   weights peaks at four copies of all eight. So the peak is the sum, over all layers, of every
   intermediate of the body, not one layer's: four 4-byte [K, N] tensors (chunk, shifted, index,
   fp32 W^T), a fifth with a sparse part, and the [K/10, N] chunk tensors: 24-25 B per quantized
-  weight, against 4.8 B for the baseline's fp16 -> fp32 weights (that conversion is onnxruntime's
-  FuseInitializersTransformer, not constant folding, and is done one initializer at a time).
+  weight, against 4.8 B for the baseline's fp16 -> fp32 weights (that conversion is not constant
+  folding but onnxruntime's FuseFp16InitializerToFp32NodeTransformer, whose peak is about the fp32
+  weights alone: with it disabled a SmolLM2-shaped baseline session is 0.10 GiB after creation).
 - No body in standard ops can fold within 1.15x of the baseline: its last step is a gather whose
   int32 [K, N] index (Gather and GatherElements take no narrower index) and fp32 [K, N] result are both
   folded outputs, at least 8 B per weight before anything that computes the index.
@@ -26,12 +27,13 @@ memory, measured with onnxruntime 1.32 (``benchmarks/memory.py``, and stacks of 
 Hence two ways to run the fallback (``UNPACK_MODES``):
 
 - ``session`` (default): onnxruntime's own behaviour, constant folding on. Baseline speed, outputs
-  bit-identical to every earlier release, peak about ``FOLD_BYTES_PER_WEIGHT`` per quantized weight.
+  bit-identical to every earlier release, peak about ``FOLD_BYTES_PER_WEIGHT`` per quantized weight
+  (3.8-4.6x the baseline session at the 135M and 0.5B shapes).
 - ``call``: constant folding off for graphs with SqzLinear nodes, so the body unpacks one layer at a
-  time on every run. The session holds the packed weights and one layer's intermediates (below the
-  baseline's peak), but decoding is about 20x slower, and the outputs differ from ``session`` in the
-  last bits: onnxruntime's MatMul takes another path for a weight that is not a constant (no
-  prepacking).
+  time on every run. The session holds the packed weights and one layer's intermediates (0.44-0.59x
+  the baseline session's peak at the 135M-1.1B shapes), but decoding is 20-35x slower, and the
+  outputs differ from ``session`` in the last bits: onnxruntime's MatMul takes another path for a
+  weight that is not a constant (no prepacking).
 
 The onnxruntime custom-op library (``--ort-ops``, :mod:`sqz_export.ort_ops`), where it is built,
 runs SqzLinear's C++ kernel on the packed weights and needs neither: with it the SqzLinear nodes are
@@ -134,7 +136,7 @@ def create_session(
             logger.warning(
                 "%s: onnxruntime folds its %d quantized weights into dense ones at session creation, which takes "
                 "about %.1f GiB (%.1f GiB available); --unpack call holds only the packed weights (decoding is "
-                "about 20x slower), --ort-ops runs them packed at speed",
+                "20-35x slower), --ort-ops runs them packed at speed",
                 path,
                 weights,
                 needed / 2**30,

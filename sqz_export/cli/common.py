@@ -37,7 +37,7 @@ def add_unpack_argument(parser: argparse.ArgumentParser) -> None:
         default="session",
         help="when onnxruntime unpacks model.onnx's SqzLinear layers (its ONNX function): 'session' folds them into "
         "dense fp32 weights once, at session creation (FP16 speed; about 25 bytes per quantized weight at the peak), "
-        "'call' on every run (holds only the packed weights; decoding about 20x slower) (default: session). No effect on "
+        "'call' on every run (holds only the packed weights; decoding 20-35x slower) (default: session). No effect on "
         "SqzLinear with --ort-ops: the custom-op library's kernel runs it on the packed weights",
     )
 

@@ -279,8 +279,9 @@ def source_model_skeleton(
         model = AutoModelForCausalLM.from_config(files.config)
     linears = replace_with_placeholders(model)
     needed = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    tied = tied_weights(model)
     absent = [name for name in needed if name not in tensors]
-    absent += [f"{name}.weight" for name in linears if f"{name}.weight" not in tensors and name not in tied_weights(model)]
+    absent += [f"{name}.weight" for name in linears if f"{name}.weight" not in tensors and name not in tied]
     if absent:
         logger.info("baseline %s: its safetensors lack %s (other names?), loading it whole", source, ", ".join(absent[:3]))
         return None
