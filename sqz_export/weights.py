@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import mmap
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -290,13 +289,3 @@ def blocked_from_model(loaded: LoadedModel | nn.Module, device: str | torch.devi
         source_name=loaded.source if isinstance(loaded, LoadedModel) else type(model).__name__,
     )
 
-
-def iter_dense_tensors(blocked: BlockedModel, quantized: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, fp16 tensor) of every tensor the checkpoint keeps dense, one at a time."""
-    for key in blocked.dense_keys(quantized):
-        tensor = blocked.read(key)
-        yield key, (tensor.to(torch.float16) if tensor.is_floating_point() else tensor).contiguous().cpu()
-
-
-def shapes_of(linears: Mapping[str, nn.Linear]) -> dict[str, tuple[int, int]]:
-    return {name: tuple(layer.weight.shape) for name, layer in linears.items()}
