@@ -38,16 +38,29 @@ class WeightSource(Protocol):
 
     def keys(self) -> set[str]: ...
 
-    def get(self, key: str) -> torch.Tensor: ...
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``key`` in ``dtype`` (default: as stored), never a view of a file's memory map."""
+        ...
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def holds_safetensors(folder: Path) -> bool:
+    """Whether ``folder`` is a folder of safetensors weights (an index, or ``*.safetensors`` files)."""
+    return folder.is_dir() and ((folder / INDEX_FILE).is_file() or any(folder.glob("*.safetensors")))
 
 
 class SafetensorsWeights:
-    """A Hugging Face folder of safetensors shards (``model.safetensors[.index.json]``), memory-mapped."""
+    """A Hugging Face folder of safetensors shards (``model.safetensors[.index.json]``), read tensor by tensor.
+
+    Serves the streamed quantizer and the export's baseline (``export/source_weights.py``).
+    """
 
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
 
-        index = folder / "model.safetensors.index.json"
+        index = folder / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = {key: folder / name for key, name in weight_map.items()}
@@ -63,16 +76,25 @@ class SafetensorsWeights:
             raise UserError(f"safetensors shard {missing[0]} named by {index.name} is missing")
         self._files = files
 
+    @classmethod
+    def open(cls, folder: Path) -> SafetensorsWeights | None:
+        """The folder's weights, or None when ``folder`` is no folder of safetensors files."""
+        return cls(folder) if holds_safetensors(folder) else None
+
     def keys(self) -> set[str]:
         return set(self._files)
 
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor, copied out of a mapping opened for this read only: pages of a mapping kept open
-        count in the process's resident memory, and over a whole model would add up to its size."""
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor copied out of its file: safetensors hands out views of a memory map that stay
+        mapped (and resident) while they live, and over a whole model would add up to its size."""
         from safetensors import safe_open
 
         with safe_open(str(self._files[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
+        return tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor.clone()
 
 
 class GGUFWeights:
@@ -92,7 +114,7 @@ class GGUFWeights:
     def keys(self) -> set[str]:
         return set(self._tensors)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
@@ -102,11 +124,11 @@ class GGUFWeights:
         mapping = getattr(self._reader.data, "_mmap", None)
         if mapping is not None:  # drop the pages just read from this process's resident set (they stay cached)
             mapping.madvise(mmap.MADV_DONTNEED)
-        return out
+        return out.to(dtype) if dtype is not None else out
 
 
 class ModuleWeights:
-    """The state_dict of a model that is already in memory (no copies)."""
+    """The state_dict of a model that is already in memory (no copies: nothing here maps a file)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._state = model.state_dict(keep_vars=True)
@@ -114,8 +136,9 @@ class ModuleWeights:
     def keys(self) -> set[str]:
         return set(self._state)
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._state[key].detach()
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._state[key].detach()
+        return tensor.to(dtype) if dtype is not None else tensor
 
 
 @dataclasses.dataclass
@@ -163,10 +186,10 @@ class BlockedModel:
         state = {}
         for name, param in module.named_parameters():
             key = self._source_key(f"{prefix}.{name}" if prefix else name)
-            tensor = self.source.get(key)
+            tensor = self.source.get(key, COMPUTE_DTYPE)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise UserError(f"{self.source_name}: tensor {key} has shape {tuple(tensor.shape)}, the model's config expects {tuple(param.shape)}")
-            state[name] = tensor.to(device=self.device, dtype=COMPUTE_DTYPE)
+            state[name] = tensor.to(self.device)
         module.load_state_dict(state, strict=False, assign=True)
         return module
 
@@ -236,10 +259,9 @@ def _tied_alias(model: nn.Module, key: str) -> str | None:
 
 def streamable(files: ModelFiles) -> bool:
     """Whether the model's weights can be read tensor by tensor (safetensors folder or GGUF file)."""
-    location = Path(files.location)
     if "gguf_file" in files.kwargs:
         return True
-    return location.is_dir() and any(location.glob("*.safetensors"))
+    return holds_safetensors(Path(files.location))
 
 
 def open_blocked_model(files: ModelFiles, device: str | torch.device = "cpu") -> BlockedModel:

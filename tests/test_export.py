@@ -164,8 +164,8 @@ def test_streamed_baseline_equals_whole_load(
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in checkpoint.packed.items()}
     assert source_weights.open_source(source) is not None  # the tiny sources are safetensors folders
     reads: list[str] = []
-    get = source_weights.SafetensorsSource.get
-    monkeypatch.setattr(source_weights.SafetensorsSource, "get", lambda self, name, dtype: reads.append(name) or get(self, name, dtype))
+    get = source_weights.SafetensorsWeights.get
+    monkeypatch.setattr(source_weights.SafetensorsWeights, "get", lambda self, name, dtype=None: reads.append(name) or get(self, name, dtype))
     sqz_model.export_baseline(source, checkpoint.hf_config, shapes, torch.float16, 18, tmp_path / "streamed.onnx")
     assert len(reads) == len(set(reads))  # every tensor read once
     assert any(name.endswith("q_proj.weight") for name in reads)

@@ -13,61 +13,19 @@ tensor alone. Other sources (a GGUF file, which transformers dequantizes as a wh
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from sqz_export.weights import SafetensorsWeights
+
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 
-
-class SafetensorsSource:
-    """Tensors of a model folder's safetensors files, by state-dict name, each read on demand.
-
-    Args:
-        files: tensor name -> file holding it.
-    """
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
-
-    @classmethod
-    def open(cls, folder: Path) -> SafetensorsSource | None:
-        """The folder's tensors (from ``model.safetensors.index.json`` or every ``*.safetensors``), or
-        None when the folder holds no safetensors file."""
-        from safetensors import safe_open
-
-        index = folder / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return cls({name: folder / file for name, file in weight_map.items()})
-        files: dict[str, Path] = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as handle:
-                files.update(dict.fromkeys(handle.keys(), path))
-        return cls(files) if files else None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``name`` in ``dtype``, copied out of its file (which is unmapped again on return)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as handle:
-            tensor = handle.get_tensor(name)
-        return tensor.to(dtype) if tensor.dtype != dtype else tensor.clone()
-
-
-def open_source(source: str) -> SafetensorsSource | None:
+def open_source(source: str) -> SafetensorsWeights | None:
     """The streamed weights of ``source`` when it is a local folder of safetensors files, else None."""
-    path = Path(source)
-    if not path.is_dir():
-        return None
-    return SafetensorsSource.open(path)
+    return SafetensorsWeights.open(Path(source))
 
 
 class LinearWeights:
@@ -77,7 +35,7 @@ class LinearWeights:
     kept until the next module is asked for; no other is held.
     """
 
-    def __init__(self, source: SafetensorsSource, dtype: torch.dtype, modules: set[str]) -> None:
+    def __init__(self, source: SafetensorsWeights, dtype: torch.dtype, modules: set[str]) -> None:
         self.source = source
         self.dtype = dtype
         self.modules = modules
