@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         reusable_cache(args.stats, statistics_key(files.source, calibration, autocast), STATISTICS_KEY_FIELD, "--stats", overwrite=args.overwrite_cache)
     blocked = open_blocked_model(files, options.device)
     timings["load_model"] = time.perf_counter() - start
-    shapes = {name: tuple(layer.weight.shape) for index in range(blocked.num_blocks) for name, layer in blocked.block_linears(index).items()}
-    check_linears({name: layer for index in range(blocked.num_blocks) for name, layer in blocked.block_linears(index).items()})
+    linears = {name: layer for index in range(blocked.num_blocks) for name, layer in blocked.block_linears(index).items()}
+    check_linears(linears)
+    shapes = {name: tuple(layer.weight.shape) for name, layer in linears.items()}
     total = sum(n * k for n, k in shapes.values())
     logger.info("%d linear layers to quantize (%.1fM weights) in %d blocks", len(shapes), total / 1e6, blocked.num_blocks)
 

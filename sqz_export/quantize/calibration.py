@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -353,7 +353,7 @@ def stream_statistics(
         # Inputs of block 0: the model's own embedding and position code, stopped at the first block.
         embedding = model.get_input_embeddings()
         head_only = [m for m in outside if m is not embedding]
-        for module in [m for m in outside if m is not model.get_output_embeddings() or m is embedding]:
+        for module in [m for m in outside if m is not model.get_output_embeddings()]:  # the head waits for the loss step
             blocked.load(module)
         capture = _Capture()
         hidden: dict[int, torch.Tensor] = {}
@@ -484,9 +484,14 @@ def collect_statistics(
     settings = settings or StreamSettings(autocast_dtype=autocast_dtype, progress=progress)
     if layers is not None and not layers:
         raise UserError("no layers to collect calibration statistics for")
+    return _gathered(stream_statistics(blocked, windows, request, settings), request, layers)
+
+
+def _gathered(blocks: Iterable[tuple[int, CalibrationStats]], request: StatisticsRequest, layers: Mapping[str, nn.Linear] | None) -> CalibrationStats:
+    """The blocks' statistics in one CalibrationStats, only ``layers``' (default all)."""
     wanted = set(layers) if layers is not None else None
     stats = CalibrationStats()
-    for _, block_stats in stream_statistics(blocked, windows, request, settings):
+    for _, block_stats in blocks:
         for statistic in request.names():
             stats.get(statistic).update({name: t for name, t in block_stats.get(statistic).items() if wanted is None or name in wanted})
     return stats
@@ -534,14 +539,10 @@ def load_or_collect_statistics(
     import tempfile
 
     blocked = model if isinstance(model, BlockedModel) else blocked_from_model(model, next(model.parameters()).device)
-    wanted = set(layers) if layers is not None else None
-    stats = CalibrationStats()
     settings = StreamSettings(autocast_dtype=autocast_dtype, progress=progress)
     with tempfile.TemporaryDirectory(prefix="sqz-stats-") as spill:
         blocks = BlockStatistics(blocked, calibration, request, settings, cache=cache, source=source, overwrite=overwrite, spill_folder=Path(spill))
-        for _, block_stats in blocks:
-            for statistic in request.names():
-                stats.get(statistic).update({name: t for name, t in block_stats.get(statistic).items() if wanted is None or name in wanted})
+        stats = _gathered(blocks, request, layers)
     return stats, blocks.computed
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -438,7 +438,7 @@ class ModelQuantizer:
             self._load[rank] += sum(shapes[name][0] * shapes[name][1] for name in names)
             if rank == self.group.rank:
                 batch = {name: items[name] for name in names}
-                futures.append(self._pool.submit(self._solve, batch, _subset_of(statistics, names)))
+                futures.append(self._submit(sum(weight.numel() for weight, _ in batch.values()), self._solve, batch, _subset_of(statistics, names)))
         self._pending.append((block, futures))
 
     def __enter__(self) -> ModelQuantizer:
@@ -471,7 +471,8 @@ class ModelQuantizer:
                     continue
                 matrices = self.store.take_refined(key)
                 self._drain(MAX_PENDING_BLOCKS - 1)
-                self._pending.append((key + FINAL_SUFFIX, [self._pool.submit(self._finalize, matrices, selection)] if matrices else []))
+                futures = [self._submit(sum(m.weight.numel() for m in matrices), self._finalize, matrices, selection)] if matrices else []
+                self._pending.append((key + FINAL_SUFFIX, futures))
             self._drain(0)
         timings = {key: value for key, value in self.timings.items() if value > 0 or key in ("sparse_split", "pack")}
         timings["quantize_wall"] = time.perf_counter() - self._started
@@ -507,50 +508,48 @@ class ModelQuantizer:
                 self.store.put_packed(block.removesuffix(FINAL_SUFFIX), merged)
             self._bar.update()
 
+    def _submit(self, weights: int, job: Callable[..., _BatchResult], *args: object) -> concurrent.futures.Future:
+        """Queues ``job`` in the pool; it starts once its ``weights`` fit the budget (:class:`_WeightBudget`)."""
+
+        def held() -> _BatchResult:
+            with self._budget.hold(weights):
+                return job(*args)
+
+        return self._pool.submit(held)
+
     def _solve(self, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> _BatchResult:
         """One start batch: split, start (k-means/RTN/GPTQ), and for lnq the refinement jobs and sparse candidates."""
-        with self._budget.hold(sum(weight.numel() for weight, _ in items.values())):
-            return self._solve_held(items, statistics)
-
-    def _solve_held(self, items: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], statistics: CalibrationStats) -> _BatchResult:
         options, result = self.options, _BatchResult()
         clock = time.perf_counter()
         batch = [_prepare(name, weight, statistics, bias, options) for name, (weight, bias) in items.items()]
         clock = result.timed("sparse_split", clock)
         _start(batch, options)
         clock = result.timed("gptq" if options.method == "gptq" else "kmeans", clock)
-        if not self.lnq:
-            result.packed = {m.name: _pack(m, options) for m in batch}
-            result.timed("pack", clock)
-            return result
-        shapes = {m.name: tuple(m.weight.shape) for m in batch}
-        by_name = {m.name: m for m in batch}
-        candidates: list[tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]] = []
-        for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
-            job = [by_name[name] for name in names]
-            history, *solution = _refine(job, options.lnq_iterations)
-            result.objective[",".join(names)] = history
-            clock = result.timed("lnq", clock)
-            if self.global_sparse:
-                candidates.append(_top_gains(job, *solution, self.budget))
-                clock = result.timed("sparse_select", clock)
-        if self.global_sparse:
-            for m in batch:
-                m.fisher = None  # the start's sample weights: not needed any more
-            result.refined = batch
-            values = torch.cat([c[0] for c in candidates]) if candidates else torch.empty(0)
-            result.candidates = (values, [position for c in candidates for position in c[1]])
-        else:
-            result.packed = {m.name: _pack(m, options) for m in batch}
-            result.timed("pack", clock)
+        if self.lnq:
+            shapes = {m.name: tuple(m.weight.shape) for m in batch}
+            by_name = {m.name: m for m in batch}
+            candidates: list[tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]] = []
+            for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
+                job = [by_name[name] for name in names]
+                history, *solution = _refine(job, options.lnq_iterations)
+                result.objective[",".join(names)] = history
+                clock = result.timed("lnq", clock)
+                if self.global_sparse:
+                    candidates.append(_top_gains(job, *solution, self.budget))
+                    clock = result.timed("sparse_select", clock)
+            if self.global_sparse:  # packed by _finalize, once the model's exact positions are known
+                for m in batch:
+                    m.fisher = None  # the start's sample weights: not needed any more
+                result.refined = batch
+                values = torch.cat([c[0] for c in candidates]) if candidates else torch.empty(0)
+                result.candidates = (values, [position for c in candidates for position in c[1]])
+                return result
+        result.packed = {m.name: _pack(m, options) for m in batch}
+        result.timed("pack", clock)
         return result
 
     def _finalize(self, matrices: list[_Matrix], selection: dict[str, torch.Tensor]) -> _BatchResult:
         """One more LNQ round on the model-wide exact positions, then pack."""
-        with self._budget.hold(sum(m.weight.numel() for m in matrices)):
-            return self._finalize_held(matrices, selection)
-
-    def _finalize_held(self, matrices: list[_Matrix], selection: dict[str, torch.Tensor]) -> _BatchResult:
         result = _BatchResult()
         clock = time.perf_counter()
         for m in matrices:
