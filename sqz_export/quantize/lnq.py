@@ -214,29 +214,7 @@ def damp_hessians(hessians: torch.Tensor, damp: float) -> torch.Tensor:
     return out
 
 
-def permuted(stack: RowStack, order: torch.Tensor) -> RowStack:
-    """The stack with its columns (inputs) in ``order``: the same problem, visited in another order."""
-    return RowStack(
-        weight=stack.weight[:, order],
-        exact=None if stack.exact is None else stack.exact[:, order],
-        hessians=stack.hessians[:, order][:, :, order],
-        segments=stack.segments,
-    )
-
-
-def act_order_sweep(stack: RowStack, lut: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """``gptq_sweep`` visiting columns by decreasing summed Hessian diagonal (GPTQ's act-order).
-
-    Inputs with the largest curvature are rounded first, while every other column can still absorb
-    their error. One order serves the stack (the column loop is shared); indices come back in the
-    original column order, so the packed format is unchanged.
-    """
-    order = torch.argsort(torch.diagonal(stack.hessians, dim1=1, dim2=2).sum(dim=0), descending=True)
-    swept, _ = gptq_sweep(permuted(stack, order), lut, damp=damp)
-    return swept[:, torch.argsort(order)]
-
-
-def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations: int, *, act_order: bool = False, sweep_damp: float = 0.01, resweep: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """A GPTQ sweep, then ``iterations`` rounds of (LUT refit, coordinate descent), from a start.
 
     The GPTQ sweep (error feedback through each row's own Hessian, for the start's LUTs) moves all of a
@@ -251,20 +229,14 @@ def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations
     """
     current = objective(stack, lut, indices)
     history = [float(current.sum())]
-
-    def sweep(lut: torch.Tensor, indices: torch.Tensor, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        swept = act_order_sweep(stack, lut, sweep_damp) if act_order else gptq_sweep(stack, lut, damp=sweep_damp)[0]
-        after = objective(stack, lut, swept)
-        return torch.where((after < current)[:, None], swept, indices), torch.minimum(after, current)
-
-    indices, current = sweep(lut, indices, current)
+    swept, _ = gptq_sweep(stack, lut)
+    after = objective(stack, lut, swept)
+    indices = torch.where((after < current)[:, None], swept, indices)
+    current = torch.minimum(after, current)
     history.append(float(current.sum()))
     for _ in range(iterations):
         lut, indices, current = refit_luts(stack, lut, indices, current)
         history.append(float(current.sum()))
-        if resweep:
-            indices, current = sweep(lut, indices, current)
-            history.append(float(current.sum()))
         indices = coordinate_descent(stack, lut, indices)
         current = objective(stack, lut, indices)
         history.append(float(current.sum()))
