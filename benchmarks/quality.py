@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--hessian-groups", type=int, default=DEFAULT_HESSIAN_GROUPS)
     parser.add_argument("--lnq-iterations", type=int, default=DEFAULT_LNQ_ITERATIONS)
+    parser.add_argument("--hessian-damp", type=float, default=None, help="lnq: H + DAMP * diag(H) (default: the per-bits default)")
     parser.add_argument("--only", nargs="*", help="subset of configs, e.g. lnq-3-0.0045 (method-bits-sparsity)")
     parser.add_argument("--skip-fp", action="store_true", help="do not re-measure the FP model")
     parser.add_argument("--stats", type=Path, default=Path("runs/calibration_stats.safetensors"), help="statistics cache (reused when it matches)")
@@ -104,6 +105,7 @@ def main() -> None:
             sensitive_fraction=min(0.0005, sparsity),
             hessian_groups=args.hessian_groups,
             lnq_iterations=args.lnq_iterations,
+            hessian_damp=args.hessian_damp,
         )
         result = quantize_model(loaded.model, stats if method != "rtn" else None, options, layers=layers, progress=False)
         model = copy.deepcopy(loaded.model)

@@ -30,3 +30,11 @@ DEFAULT_HESSIAN_GROUPS = 1
 
 DEFAULT_LNQ_ITERATIONS = 2
 """Rounds of (LUT refit, index coordinate descent) from the SqueezeLLM start."""
+
+DEFAULT_HESSIAN_DAMP = {3: 0.1, 4: 0.1}
+"""lnq's Hessian damping per bit width: the objective uses H + damp * diag(H) (quantize.lnq.damp_hessians)."""
+
+
+def default_hessian_damp(bits: int) -> float:
+    """The measured default damping for ``bits`` (other widths take the 3-bit value)."""
+    return DEFAULT_HESSIAN_DAMP.get(bits, DEFAULT_HESSIAN_DAMP[3])

@@ -9,6 +9,7 @@ from sqz_export.quantize.kmeans import assign_indices, weighted_kmeans
 from sqz_export.quantize.lnq import (
     RowStack,
     coordinate_descent,
+    damp_hessians,
     exactness_gain,
     objective,
     refine,
@@ -126,3 +127,17 @@ def test_identity_hessian_reduces_to_plain_nearest_rounding() -> None:
     stack = RowStack(weight=weight, exact=None, hessians=torch.eye(33)[None], segments=[(0, 5)])
     start = torch.randint(0, 8, (5, 33), generator=gen)
     assert torch.equal(coordinate_descent(stack, lut, start), assign_indices(weight, lut))
+
+
+def test_damped_objective_adds_the_diagonal_weighted_error() -> None:
+    """f with H + a diag(H) is f plus a * sum_j H_jj e_j^2 (a shrinkage toward the diagonal objective)."""
+    stack, lut, indices = problem(density=0.05, seed=9)
+    original = stack.hessians.clone()
+    damped = RowStack(stack.weight, stack.exact, damp_hessians(stack.hessians, 0.1), stack.segments)
+    assert torch.equal(stack.hessians, original)  # the input is not modified
+    assert damp_hessians(stack.hessians, 0.0) is stack.hessians
+    e = stack.weight - torch.gather(lut, 1, indices)
+    e = e.masked_fill(stack.exact, 0.0).double()
+    diagonal = torch.diagonal(original, dim1=1, dim2=2)[stack.group_index()].double()
+    expected = objective(stack, lut, indices) + 0.1 * (diagonal * e * e).sum(dim=1)
+    torch.testing.assert_close(objective(damped, lut, indices), expected, rtol=1e-5, atol=0.0)

@@ -12,7 +12,7 @@ from sqz_export.errors import UserError
 from sqz_export.models import quantizable_linears
 from sqz_export.quantize import QuantizeOptions, quantize_model, quantize_weight
 from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, collect_statistics, row_groups
-from sqz_export.quantize.lnq import RowStack, objective
+from sqz_export.quantize.lnq import RowStack, damp_hessians, objective
 from sqz_export.runtime import replace_linears
 
 # Relative L2 error bounds of the logits of a 2-layer model with random weights. Uniform b-bit
@@ -96,14 +96,14 @@ def test_parallel_workers_and_reruns_give_identical_results(calibrated, method: 
                 assert torch.equal(runs[0].packed[name].sparse.val, other.packed[name].sparse.val)
 
 
-def layer_objective(stats: CalibrationStats, name: str, weight: torch.Tensor, packed, groups: int) -> torch.Tensor:  # noqa: ANN001
-    """Per-row LNQ objective of a packed layer (exact positions carry no error)."""
+def layer_objective(stats: CalibrationStats, name: str, weight: torch.Tensor, packed, groups: int, damp: float) -> torch.Tensor:  # noqa: ANN001
+    """Per-row LNQ objective (Hessians damped as lnq damps them) of a packed layer (exact positions carry no error)."""
     exact = None
     if packed.sparse is not None:  # positions from the CSR structure: a stored residual may be 0
         exact = torch.zeros_like(weight, dtype=torch.bool)
         rows = torch.repeat_interleave(torch.arange(packed.out_features), packed.sparse.row_ptr.diff().long())
         exact[rows, packed.sparse.col.long()] = True
-    stack = RowStack(weight.detach().float(), exact, stats.guided[name], row_groups(weight.shape[0], groups))
+    stack = RowStack(weight.detach().float(), exact, damp_hessians(stats.guided[name], damp), row_groups(weight.shape[0], groups))
     return objective(stack, packed.lut.float(), packed.indices().long())
 
 
@@ -114,11 +114,13 @@ def test_lnq_is_never_worse_than_its_squeezellm_start(calibrated, sparsity: floa
     layers = quantizable_linears(model)
     common = {"bits": 3, "sparsity": sparsity, "sensitive_fraction": min(0.0005, sparsity), "hessian_groups": 2}
     start = quantize_model(model, stats, QuantizeOptions(method="squeezellm", **common), layers, progress=False)
-    refined = quantize_model(model, stats, QuantizeOptions(method="lnq", sparse_selection="paper", **common), layers, progress=False)
+    options = QuantizeOptions(method="lnq", sparse_selection="paper", **common)
+    assert options.damp > 0  # the default: the guarantee is about the damped objective lnq minimizes
+    refined = quantize_model(model, stats, options, layers, progress=False)
     total_start = total_refined = 0.0
     for name, layer in layers.items():
-        before = layer_objective(stats, name, layer.weight, start.packed[name], 2)
-        after = layer_objective(stats, name, layer.weight, refined.packed[name], 2)
+        before = layer_objective(stats, name, layer.weight, start.packed[name], 2, options.damp)
+        after = layer_objective(stats, name, layer.weight, refined.packed[name], 2, options.damp)
         assert bool((after <= before * (1 + 1e-5) + 1e-12).all()), name
         total_start, total_refined = total_start + float(before.sum()), total_refined + float(after.sum())
     assert total_refined < 0.9 * total_start
@@ -166,6 +168,8 @@ def test_rtn_lut_is_gptqs_asymmetric_grid_of_each_row() -> None:
         ({"method": "awq"}, "method 'awq'"),
         ({"hessian_groups": 0}, "hessian_groups"),
         ({"lnq_iterations": -1}, "lnq_iterations"),
+        ({"hessian_damp": -0.1}, "hessian_damp"),
+        ({"hessian_damp": float("nan")}, "hessian_damp"),
         ({"sparse_selection": "random"}, "sparse_selection 'random'"),
         ({"method": "squeezellm", "sparse_selection": "objective"}, "needs the LNQ objective"),
         ({"bits": 5}, "bits=5"),

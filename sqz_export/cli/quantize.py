@@ -18,7 +18,7 @@ from sqz_export.cli.common import (
     print_table,
     write_json,
 )
-from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
+from sqz_export.defaults import DEFAULT_HESSIAN_DAMP, DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 
 DEFAULT_SENSITIVE_FRACTION = 0.0005
 
@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--hessian-groups", type=positive_int, default=DEFAULT_HESSIAN_GROUPS, help=f"lnq: output-row groups per layer sharing one gradient-weighted Hessian (GuidedQuant's g; default: {DEFAULT_HESSIAN_GROUPS})")
     parser.add_argument("--lnq-iterations", type=int, default=DEFAULT_LNQ_ITERATIONS, help=f"lnq: rounds of LUT refit + index coordinate descent after a GPTQ sweep (default: {DEFAULT_LNQ_ITERATIONS})")
+    damps = ", ".join(f"{damp} at {bits} bits" for bits, damp in DEFAULT_HESSIAN_DAMP.items())
+    parser.add_argument("--hessian-damp", type=float, default=None, help=f"lnq: the objective uses H + DAMP * diag(H), which keeps it from fitting the noise of a small calibration set (default: {damps})")
     add_dataset_argument(parser)
     parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows for the statistics (default: 32)")
     parser.add_argument("--stats", "--fisher", dest="stats", type=Path, metavar="FILE", help="calibration statistics cache (.safetensors): reused when it matches the model and calibration (statistics it lacks are added), written when absent; a cache made for other settings is refused")
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         device=device_for(group, args.device),
         hessian_groups=args.hessian_groups,
         lnq_iterations=args.lnq_iterations,
+        hessian_damp=args.hessian_damp,
         sparse_selection=args.sparse_selection,
     )
     options.validate()

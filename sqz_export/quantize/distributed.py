@@ -3,12 +3,13 @@
 ``torchrun --nproc-per-node N sqz-export quantize ...`` starts N copies; each takes a contiguous
 share of the calibration windows, the per-block statistics are summed with ``all_reduce`` (so every
 rank holds the same, final statistics of a block), the block's quantization batches are dealt out
-round-robin, and rank 0 gathers the packed layers and writes the checkpoint. gloo serves CPUs, NCCL
-CUDA devices; torchrun's rendezvous options (``--nnodes``, ``--rdzv-endpoint``) span machines.
+to the ranks with the least work so far, and rank 0 gathers the packed layers and writes the
+checkpoint. gloo serves CPUs, NCCL CUDA devices; torchrun's rendezvous options (``--nnodes``,
+``--rdzv-endpoint``) span machines.
 
 Summation order is the only difference from one process: a rank's windows are summed in order, then
 the ranks' partial sums are added by ``all_reduce``, so statistics can differ from a one-process run
-in the last bits of fp32 (tests/test_distributed.py shows by how much, and that the checkpoint's
+in the last bits of fp32 (tests/test_streaming.py shows by how much, and that the checkpoint's
 indices and LUTs agree).
 """
 
@@ -40,10 +41,6 @@ class Group:
         """This rank's contiguous share of ``count`` calibration windows (sizes differ by at most one)."""
         start = self.rank * count // self.world
         return range(start, (self.rank + 1) * count // self.world)
-
-    def owns(self, batch_index: int) -> bool:
-        """Batches of a block are dealt round-robin, so each rank quantizes about 1/world of them."""
-        return batch_index % self.world == self.rank
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """In-place sum over ranks (one collective per tensor, in list order on every rank)."""
@@ -110,8 +107,12 @@ def device_for(group: Group, device: str) -> str:
 
 
 def shutdown(group: Group) -> None:
+    """Leaves the group together: every rank waits at a barrier (the others for rank 0's checkpoint
+    write), then destroys it. A rank that destroyed gloo's group while rank 0 still used it was seen to
+    abort at exit ("terminate called without an active exception", exit -6) in the two-process test."""
     if group.world > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

@@ -198,6 +198,22 @@ def nearest_at_exact(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) 
     return torch.where(stack.exact, assign_indices(stack.weight, lut), indices)
 
 
+def damp_hessians(hessians: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * diag(H)`` for every Hessian [P, K, K]: shrinks the off-diagonal part toward 0.
+
+    H_g is estimated from a few thousand tokens whose weights s_g are heavy-tailed, so its
+    off-diagonal part is noisy, and minimizing the raw objective harder fits that noise (on SmolLM2,
+    5 rounds at 3 bits gave a lower objective but worse perplexity than 2). Raising the diagonal (the
+    well-estimated, Fisher-like part) by a fraction of itself is a shrinkage toward SqueezeLLM's
+    diagonal objective; ``damp = 0`` is the raw objective. The input is not modified.
+    """
+    if damp <= 0:
+        return hessians
+    out = hessians.clone()
+    torch.diagonal(out, dim1=1, dim2=2).mul_(1.0 + damp)
+    return out
+
+
 def refine(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """A GPTQ sweep, then ``iterations`` rounds of (LUT refit, coordinate descent), from a start.
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, METHODS
+from sqz_export.defaults import DEFAULT_HESSIAN_GROUPS, DEFAULT_LNQ_ITERATIONS, DEFAULT_METHOD, METHODS, default_hessian_damp
 from sqz_export.errors import UserError
 from sqz_export.formats import DEFAULT_CHUNK_NNZ, SUPPORTED_BITS, PackedLinear, pack_indices
 from sqz_export.progress import Progress
@@ -35,7 +35,7 @@ from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest,
 from sqz_export.quantize.distributed import SINGLE, Group
 from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
-from sqz_export.quantize.lnq import RowStack, exactness_gain, refine
+from sqz_export.quantize.lnq import RowStack, damp_hessians, exactness_gain, refine
 from sqz_export.quantize.rtn import rtn_codebook
 from sqz_export.quantize.sparse import build_sparse_part, select_sparse
 
@@ -76,8 +76,16 @@ class QuantizeOptions:
     """lnq: groups of output rows sharing one gradient-weighted Hessian (GuidedQuant's g)."""
     lnq_iterations: int = DEFAULT_LNQ_ITERATIONS
     """lnq: rounds of (LUT refit, index coordinate descent) from the SqueezeLLM start."""
+    hessian_damp: float | None = None
+    """lnq: the objective uses H + hessian_damp * diag(H) (lnq.damp_hessians); None = the default for
+    ``bits`` (defaults.default_hessian_damp)."""
     sparse_selection: str | None = None
     """How exact positions are chosen; None = the method's own: objective for lnq, paper otherwise."""
+
+    @property
+    def damp(self) -> float:
+        """The Hessian damping lnq uses: the explicit one, else the measured default for these bits."""
+        return default_hessian_damp(self.bits) if self.hessian_damp is None else self.hessian_damp
 
     @property
     def selection(self) -> str:
@@ -97,7 +105,7 @@ class QuantizeOptions:
         if self.method in ("lnq", "squeezellm"):
             settings.update(kmeans_max_iter=self.kmeans_max_iter, kmeans_n_init=self.kmeans_n_init, seed=self.seed)
         if self.method == "lnq":
-            settings.update(hessian_groups=self.hessian_groups, lnq_iterations=self.lnq_iterations)
+            settings.update(hessian_groups=self.hessian_groups, lnq_iterations=self.lnq_iterations, hessian_damp=self.damp)
         if self.method == "gptq":
             settings.update(block=GPTQ_BLOCK, damp=GPTQ_DAMP)
         return settings
@@ -127,6 +135,8 @@ class QuantizeOptions:
             raise UserError(f"hessian_groups={self.hessian_groups} must be at least 1")
         if self.lnq_iterations < 0:
             raise UserError(f"lnq_iterations={self.lnq_iterations} must be >= 0")
+        if self.hessian_damp is not None and not (0.0 <= self.hessian_damp < float("inf")):
+            raise UserError(f"hessian_damp={self.hessian_damp} must be a finite number >= 0 (e.g. 0.03)")
         if self.sparse_selection is not None and self.sparse_selection not in SPARSE_SELECTIONS:
             raise UserError(f"sparse_selection {self.sparse_selection!r} is not supported; expected one of {', '.join(SPARSE_SELECTIONS)}")
         if self.selection == "objective" and self.method != "lnq":
@@ -229,8 +239,9 @@ def _start(matrices: list[_Matrix], options: QuantizeOptions) -> None:
         matrix.indices = indices.to(torch.uint8)
 
 
-def _stack(matrices: list[_Matrix]) -> tuple[RowStack, torch.Tensor, torch.Tensor]:
-    """The rows of matrices with equal in_features as one LNQ problem, with their LUTs and indices."""
+def _stack(matrices: list[_Matrix], damp: float) -> tuple[RowStack, torch.Tensor, torch.Tensor]:
+    """The rows of matrices with equal in_features as one LNQ problem (Hessians damped by ``damp``,
+    so the refinement and the exactness gains minimize the same objective), with LUTs and indices."""
     segments: list[tuple[int, int]] = []
     offset = 0
     for m in matrices:
@@ -240,20 +251,20 @@ def _stack(matrices: list[_Matrix]) -> tuple[RowStack, torch.Tensor, torch.Tenso
     stack = RowStack(
         weight=torch.cat([m.weight for m in matrices]),
         exact=torch.cat(masks) if any(m.mask is not None for m in matrices) else None,
-        hessians=torch.cat([m.hessian for m in matrices]),
+        hessians=damp_hessians(torch.cat([m.hessian for m in matrices]), damp),
         segments=segments,
     )
     return stack, torch.cat([m.lut for m in matrices]), torch.cat([m.indices for m in matrices]).to(torch.int64)
 
 
-def _refine(matrices: list[_Matrix], iterations: int) -> tuple[list[float], RowStack, torch.Tensor, torch.Tensor]:
+def _refine(matrices: list[_Matrix], iterations: int, damp: float) -> tuple[list[float], RowStack, torch.Tensor, torch.Tensor]:
     """LNQ rounds on the stacked rows; stores each matrix's new LUT and indices.
 
     Returns:
         (objective history, the stack with its refined LUTs and indices), so gains are scored on it
         without stacking the batch again.
     """
-    stack, lut, indices = _stack(matrices)
+    stack, lut, indices = _stack(matrices, damp)
     lut, indices, history = refine(stack, lut, indices, iterations)
     sizes = [m.weight.shape[0] for m in matrices]
     for m, part_lut, part_indices in zip(matrices, torch.split(lut, sizes), torch.split(indices, sizes)):
@@ -531,7 +542,7 @@ class ModelQuantizer:
             candidates: list[tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]] = []
             for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
                 job = [by_name[name] for name in names]
-                history, *solution = _refine(job, options.lnq_iterations)
+                history, *solution = _refine(job, options.lnq_iterations, options.damp)
                 result.objective[",".join(names)] = history
                 clock = result.timed("lnq", clock)
                 if self.global_sparse:
@@ -562,7 +573,7 @@ class ModelQuantizer:
         shapes = {m.name: tuple(m.weight.shape) for m in matrices}
         by_name = {m.name: m for m in matrices}
         for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
-            result.objective[",".join(names) + " (final positions)"] = _refine([by_name[name] for name in names], 1)[0]
+            result.objective[",".join(names) + " (final positions)"] = _refine([by_name[name] for name in names], 1, self.options.damp)[0]
         clock = result.timed("lnq", clock)
         result.packed = {m.name: _pack(m, self.options) for m in matrices}
         result.timed("pack", clock)
