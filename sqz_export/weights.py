@@ -178,15 +178,16 @@ class BlockedModel:
         block = self.blocks[index]
         return {f"{self.block_name(index)}.{name}": module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
 
-    def load(self, module: nn.Module) -> nn.Module:
-        """Reads ``module``'s parameters (fp32, on ``device``); a resident module is only moved."""
+    def load(self, module: nn.Module, dtype: torch.dtype = COMPUTE_DTYPE) -> nn.Module:
+        """Reads ``module``'s parameters (in ``dtype``, fp32 unless told, on ``device``); a resident
+        module is only moved."""
         if self.resident:
             return module.to(self.device)
         prefix = self._name_of(module)
         state = {}
         for name, param in module.named_parameters():
             key = self._source_key(f"{prefix}.{name}" if prefix else name)
-            tensor = self.source.get(key, COMPUTE_DTYPE)
+            tensor = self.source.get(key, dtype)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise UserError(f"{self.source_name}: tensor {key} has shape {tuple(tensor.shape)}, the model's config expects {tuple(param.shape)}")
             state[name] = tensor.to(self.device)

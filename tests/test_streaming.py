@@ -55,6 +55,27 @@ def test_streamed_statistics_equal_the_in_memory_model(tmp_path: Path, shards: b
             torch.testing.assert_close(streamed.get(statistic)[name], tensor, rtol=1e-5, atol=0.0)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_read_in_the_autocast_dtype_changes_no_statistic(tmp_path: Path, tied: bool) -> None:
+    """Under bf16 autocast the streamed pass reads the output embedding in bf16 (autocast casts an fp32
+    copy to the same values before each product): bit-identical to the resident fp32 model."""
+    model = make_tiny_model("llama", seed=3)
+    model.config.tie_word_embeddings = tied
+    model = type(model)(model.config).eval()
+    folder = tmp_path / "model"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    blocked = open_blocked_model(open_model(str(folder)))
+    streamed = collect_statistics(blocked, windows(), request=EVERYTHING, autocast_dtype=torch.bfloat16, progress=False)
+    from transformers import AutoModelForCausalLM
+
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    resident = collect_statistics(whole, windows(), quantizable_linears(whole), EVERYTHING, autocast_dtype=torch.bfloat16, progress=False)
+    for statistic in ("fisher", "guided", "xtx"):
+        for name, tensor in resident.get(statistic).items():
+            assert torch.equal(streamed.get(statistic)[name], tensor), (statistic, name)
+
+
 def test_block_inputs_spilled_to_disk_give_the_same_statistics(tmp_path: Path) -> None:
     folder = save_model(tmp_path / "model")
     blocked = open_blocked_model(open_model(str(folder)))
