@@ -11,6 +11,7 @@ from sqz_export.quantize.lnq import (
     coordinate_descent,
     damp_hessians,
     exactness_gain,
+    gptq_sweep,
     objective,
     refine,
     refit_luts,
@@ -141,3 +142,34 @@ def test_damped_objective_adds_the_diagonal_weighted_error() -> None:
     diagonal = torch.diagonal(original, dim1=1, dim2=2)[stack.group_index()].double()
     expected = objective(stack, lut, indices) + 0.1 * (diagonal * e * e).sum(dim=1)
     torch.testing.assert_close(objective(damped, lut, indices), expected, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_native_column_loops_give_the_torch_loops_bits(density: float, groups: int, bits: int) -> None:
+    """The C++ sweeps (lnq_ext.cpp, built by the setup step) compute what the torch loops do, bit for bit,
+    over several lazy blocks, a ragged last block and exact positions."""
+    from sqz_export.kernels.build import lnq_extension
+
+    lnq_extension()  # fails here, not silently in the quantizer, when the setup did not build it
+    stack, lut, indices = problem(rows=37, k=150, bits=bits, groups=groups, density=density, seed=11)
+    indices = (indices + torch.randint(0, 2, indices.shape, generator=torch.Generator().manual_seed(1))).clamp(max=2**bits - 1)
+    assert torch.equal(coordinate_descent(stack, lut, indices, native=True), coordinate_descent(stack, lut, indices, native=False))
+    for feedback in (False, True):
+        native = gptq_sweep(stack, lut, exact_takes_feedback=feedback, native=True)
+        reference = gptq_sweep(stack, lut, exact_takes_feedback=feedback, native=False)
+        assert torch.equal(native[0], reference[0]) and torch.equal(native[1], reference[1])
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05])
+def test_native_refit_solves_the_same_systems(density: float) -> None:
+    """The C++ normal equations sum H's rows per level (not a dense product with the one-hot): the
+    solved LUTs equal the torch ones to the systems' rounding, and their error against fp64 is smaller."""
+    stack, lut, indices = problem(rows=40, k=200, bits=3, groups=2, density=density, seed=12)
+    native = solve_luts(stack, lut, indices, native=True)
+    reference = solve_luts(stack, lut, indices, native=False)
+    exact64 = RowStack(stack.weight.double(), stack.exact, stack.hessians.double(), stack.segments)
+    truth = solve_luts(exact64, lut.double(), indices, native=False)  # the torch path in fp64
+    torch.testing.assert_close(native, reference, rtol=1e-3, atol=1e-5)  # LUT values are about 0.05
+    assert float((native.double() - truth).abs().max()) <= float((reference.double() - truth).abs().max()) * 1.01 + 1e-9

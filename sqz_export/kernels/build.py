@@ -1,12 +1,16 @@
-"""Builds of the SqzLinear torch extensions (torch.utils.cpp_extension) from plugins/kernels/.
+"""Builds of the torch extensions (torch.utils.cpp_extension): SqzLinear's from plugins/kernels/, and
+the quantizer's column loops.
 
-Two extensions, each from the same kernel sources the native libraries (the TensorRT plugin) and the
-C++ tests compile, so they all run one kernel source:
+Two SqzLinear extensions, each from the same kernel sources the native libraries (the TensorRT
+plugin) and the C++ tests compile, so they all run one kernel source:
 
 - the CPU kernel (:func:`cpu_extension`): built by ``scripts/setup.sh`` (``python -m
   sqz_export.kernels.build``) so CI and the README's commands have it; later loads come from torch's
   on-disk cache in well under a second;
 - the CUDA kernels (:func:`extension`): built on first use, only when a CUDA device is present.
+
+And the LNQ refinement's column loops (:func:`lnq_extension`, sqz_export/quantize/lnq_ext.cpp), also
+built by ``scripts/setup.sh``.
 
 Build errors propagate to the caller with the compiler's log, never a silent fallback.
 """
@@ -25,6 +29,8 @@ EXTENSION_NAME = "sqz_kernels_ext"
 """Module name of the compiled CUDA extension (also its folder under the torch extensions cache)."""
 CPU_EXTENSION_NAME = "sqz_cpu_kernels_ext"
 """Module name of the compiled CPU extension."""
+LNQ_EXTENSION_NAME = "sqz_lnq_ext"
+"""Module name of the compiled LNQ column loops."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PLUGINS_DIR = _PACKAGE_DIR.parents[1] / "plugins"
@@ -55,7 +61,7 @@ def include_dirs() -> list[Path]:
     return [PLUGINS_DIR / "common", PLUGINS_DIR / "kernels"]
 
 
-def build_extension(name: str, sources: list[Path], includes: list[Path]) -> ModuleType:
+def build_extension(name: str, sources: list[Path], includes: list[Path], extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """Builds (or loads from torch's cache) a C++ or CUDA extension from repository sources.
 
     Shared by the product's extension and the benchmarks' baseline kernels, so both are compiled
@@ -82,7 +88,7 @@ def build_extension(name: str, sources: list[Path], includes: list[Path]) -> Mod
         name=name,
         sources=[str(p) for p in sources],
         extra_include_paths=[str(p) for p in includes],
-        extra_cflags=["-O3", "-std=c++17", "-Wall", "-Wextra"],
+        extra_cflags=["-O3", "-std=c++17", "-Wall", "-Wextra", *extra_cflags],
         extra_cuda_cflags=["-O3", "-std=c++17"],
         verbose=logger.isEnabledFor(logging.DEBUG),
     )
@@ -108,11 +114,19 @@ def cpu_extension() -> ModuleType:
         ) from exc
 
 
+@functools.cache
+def lnq_extension() -> ModuleType:
+    """The LNQ column loops (built once, then loaded from torch's cache); errors as
+    :func:`build_extension`. Compiled without FMA contraction, so they give the torch loops' bits."""
+    return build_extension(LNQ_EXTENSION_NAME, [_PACKAGE_DIR.parent / "quantize" / "lnq_ext.cpp"], [], ("-ffp-contract=off",))
+
+
 def main() -> None:
-    """``python -m sqz_export.kernels.build``: builds the CPU extension and says where it is."""
+    """``python -m sqz_export.kernels.build``: builds the CPU extensions and says where they are."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = cpu_extension()
     print(f"sqz CPU kernel: {module.__file__} (best ISA on this CPU: {module.isa_name(module.best_isa())})")
+    print(f"LNQ column loops: {lnq_extension().__file__}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ their index is the nearest level (which keeps the stored fp16 residual small).
 ``exactness_gain`` is the decrease of f that making one entry exact buys, the score by which
 ``pipeline`` chooses the sparse positions of the whole model (SpQR's idea, applied to this objective).
 
+On CPUs the column loops of both sweeps and the refit's normal equations run in C++ (lnq_ext.cpp,
+built by the setup step): the sweeps give the torch loops' bits, the normal equations the same systems
+summed more accurately; other devices run the torch code.
+
 All functions take a *stack* of rows of several matrices with equal in_features: ``segments[p]`` is the
 [start, end) range of rows that share ``hessians[p]`` (one layer's row group), so one Python loop over
 columns serves many layers.
@@ -34,8 +38,13 @@ columns serves many layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+from types import ModuleType
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CD_BLOCK = 64
 """Columns per lazy block of the coordinate-descent sweep (inner updates touch [rows, CD_BLOCK])."""
@@ -89,37 +98,52 @@ def sort_lut(lut: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.gather(lut, 1, order), torch.gather(rank, 1, indices)
 
 
-def solve_luts(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _normal_equations(stack: RowStack, target: torch.Tensor, indices: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P^T H P [R, C, C], target^T H P [R, C]) in fp64, by dense products with the one-hot P in chunks.
+
+    The torch version of lnq_ext.cpp's ``normal_equations`` (which sums H's rows per level instead).
+    """
+    rows, k = stack.weight.shape
+    gram = torch.empty(rows, levels, levels, dtype=torch.float64, device=target.device)
+    rhs = torch.empty(rows, levels, dtype=torch.float64, device=target.device)
+    values = torch.arange(levels, device=target.device)
+    step = max(1, REFIT_CHUNK // (k * levels))
+    for p, (start, end) in enumerate(stack.segments):
+        for lo in range(start, end, step):
+            hi = min(end, lo + step)
+            n = hi - lo
+            onehot = (indices[lo:hi, :, None] == values).to(stack.hessians.dtype)  # P  [n, K, C]
+            if stack.exact is not None:
+                onehot.masked_fill_(stack.exact[lo:hi, :, None], 0.0)
+            h_onehot = torch.mm(stack.hessians[p], onehot.permute(1, 0, 2).reshape(k, n * levels)).reshape(k, n, levels).permute(1, 0, 2)
+            gram[lo:hi] = torch.bmm(onehot.transpose(1, 2), h_onehot)
+            rhs[lo:hi] = torch.bmm(target[lo:hi, None, :], h_onehot).squeeze(1)
+    return gram, rhs
+
+
+def solve_luts(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, native: bool = True) -> torch.Tensor:
     """The minimizer over each row's LUT of f for fixed indices, ``(P^T H P)^-1 P^T H w``; fp32 [R, C].
 
     A level that no free entry uses keeps its current value (its column of P is zero). The C x C
     systems are solved in fp64 with a tiny relative ridge, so inputs that never fire (zero rows of H)
-    do not make them singular.
+    do not make them singular. ``native``: the C++ normal equations on CPU (same systems, summed in
+    another order), as in :func:`coordinate_descent`.
     """
-    rows, k = stack.weight.shape
     c = lut.shape[1]
     target = stack.weight if stack.exact is None else stack.weight.masked_fill(stack.exact, 0.0)
-    solved = torch.empty_like(lut)
-    levels = torch.arange(c, device=lut.device)
-    for p, (start, end) in enumerate(stack.segments):
-        hessian = stack.hessians[p]
-        step = max(1, REFIT_CHUNK // (k * c))
-        for lo in range(start, end, step):
-            hi = min(end, lo + step)
-            n = hi - lo
-            onehot = (indices[lo:hi, :, None] == levels).to(torch.float32)  # P  [n, K, C]
-            if stack.exact is not None:
-                onehot.masked_fill_(stack.exact[lo:hi, :, None], 0.0)
-            h_onehot = torch.mm(hessian, onehot.permute(1, 0, 2).reshape(k, n * c)).reshape(k, n, c).permute(1, 0, 2)  # H P
-            gram = torch.bmm(onehot.transpose(1, 2), h_onehot).double()  # P^T H P  [n, C, C]
-            rhs = torch.bmm(target[lo:hi, None, :], h_onehot).squeeze(1).double()  # w^T H P  [n, C]
-            diag = torch.diagonal(gram, dim1=1, dim2=2)
-            empty = onehot.sum(dim=1) == 0  # [n, C]
-            scale = diag.clamp(min=0).mean(dim=1, keepdim=True).clamp(min=1e-30)
-            diag += RIDGE * scale + empty * scale
-            rhs = torch.where(empty, lut[lo:hi].double() * scale, rhs)
-            solved[lo:hi] = torch.linalg.solve(gram, rhs).float()
-    return solved
+    loops = _native_loops(stack, native)
+    if loops is not None:
+        exact = stack.exact.contiguous() if stack.exact is not None else None
+        gram, rhs = loops.normal_equations(target.contiguous(), indices.contiguous(), exact, stack.hessians.contiguous(), stack.group_index(), c)
+    else:
+        gram, rhs = _normal_equations(stack, target, indices, c)
+    free = torch.ones_like(indices) if stack.exact is None else (~stack.exact).long()
+    empty = torch.zeros(indices.shape[0], c, dtype=torch.int64, device=indices.device).scatter_add_(1, indices, free) == 0  # [R, C]: levels no free entry uses
+    diag = torch.diagonal(gram, dim1=1, dim2=2)
+    scale = diag.clamp(min=0).mean(dim=1, keepdim=True).clamp(min=1e-30)
+    diag += RIDGE * scale + empty * scale
+    rhs = torch.where(empty, lut.double() * scale, rhs)
+    return torch.linalg.solve(gram, rhs).float()
 
 
 def refit_luts(
@@ -146,42 +170,83 @@ def refit_luts(
     return torch.where(better[:, None], new, lut), torch.where(better[:, None], renumbered, indices), torch.minimum(after, current)
 
 
-def coordinate_descent(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, block: int = CD_BLOCK) -> torch.Tensor:
+@functools.cache
+def load_native_loops() -> ModuleType | None:
+    """The compiled column loops, loaded once (a warning and None when they cannot be built)."""
+    try:
+        from sqz_export.kernels.build import lnq_extension
+
+        return lnq_extension()
+    except (OSError, RuntimeError) as exc:
+        logger.warning(
+            "the LNQ column loops (C++) could not be built or loaded, so the torch loops run instead: the same "
+            "results, several times slower. scripts/setup.sh builds them (python -m sqz_export.kernels.build). %s",
+            exc,
+        )
+        return None
+
+
+def _native_loops(stack: RowStack, native: bool) -> ModuleType | None:
+    """The C++ column loops (sqz_export/quantize/lnq_ext.cpp) for a CPU stack, else None (torch loops).
+
+    They give the torch loops' bits (same fp32 operations per element, no FMA contraction): on CPUs
+    the torch loops cost about a dozen small ops per column, which made them the largest part of an
+    lnq run's time. Other devices run the torch loops, whose ops are large there.
+    """
+    return load_native_loops() if native and stack.weight.device.type == "cpu" else None
+
+
+def _coordinate_descent_block(
+    weight: torch.Tensor, lut: torch.Tensor, e: torch.Tensor, r_block: torch.Tensor, indices: torch.Tensor,
+    exact: torch.Tensor | None, hessians: torch.Tensor, group: torch.Tensor, b0: int, b1: int,
+) -> None:
+    """Coordinate descent over columns [b0, b1): updates e, indices and r_block (r's block part) in place.
+
+    The torch version of lnq_ext.cpp's ``coordinate_descent_block`` (same arguments, same bits).
+    """
+    h_rows = hessians[:, b0:b1, b0:b1]  # [P, B, B]
+    for j in range(b0, b1):
+        jj = j - b0
+        d = (weight[:, j, None] - lut) - e[:, j, None]  # [R, C], change of e_j per level
+        gain = d * (2.0 * r_block[:, jj, None] + hessians[group, j, j][:, None] * d)
+        best = gain.argmin(dim=1)
+        delta = torch.gather(d, 1, best[:, None]).squeeze(1)
+        if exact is not None:
+            keep = ~exact[:, j]
+            delta = delta * keep
+            best = torch.where(keep, best, indices[:, j])
+        indices[:, j] = best
+        e[:, j] += delta
+        r_block[:, jj:] += delta[:, None] * h_rows[group, jj, jj:]
+
+
+def coordinate_descent(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, block: int = CD_BLOCK, native: bool = True) -> torch.Tensor:
     """One sweep over the columns: each free entry takes the level that lowers its row's f most.
 
     Args:
         stack: rows, exact positions and Hessians.
         lut: fp32 [R, C], fixed during the sweep.
         indices: int64 [R, K], the starting indices (not modified).
+        block: columns per lazy block.
+        native: use the C++ loops on CPU when they load (False: the torch loops, for tests).
 
     Returns:
         int64 [R, K], indices whose objective is at most the starting one in every row.
     """
-    rows, k = stack.weight.shape
+    k = stack.weight.shape[1]
     indices = indices.clone()
     e = errors(stack, lut, indices)
     r = _times_hessian(stack, e)
     group = stack.group_index()
-    diag = torch.diagonal(stack.hessians, dim1=1, dim2=2)[group]  # [R, K]
-    free = None if stack.exact is None else ~stack.exact
+    loops = _native_loops(stack, native)
+    sweep = loops.coordinate_descent_block if loops is not None else _coordinate_descent_block
+    weight, lut, hessians = stack.weight.contiguous(), lut.contiguous(), stack.hessians.contiguous()
+    exact = stack.exact.contiguous() if stack.exact is not None else None
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
         e_before = e[:, b0:b1].clone()
         r_block = r[:, b0:b1].clone()  # kept current inside the block
-        h_rows = stack.hessians[:, b0:b1, b0:b1]  # [P, B, B]
-        for j in range(b0, b1):
-            jj = j - b0
-            d = (stack.weight[:, j, None] - lut) - e[:, j, None]  # [R, C], change of e_j per level
-            gain = d * (2.0 * r_block[:, jj, None] + diag[:, j, None] * d)
-            best = gain.argmin(dim=1)
-            delta = torch.gather(d, 1, best[:, None]).squeeze(1)
-            if free is not None:
-                keep = free[:, j]
-                delta = delta * keep
-                best = torch.where(keep, best, indices[:, j])
-            indices[:, j] = best
-            e[:, j] += delta
-            r_block[:, jj:] += delta[:, None] * h_rows[group, jj, jj:]
+        sweep(weight, lut, e, r_block, indices, exact, hessians, group, b0, b1)
         if b1 < k:
             change = e[:, b0:b1] - e_before
             for p, (start, end) in enumerate(stack.segments):
@@ -258,8 +323,36 @@ def exactness_gain(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor) ->
     return 2.0 * d * r + sign * diag * d * d
 
 
+def _gptq_block(
+    weight: torch.Tensor, lut: torch.Tensor, w: torch.Tensor, indices: torch.Tensor, exact: torch.Tensor | None,
+    chol: torch.Tensor, group: torch.Tensor, b0: int, b1: int, exact_takes_feedback: bool,
+) -> torch.Tensor:
+    """GPTQ's sweep over columns [b0, b1) of the fed-back weights ``w`` (updated in place; the block ends
+    as the reconstruction), writing the block's indices; returns its scaled errors [R, b1 - b0].
+
+    The torch version of lnq_ext.cpp's ``gptq_block`` (same arguments, same bits).
+    """
+    w_block = w[:, b0:b1].clone()
+    err_block = torch.zeros_like(w_block)
+    c_block = chol[:, b0:b1, b0:b1]
+    for jj in range(b1 - b0):
+        j = b0 + jj
+        column = w_block[:, jj].clone()
+        index = (column[:, None] - lut).abs().argmin(dim=1)
+        quantized = torch.gather(lut, 1, index[:, None]).squeeze(1)
+        if exact is not None:
+            quantized = torch.where(exact[:, j], column if exact_takes_feedback else weight[:, j], quantized)
+        indices[:, j] = index
+        err = (column - quantized) / chol[group, j, j]
+        w_block[:, jj:] -= err[:, None] * c_block[group, jj, jj:]
+        w_block[:, jj] = quantized
+        err_block[:, jj] = err
+    w[:, b0:b1] = w_block
+    return err_block
+
+
 def gptq_sweep(
-    stack: RowStack, lut: torch.Tensor, damp: float = 0.01, block: int = CD_BLOCK, exact_takes_feedback: bool = False
+    stack: RowStack, lut: torch.Tensor, damp: float = 0.01, block: int = CD_BLOCK, exact_takes_feedback: bool = False, native: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices for fixed LUTs by GPTQ's error feedback on each row's own Hessian.
 
@@ -268,7 +361,7 @@ def gptq_sweep(
     ``exact_takes_feedback``, its fed-back value (GPTQ/SpQR: it absorbs the updates, stored exactly).
     The error, scaled by the Cholesky factor of ``H^-1`` (damped by ``damp`` times the mean diagonal),
     is subtracted from the columns not yet visited, lazily per block of columns. The same factor serves
-    every row of a segment, as in GPTQ.
+    every row of a segment, as in GPTQ. ``native``: as in :func:`coordinate_descent`.
 
     Returns:
         (indices int64 [R, K], values fp32 [R, K]): the reconstruction, LUT[idx] at free entries and
@@ -286,25 +379,13 @@ def gptq_sweep(
     group = stack.group_index()
     w = stack.weight.clone()
     indices = torch.empty(rows, k, dtype=torch.int64, device=w.device)
-    diag = torch.diagonal(chol, dim1=1, dim2=2)[group]  # [R, K]
+    loops = _native_loops(stack, native)
+    sweep = loops.gptq_block if loops is not None else _gptq_block
+    weight, lut = stack.weight.contiguous(), lut.contiguous()
+    exact = stack.exact.contiguous() if stack.exact is not None else None
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
-        w_block = w[:, b0:b1].clone()
-        err_block = torch.zeros_like(w_block)
-        c_block = chol[:, b0:b1, b0:b1]
-        for jj in range(b1 - b0):
-            j = b0 + jj
-            column = w_block[:, jj].clone()
-            index = (column[:, None] - lut).abs().argmin(dim=1)
-            quantized = torch.gather(lut, 1, index[:, None]).squeeze(1)
-            if stack.exact is not None:
-                quantized = torch.where(stack.exact[:, j], column if exact_takes_feedback else stack.weight[:, j], quantized)
-            indices[:, j] = index
-            err = (column - quantized) / diag[:, j]
-            w_block[:, jj:] -= err[:, None] * c_block[group, jj, jj:]
-            w_block[:, jj] = quantized
-            err_block[:, jj] = err
-        w[:, b0:b1] = w_block
+        err_block = sweep(weight, lut, w, indices, exact, chol, group, b0, b1, exact_takes_feedback)
         for p, (start, end) in enumerate(stack.segments):
             w[start:end, b1:] -= err_block[start:end] @ chol[p, b0:b1, b1:]
     return indices, w

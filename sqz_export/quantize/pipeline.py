@@ -35,7 +35,7 @@ from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest,
 from sqz_export.quantize.distributed import SINGLE, Group
 from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
-from sqz_export.quantize.lnq import RowStack, damp_hessians, exactness_gain, refine
+from sqz_export.quantize.lnq import RowStack, damp_hessians, exactness_gain, load_native_loops, refine
 from sqz_export.quantize.rtn import rtn_codebook
 from sqz_export.quantize.sparse import build_sparse_part, select_sparse
 
@@ -426,6 +426,8 @@ class ModelQuantizer:
         self.finished: set[str] = set()
         """Blocks packed by an earlier, interrupted run (their final round is not repeated)."""
         self._load = [0] * group.world
+        if options.method in ("lnq", "gptq") and device.type == "cpu":
+            load_native_loops()  # once, here: workers loading it on first use would race
         # One torch thread per worker (torch's thread count is per thread): the caller's calibration pass
         # keeps its own intra-op threads while the workers run behind it.
         self._pool = concurrent.futures.ThreadPoolExecutor(
