@@ -482,9 +482,12 @@ class ModelQuantizer:
             for key in self.store.refined_keys():
                 if key in self.finished:
                     continue
+                # Calibration is over, so its memory is free: one block may wait while another finishes.
+                self._drain(MAX_PENDING_BLOCKS)
                 matrices = self.store.take_refined(key)
-                self._drain(MAX_PENDING_BLOCKS - 1)
-                futures = [self._submit(sum(m.weight.numel() for m in matrices), self._finalize, matrices, selection)] if matrices else []
+                by_name = {m.name: m for m in matrices}
+                jobs = [[by_name[name] for name in names] for names in _batches({m.name: tuple(m.weight.shape) for m in matrices}, REFINE_BATCH_WEIGHTS)]
+                futures = [self._submit(sum(m.weight.numel() for m in job), self._finalize, job, selection) for job in jobs]
                 self._pending.append((key + FINAL_SUFFIX, futures))
             self._drain(0)
         timings = {key: value for key, value in self.timings.items() if value > 0 or key in ("sparse_split", "pack")}
@@ -562,7 +565,7 @@ class ModelQuantizer:
         return result
 
     def _finalize(self, matrices: list[_Matrix], selection: dict[str, torch.Tensor]) -> _BatchResult:
-        """One more LNQ round on the model-wide exact positions, then pack."""
+        """One more LNQ round of one refine batch on the model-wide exact positions, then pack."""
         result = _BatchResult()
         clock = time.perf_counter()
         for m in matrices:
@@ -572,10 +575,7 @@ class ModelQuantizer:
                 mask = torch.zeros(m.weight.numel(), dtype=torch.bool, device=m.weight.device)
                 mask[flat.to(mask.device)] = True
                 m.mask = mask.view_as(m.weight)
-        shapes = {m.name: tuple(m.weight.shape) for m in matrices}
-        by_name = {m.name: m for m in matrices}
-        for names in _batches(shapes, REFINE_BATCH_WEIGHTS):
-            result.objective[",".join(names) + " (final positions)"] = _refine([by_name[name] for name in names], 1, self.options.damp)[0]
+        result.objective[",".join(m.name for m in matrices) + FINAL_SUFFIX] = _refine(matrices, 1, self.options.damp)[0]
         clock = result.timed("lnq", clock)
         result.packed = {m.name: _pack(m, self.options) for m in matrices}
         result.timed("pack", clock)
