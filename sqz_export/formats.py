@@ -72,6 +72,10 @@ def packed_words(in_features: int, bits: int) -> int:
     return math.ceil(in_features / GROUP_SIZE) * bits
 
 
+PACK_CHUNK_INDICES = 1 << 18
+"""Indices packed at once by :func:`pack_indices` (its working state is about 16 * bits bytes each)."""
+
+
 def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs per-row codebook indices into layout 1 (K-major).
 
@@ -90,16 +94,23 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= (1 << bits)):
         raise FormatError(f"indices out of range for {bits}-bit packing: min {int(idx.min())}, max {int(idx.max())}")
     groups = math.ceil(k / GROUP_SIZE)
-    padded = torch.zeros(groups * GROUP_SIZE, n, dtype=torch.int64)
-    padded[:k] = idx.t()
-    # bit stream: bit t of index j of a group sits at stream position j*bits + t.
+    out = torch.empty(groups * bits, n, dtype=torch.int32)
+    # Rows in chunks: the bit stream below takes 16 * bits bytes per index, 0.5 GB for one 3-bit
+    # LLaMA-7B MLP layer at once.
+    step = max(1, PACK_CHUNK_INDICES // max(1, groups * GROUP_SIZE))
     shifts = torch.arange(bits, dtype=torch.int64)
-    stream = (padded.view(groups, GROUP_SIZE, 1, n) >> shifts.view(1, 1, bits, 1)) & 1  # [G, 32, b, N]
-    stream = stream.reshape(groups, bits, 32, n)  # word w, bit s  <- stream position 32*w + s
     weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)).view(1, 1, 32, 1)
-    words = (stream * weights).sum(dim=2)  # [G, b, N], values < 2**32
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # reinterpret as int32
-    return words.reshape(groups * bits, n).to(torch.int32).contiguous()
+    for start in range(0, n, step):
+        rows = min(n, start + step) - start
+        padded = torch.zeros(groups * GROUP_SIZE, rows, dtype=torch.int64)
+        padded[:k] = idx[start : start + rows].t()
+        # bit stream: bit t of index j of a group sits at stream position j*bits + t.
+        stream = (padded.view(groups, GROUP_SIZE, 1, rows) >> shifts.view(1, 1, bits, 1)) & 1  # [G, 32, b, rows]
+        stream = stream.reshape(groups, bits, 32, rows)  # word w, bit s  <- stream position 32*w + s
+        words = (stream * weights).sum(dim=2)  # [G, b, rows], values < 2**32
+        words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # reinterpret as int32
+        out[:, start : start + rows] = words.reshape(groups * bits, rows)
+    return out
 
 
 def unpack_indices(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

@@ -127,3 +127,20 @@ def test_cuda_matches_cpu_objective() -> None:
     cpu = weighted_kmeans(weights, fisher, 3)
     gpu = weighted_kmeans(weights.cuda(), fisher.cuda(), 3)
     torch.testing.assert_close(gpu.objective.cpu().sum(), cpu.objective.sum(), rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_chunks_with_their_random_window_give_the_whole_call(bits: int) -> None:
+    """The quantizer clusters large matrices in row chunks (memory); each chunk gets the random starts its
+    rows get in one call on all rows, so chunking changes no centroid and no index."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 190, generator=gen) * 0.02
+    f = torch.rand(300, 190, generator=gen) ** 4
+    exclude = torch.rand(300, 190, generator=gen) < 0.01
+    whole = weighted_kmeans(w, f, bits, exclude=exclude, n_init=2, seed=3)
+    chunks = [
+        weighted_kmeans(w[a:b], f[a:b], bits, exclude=exclude[a:b], n_init=2, seed=3, random_window=(a, 300))
+        for a, b in [(0, 77), (77, 200), (200, 300)]
+    ]
+    assert torch.equal(whole.centroids, torch.cat([c.centroids for c in chunks]))
+    assert torch.equal(whole.indices, torch.cat([c.indices for c in chunks]))

@@ -123,11 +123,12 @@ def packed_tensors(path: Path) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("method", ["lnq", "squeezellm", "gptq", "rtn"])
-def test_cli_streams_and_equals_the_in_memory_api(setup: tuple[Path, Path], tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "overlap"), [("lnq", "--overlap"), ("lnq", "--no-overlap"), ("squeezellm", "--no-overlap"), ("gptq", "--overlap"), ("rtn", "--overlap")])
+def test_cli_streams_and_equals_the_in_memory_api(setup: tuple[Path, Path], tmp_path: Path, method: str, overlap: str) -> None:
+    """Streamed, with quantization behind the calibration pass or not, the CLI writes what the API computes."""
     model, data = setup
     out = tmp_path / "ck"
-    assert quantize_cli(model, out, data, "--method", method, "--fisher-dtype", "fp32", "--kmeans-starts", "0") == 0
+    assert quantize_cli(model, out, data, "--method", method, "--fisher-dtype", "fp32", "--kmeans-starts", "0", overlap) == 0
     assert not (tmp_path / ".ck.sqz-run").exists()  # the run folder goes once the checkpoint is in place
     # The same quantization through the in-memory API.
     from transformers import AutoModelForCausalLM

@@ -73,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run folder for finished blocks and scratch (default: .<output>.sqz-run beside the output; removed after success)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its --run-dir (same model, data and settings): finished blocks are not quantized again")
     parser.add_argument("--activation-memory", type=byte_size, default="1G", metavar="BYTES", help="block inputs of the calibration pass kept in memory, e.g. 512M or 4G; the rest go to --run-dir (default: 1G)")
+    parser.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize block i while the calibration pass computes block i-1 (default); --no-overlap quantizes each block before the pass goes on: one block's weights and statistics in memory instead of two, slower where the two would overlap",
+    )
     parser.add_argument("--eval-windows", type=int, default=0, help="after quantizing, report perplexity on this many windows from the end of --dataset (default: 0 = skip)")
     add_json_argument(parser)
     parser.set_defaults(func=run)
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sqz_export.atomic import check_replaceable, check_writable
     from sqz_export.caches import reusable_cache
+    from sqz_export.cli import trim_freed_memory
     from sqz_export.checkpoint import FORMAT_NAME, MANIFEST_FILE, QuantizationConfig, load_quantized_model, write_checkpoint
     from sqz_export.data import load_windows
     from sqz_export.evaluate import perplexity
@@ -132,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=(args.calib_windows, args.seq_len) if request is not None else None,
         evaluation=(args.eval_windows, args.seq_len) if args.eval_windows else None,
     )
+    trim_freed_memory()  # the tokenizer's many small allocations, freed
     calibration = windows.get("calibration")
     autocast = torch.bfloat16 if args.fisher_dtype == "bf16" else None
     if calibration is not None:
@@ -158,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     # Every rank must skip the same blocks (their collectives pair up): those finished on all ranks.
     parts = group.gather(run_folder.done_blocks())
     done: set[str] = group.broadcast(set.intersection(*parts) if parts is not None else None)
-    quantizer = ModelQuantizer(options, total, blocked.num_blocks, run_folder, group=group, progress=group.leader)
+    quantizer = ModelQuantizer(options, total, blocked.num_blocks, run_folder, group=group, progress=group.leader, overlap=args.overlap)
     quantizer.finished = group.broadcast(run_folder.packed_blocks() if group.leader else None)
     for candidates in run_folder.refined_candidates(done):
         quantizer.selected.add(*candidates)

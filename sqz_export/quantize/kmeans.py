@@ -214,14 +214,17 @@ class _SortedRows:
         cent.scatter_reduce_(1, torch.clamp(rank, max=num_clusters - 1), xs, reduce="amax")
         return torch.cummax(cent, dim=1).values, few  # unused slots repeat the largest value
 
-    def quantile_init(self, num_clusters: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Centroids [N, C] at weighted quantiles of each row: levels (j + 1/2) / C, or seeded random levels."""
+    def quantile_init(self, num_clusters: int, generator: torch.Generator | None = None, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """Centroids [N, C] at weighted quantiles of each row: levels (j + 1/2) / C, or seeded random levels
+        (``window``: the levels rows [offset, offset + N) of a ``total``-row draw get)."""
         rows = self.all_rows
         n = rows.shape[0]
         if generator is None:
             q = ((torch.arange(num_clusters, dtype=torch.float64) + 0.5) / num_clusters).expand(n, num_clusters)
         else:
-            q = torch.sort(torch.rand(n, num_clusters, dtype=torch.float64, generator=generator), dim=1).values
+            offset, total = window if window is not None else (0, n)
+            draw = torch.rand(total, num_clusters, dtype=torch.float64, generator=generator)[offset : offset + n]
+            q = torch.sort(draw, dim=1).values
         totals = self.p0.view(n, self.k + 1)[:, -1:]
         # first sorted position whose inclusive prefix weight reaches the level: count of p0[1..K] below it
         inclusive = self.p0.view(n, self.k + 1)[:, 1:].reshape(-1)
@@ -334,6 +337,7 @@ def weighted_kmeans(
     n_init: int = DEFAULT_N_INIT,
     max_jumps: int | None = None,
     seed: int = 0,
+    random_window: tuple[int, int] | None = None,
 ) -> KMeansResult:
     """Fisher-weighted k-means with ``2**bits`` centroids for every row of ``values``, all rows at once.
 
@@ -348,6 +352,10 @@ def weighted_kmeans(
         n_init: seeded random-quantile starts in addition to the weighted-quantile start.
         max_jumps: cap on merge-and-split rounds per start (default ``2 * 2**bits``; 0 = plain Lloyd).
         seed: seed of the random starts; equal inputs and seed give bit-identical results.
+        random_window: (offset, total): these rows are rows [offset, offset + N) of a call on ``total``
+            rows, and their random starts are the ones they would get there. Rows are clustered
+            independently, so a caller can cluster a large matrix in chunks (less memory) with the
+            results of one call.
 
     Returns:
         KMeansResult with fp32 ascending centroids [N, 2**bits], int64 indices [N, K] and the per-row
@@ -368,7 +376,7 @@ def weighted_kmeans(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     best_c, best_cost, iterations = None, None, 0
     for start in range(n_init + 1):
-        c = rows.quantile_init(num_clusters, generator if start else None)
+        c = rows.quantile_init(num_clusters, generator if start else None, random_window)
         iterations = max(iterations, rows.optimize(c, max_iter, 2 * num_clusters if max_jumps is None else max_jumps))
         cost = rows.total_cost(c)
         if best_c is None:

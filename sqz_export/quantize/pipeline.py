@@ -49,7 +49,11 @@ MAX_SPARSITY = 0.2
 MAX_CPU_WORKERS = 4
 """Batches quantized at once on CPU; each holds a few fp64 copies of its matrices, so memory caps this."""
 BATCH_WEIGHTS = 1 << 22
-"""Weights per k-means call when stacking layers (4M: a SmolLM2 block's q..up; ~130 MB of fp64 state)."""
+"""Weights per start batch when stacking layers (4M: a SmolLM2 block's q..up), and per group of rows
+that share one draw of k-means' random starts."""
+KMEANS_CHUNK_WEIGHTS = 1 << 20
+"""Weights k-means clusters at once (about 80 MB of working state at 1M): two 4M-weight jobs side by
+side held 0.6 GB of it on an 8-block LLaMA of hidden 2048, more than the block itself."""
 PHASES = ("sparse_split", "kmeans", "gptq", "lnq", "sparse_select", "pack")
 
 
@@ -211,18 +215,23 @@ def _start(matrices: list[_Matrix], options: QuantizeOptions) -> None:
         centroids = rtn_codebook(w, options.bits, mask)
     else:
         f = torch.cat([m.fisher for m in matrices])
-        # k-means holds several fp64 copies of its rows: a layer larger than a batch (LLaMA's MLP) is
-        # clustered in row chunks of at most a batch, so its memory follows the batch, not the layer.
-        rows = max(1, BATCH_WEIGHTS // w.shape[1])
+        # k-means holds about ten fp64/int64 copies of its rows, so rows are clustered KMEANS_CHUNK_WEIGHTS
+        # at a time. Random starts are drawn per batch-sized group of rows (a layer larger than a batch,
+        # LLaMA's MLP, has several), and each chunk gets its rows' draws: chunking changes no result.
+        group_rows = max(1, BATCH_WEIGHTS // w.shape[1])
+        chunk_rows = max(1, KMEANS_CHUNK_WEIGHTS // w.shape[1])
         parts, sanitized = [], 0
-        for start in range(0, w.shape[0], rows):
-            end = start + rows
-            result = weighted_kmeans(
-                w[start:end], f[start:end], options.bits, exclude=None if mask is None else mask[start:end],
-                max_iter=options.kmeans_max_iter, n_init=options.kmeans_n_init, seed=options.seed,
-            )
-            parts.append(result.centroids)
-            sanitized += result.sanitized
+        for group in range(0, w.shape[0], group_rows):
+            group_end = min(w.shape[0], group + group_rows)
+            for start in range(group, group_end, chunk_rows):
+                end = min(group_end, start + chunk_rows)
+                result = weighted_kmeans(
+                    w[start:end], f[start:end], options.bits, exclude=None if mask is None else mask[start:end],
+                    max_iter=options.kmeans_max_iter, n_init=options.kmeans_n_init, seed=options.seed,
+                    random_window=(start - group, group_end - group),
+                )
+                parts.append(result.centroids)
+                sanitized += result.sanitized
         if sanitized:
             names = ", ".join(m.name for m in matrices)
             logger.warning("%s: %d Fisher values were negative, NaN or infinite and were treated as 0", names, sanitized)
@@ -366,8 +375,9 @@ about this size (whole layers): a block's jobs then weigh about the same, which 
 ranks evenly busy (a SmolLM2 block: [q, k, v, o], gate, up, down, 0.9M weights each)."""
 FINAL_SUFFIX = " (final positions)"
 MAX_PENDING_BLOCKS = 1
-"""Blocks whose quantization may run behind the calibration pass (each holds its weights and statistics):
-one keeps both going (the pass computes block i-1 while block i is quantized) with two blocks in memory."""
+"""Blocks whose quantization may run behind the calibration pass with ``overlap`` (each holds its weights
+and statistics): one keeps both going (the pass computes block i-1 while block i is quantized) with two
+blocks in memory."""
 
 
 class _WeightBudget:
@@ -399,8 +409,9 @@ class ModelQuantizer:
     Every method runs per start batch (layers of one block with equal in_features): the paper's split
     and k-means (or RTN/GPTQ), then, for lnq, the LNQ rounds on jobs of about
     :data:`REFINE_BATCH_WEIGHTS`, and the candidates for the model-wide sparse choice. Jobs run in a
-    thread pool behind the caller (the calibration pass goes on with the next block meanwhile), at most
-    :data:`MAX_PENDING_BLOCKS` blocks behind. With lnq's objective-chosen sparse part, a block's refined
+    thread pool; with ``overlap`` behind the caller (the calibration pass goes on with the next block
+    meanwhile, at most :data:`MAX_PENDING_BLOCKS` blocks behind), else :meth:`add` returns once the
+    block is quantized, so one block's weights and statistics are in memory instead of two. With lnq's objective-chosen sparse part, a block's refined
     matrices wait in ``store`` until :meth:`finish` knows the whole model's exact positions, then get
     one more round on them and are packed.
 
@@ -411,10 +422,19 @@ class ModelQuantizer:
     """
 
     def __init__(
-        self, options: QuantizeOptions, total_weights: int, total_blocks: int, store: LayerStore, *, group: Group = SINGLE, progress: bool = True
+        self,
+        options: QuantizeOptions,
+        total_weights: int,
+        total_blocks: int,
+        store: LayerStore,
+        *,
+        group: Group = SINGLE,
+        progress: bool = True,
+        overlap: bool = True,
     ) -> None:
         options.validate()
         self.options, self.store, self.group = options, store, group
+        self._behind = MAX_PENDING_BLOCKS if overlap else 0
         device = torch.device(options.device)
         self.workers = options.workers or (1 if device.type != "cpu" else min(torch.get_num_threads(), MAX_CPU_WORKERS))
         self.timings = dict.fromkeys(PHASES, 0.0)
@@ -444,7 +464,7 @@ class ModelQuantizer:
         _check_statistics(list(items), statistics, self.options)
         items = {name: (weight.detach(), bias.detach() if bias is not None else None) for name, (weight, bias) in items.items()}
         shapes = {name: tuple(weight.shape) if weight.dim() == 2 else (0, 0) for name, (weight, _) in items.items()}
-        self._drain(MAX_PENDING_BLOCKS - 1)  # before queueing: at most MAX_PENDING_BLOCKS behind, this one included
+        self._drain(max(0, self._behind - 1))  # before queueing: at most self._behind behind, this one included
         futures = []
         for names in _batches(shapes, BATCH_WEIGHTS):
             rank = min(range(self.group.world), key=lambda r: (self._load[r], r))
@@ -453,6 +473,7 @@ class ModelQuantizer:
                 batch = {name: items[name] for name in names}
                 futures.append(self._submit(sum(weight.numel() for weight, _ in batch.values()), self._solve, batch, _subset_of(statistics, names)))
         self._pending.append((block, futures))
+        self._drain(self._behind)
 
     def __enter__(self) -> ModelQuantizer:
         return self
