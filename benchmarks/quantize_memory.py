@@ -8,7 +8,9 @@ one block, so it should barely grow with depth; the table shows peak RSS, bytes 
 as a fraction of the fp32 model, wall time and seconds per block. SmolLM2-135M itself (the embedded
 GGUF) is the last row when ``--smollm2`` is given.
 
-    python benchmarks/quantize_memory.py --layers 8 16 22 32 --work runs/qmem --out runs/quantize-memory.json
+    python benchmarks/quantize_memory.py --layers 8 16 22 32 --smollm2 --work runs/qmem --out runs/quantize-memory.json
+
+Each run uses ``--no-overlap`` unless ``--overlap`` is given: one block in memory, the smallest peak.
 
 Few calibration windows keep the run short on 2 cores (the windows' activations are the only part
 that grows with depth: layers x windows x seq_len x hidden fp32, 8 MB per block at 4 x 256 tokens);
@@ -92,6 +94,7 @@ def measure(model: str, out: Path, args: argparse.Namespace, blocks: int, params
     command = [
         sys.executable, "-m", "sqz_export", "quantize", "--model", model, "-o", str(out), "--method", args.method,
         "--kmeans-starts", "0", "--calib-windows", str(args.windows), "--seq-len", str(args.seq_len), "--json", str(out) + ".json",
+        "--overlap" if args.overlap else "--no-overlap",
     ]
     rss_file = Path(str(out) + ".maxrss")
     start = time.perf_counter()
@@ -114,6 +117,10 @@ def main() -> int:
     parser.add_argument("--method", default="squeezellm")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--overlap", action=argparse.BooleanOptionalAction, default=False,
+        help="quantize behind the calibration pass (two blocks in memory; the CLI's default) instead of one block at a time (default here: --no-overlap)",
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/quantize-memory"))
     parser.add_argument("--out", type=Path, default=Path("runs/quantize-memory.json"))
     args = parser.parse_args()
@@ -139,7 +146,7 @@ def main() -> int:
 
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-        "command": " ".join(sys.argv), "method": args.method, "windows": args.windows, "seq_len": args.seq_len,
+        "command": " ".join(sys.argv), "method": args.method, "overlap": args.overlap, "windows": args.windows, "seq_len": args.seq_len,
         "rows": rows, "peak_growth": growth,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

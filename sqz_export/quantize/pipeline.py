@@ -200,6 +200,11 @@ def _prepare(name: str, weight: torch.Tensor, stats: CalibrationStats, bias: tor
     return _Matrix(name=name, weight=w, fisher=f, hessian=h, bias=bias, mask=mask)
 
 
+def _rows_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked by rows; a single one as it is (no copy: LLaMA's MLP layers are batches alone)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _start(matrices: list[_Matrix], options: QuantizeOptions) -> None:
     """Per-row codebooks (k-means or RTN grid) of matrices with equal in_features, in one call, and indices.
 
@@ -209,12 +214,12 @@ def _start(matrices: list[_Matrix], options: QuantizeOptions) -> None:
     workers share. Indices are the nearest entries of the fp16 codebook actually stored; gptq then
     replaces them by its error-feedback sweep.
     """
-    w = torch.cat([m.weight for m in matrices])
-    mask = None if matrices[0].mask is None else torch.cat([m.mask for m in matrices])
+    w = _rows_of([m.weight for m in matrices])
+    mask = None if matrices[0].mask is None else _rows_of([m.mask for m in matrices])
     if options.method in ("rtn", "gptq"):
         centroids = rtn_codebook(w, options.bits, mask)
     else:
-        f = torch.cat([m.fisher for m in matrices])
+        f = _rows_of([m.fisher for m in matrices])
         # k-means holds about ten fp64/int64 copies of its rows, so rows are clustered KMEANS_CHUNK_WEIGHTS
         # at a time. Random starts are drawn per batch-sized group of rows (a layer larger than a batch,
         # LLaMA's MLP, has several), and each chunk gets its rows' draws: chunking changes no result.

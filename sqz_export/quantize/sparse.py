@@ -63,7 +63,7 @@ def select_sparse(weight: torch.Tensor, fisher: torch.Tensor | None, sparsity: f
     if sensitive:
         score = fisher.reshape(-1).to(device=weight.device, dtype=torch.float32)
         score = torch.nan_to_num(score, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
-        score = score.masked_fill(flat_mask, -1.0)  # below every valid score: never picked twice
+        score.masked_fill_(flat_mask, -1.0)  # below every valid score: never picked twice (a copy: nan_to_num's)
         flat_mask[torch.topk(score, sensitive, sorted=False).indices] = True
     return SparseSelection(mask=flat_mask.view(n, k), outliers=outliers, sensitive=sensitive)
 
