@@ -34,8 +34,8 @@ void checkRows(torch::Tensor const& t, int64_t rows, int64_t cols, char const* n
 }
 
 // Checks the arguments every function shares: Hessians [P, K, K], the row -> Hessian map [R] and the
-// optional exact mask [R, K]; returns P.
-int64_t checkHessians(int64_t rows, int64_t k, torch::Tensor const& hessians, torch::Tensor const& group,
+// optional exact mask [R, K].
+void checkHessians(int64_t rows, int64_t k, torch::Tensor const& hessians, torch::Tensor const& group,
     std::optional<torch::Tensor> const& exact)
 {
     TORCH_CHECK(hessians.device().is_cpu() && hessians.dim() == 3 && hessians.scalar_type() == torch::kFloat32
@@ -44,12 +44,13 @@ int64_t checkHessians(int64_t rows, int64_t k, torch::Tensor const& hessians, to
     TORCH_CHECK(group.device().is_cpu() && group.dim() == 1 && group.scalar_type() == torch::kInt64 && group.is_contiguous()
             && group.size(0) == rows,
         "lnq: group must be a contiguous int64 CPU tensor [", rows, "]");
+    TORCH_CHECK(rows == 0 || (group.min().item<int64_t>() >= 0 && group.max().item<int64_t>() < hessians.size(0)),
+        "lnq: group indices must be in [0, ", hessians.size(0), ")");
     if (exact.has_value())
     {
         TORCH_CHECK(exact->scalar_type() == torch::kBool && exact->is_contiguous(), "lnq: exact must be a contiguous bool tensor");
         checkRows(*exact, rows, k, "exact");
     }
-    return hessians.size(0);
 }
 
 void checkIndices(torch::Tensor const& indices, int64_t rows, int64_t k)
@@ -65,7 +66,6 @@ struct Sweep
     int64_t rows;
     int64_t k;
     int64_t levels;
-    int64_t groups;
 };
 
 Sweep checkSweep(torch::Tensor const& weight, torch::Tensor const& lut, torch::Tensor const& indices, torch::Tensor const& hessians,
@@ -73,10 +73,10 @@ Sweep checkSweep(torch::Tensor const& weight, torch::Tensor const& lut, torch::T
 {
     checkFloat2d(weight, "weight");
     checkFloat2d(lut, "lut");
-    Sweep c{weight.size(0), weight.size(1), lut.size(1), 0};
+    Sweep c{weight.size(0), weight.size(1), lut.size(1)};
     checkRows(lut, c.rows, c.levels, "lut");
     checkIndices(indices, c.rows, c.k);
-    c.groups = checkHessians(c.rows, c.k, hessians, group, exact);
+    checkHessians(c.rows, c.k, hessians, group, exact);
     TORCH_CHECK(0 <= b0 && b0 < b1 && b1 <= c.k, "lnq: column block [", b0, ", ", b1, ") is outside [0, ", c.k, ")");
     return c;
 }
@@ -108,9 +108,7 @@ void coordinateDescentBlock(torch::Tensor const& weight, torch::Tensor const& lu
     at::parallel_for(0, c.rows, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n)
         {
-            int64_t const g = gp[n];
-            TORCH_CHECK(0 <= g && g < c.groups, "lnq: group index ", g, " of row ", n, " is outside [0, ", c.groups, ")");
-            float const* h = hp + g * k * k;
+            float const* h = hp + gp[n] * k * k;
             float const* lutRow = l + n * levels;
             float* r = rp + n * width;
             for (int64_t j = b0; j < b1; ++j)
@@ -181,9 +179,7 @@ torch::Tensor gptqBlock(torch::Tensor const& weight, torch::Tensor const& lut, t
     at::parallel_for(0, c.rows, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n)
         {
-            int64_t const g = gp[n];
-            TORCH_CHECK(0 <= g && g < c.groups, "lnq: group index ", g, " of row ", n, " is outside [0, ", c.groups, ")");
-            float const* u = cp + g * k * k;
+            float const* u = cp + gp[n] * k * k;
             float const* lutRow = l + n * levels;
             float* row = wp + n * k;
             for (int64_t j = b0; j < b1; ++j)
@@ -242,7 +238,9 @@ std::vector<torch::Tensor> normalEquations(torch::Tensor const& target, torch::T
     int64_t const k = target.size(1);
     TORCH_CHECK(levels >= 1 && levels <= 256, "lnq: levels must be in [1, 256], got ", levels);
     checkIndices(indices, rows, k);
-    int64_t const groups = checkHessians(rows, k, hessians, group, exact);
+    TORCH_CHECK(indices.numel() == 0 || (indices.min().item<int64_t>() >= 0 && indices.max().item<int64_t>() < levels),
+        "lnq: indices must be in [0, ", levels, ")");
+    checkHessians(rows, k, hessians, group, exact);
     auto const f64 = target.options().dtype(torch::kFloat64);
     torch::Tensor gram = torch::zeros({rows, levels, levels}, f64);
     torch::Tensor rhs = torch::zeros({rows, levels}, f64);
@@ -259,9 +257,7 @@ std::vector<torch::Tensor> normalEquations(torch::Tensor const& target, torch::T
         std::vector<float> sums(static_cast<size_t>(levels * k)); // [C, K]: (P^T H) of one row
         for (int64_t n = begin; n < end; ++n)
         {
-            int64_t const g = gp[n];
-            TORCH_CHECK(0 <= g && g < groups, "lnq: group index ", g, " of row ", n, " is outside [0, ", groups, ")");
-            float const* h = hp + g * k * k;
+            float const* h = hp + gp[n] * k * k;
             int64_t const* idx = ip + n * k;
             bool const* ex = xp != nullptr ? xp + n * k : nullptr;
             std::fill(sums.begin(), sums.end(), 0.0f);
@@ -269,7 +265,6 @@ std::vector<torch::Tensor> normalEquations(torch::Tensor const& target, torch::T
             {
                 if (ex == nullptr || !ex[j])
                 {
-                    TORCH_CHECK(0 <= idx[j] && idx[j] < levels, "lnq: index ", idx[j], " of row ", n, " is outside [0, ", levels, ")");
                     addRow(sums.data() + idx[j] * k, h + j * k, k);
                 }
             }
