@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,9 @@ def measure(model: str, out: Path, args: argparse.Namespace, blocks: int, params
         "--kmeans-starts", "0", "--calib-windows", str(args.windows), "--seq-len", str(args.seq_len), "--json", str(out) + ".json",
         "--overlap" if args.overlap else "--no-overlap",
     ]
+    from sqz_export.quantize.rundir import default_run_dir
+
+    shutil.rmtree(default_run_dir(out), ignore_errors=True)  # an earlier, interrupted benchmark's run: measure a fresh one
     rss_file = Path(str(out) + ".maxrss")
     start = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *command], capture_output=True, text=True)

@@ -90,7 +90,7 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     if indices.dim() != 2:
         raise FormatError(f"indices must be 2-D [out_features, in_features], got shape {tuple(indices.shape)}")
     n, k = indices.shape
-    idx = indices.to(torch.int64)
+    idx = indices if not indices.is_floating_point() else indices.to(torch.int64)  # converted chunk by chunk below
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= (1 << bits)):
         raise FormatError(f"indices out of range for {bits}-bit packing: min {int(idx.min())}, max {int(idx.max())}")
     groups = math.ceil(k / GROUP_SIZE)

@@ -88,11 +88,12 @@ def test_reconstruction_exact_at_sparse_positions(method: str) -> None:
 def test_explicit_zero_residuals_are_kept() -> None:
     weight = torch.tensor([[0.5, 1.0, -2.0], [0.25, 0.0, 3.0]])
     mask = torch.tensor([[True, False, True], [False, False, True]])
-    dense = weight.clone()
-    dense[0, 0] = 0.0  # residual 0.5 there; the other kept positions have residual exactly 0
-    part = build_sparse_part(weight, dense, mask, chunk_nnz=2)
+    lut = weight.clone()  # entry j of row n is weight[n, j] ...
+    lut[0, 0] = 0.0  # ... but at [0, 0]: residual 0.5 there; the other kept positions have residual exactly 0
+    indices = torch.arange(3).expand(2, 3)
+    part = build_sparse_part(weight, lut, indices, mask, chunk_nnz=2)
     assert part is not None and part.nnz == 3
     assert part.row_ptr.tolist() == [0, 2, 3] and part.col.tolist() == [0, 2, 2]
     assert part.val.tolist() == [0.5, 0.0, 0.0]
     part.validate("test", 2, 3)
-    assert build_sparse_part(weight, dense, torch.zeros_like(mask)) is None
+    assert build_sparse_part(weight, lut, indices, torch.zeros_like(mask)) is None

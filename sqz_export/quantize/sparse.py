@@ -68,15 +68,19 @@ def select_sparse(weight: torch.Tensor, fisher: torch.Tensor | None, sparsity: f
     return SparseSelection(mask=flat_mask.view(n, k), outliers=outliers, sensitive=sensitive)
 
 
-def build_sparse_part(weight: torch.Tensor, dense: torch.Tensor, mask: torch.Tensor, chunk_nnz: int = DEFAULT_CHUNK_NNZ) -> SparsePart | None:
-    """CSR of the residual ``weight - dense`` at ``mask`` (None when nothing is selected).
+def build_sparse_part(
+    weight: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, chunk_nnz: int = DEFAULT_CHUNK_NNZ
+) -> SparsePart | None:
+    """CSR of the residual ``weight - LUT[idx]`` at ``mask`` (None when nothing is selected).
 
     Every selected position is stored, even where the residual happens to be zero, so the part's nnz
-    is exactly the selection's size.
+    is exactly the selection's size. The reconstruction is read at the selected positions only (the
+    dense one would be a full fp32 copy of the layer).
 
     Args:
         weight: original weights [N, K].
-        dense: the codebook reconstruction LUT[idx] [N, K] (fp32 of the fp16 LUT).
+        lut: the codebook [N, C] (fp32 of the fp16 LUT).
+        indices: integer [N, K], each weight's codebook entry.
         mask: bool [N, K], the positions to keep exact.
         chunk_nnz: non-zeros per balanced SpMV work item.
     """
@@ -84,7 +88,8 @@ def build_sparse_part(weight: torch.Tensor, dense: torch.Tensor, mask: torch.Ten
         return None
     n = weight.shape[0]
     rows, cols = torch.nonzero(mask, as_tuple=True)  # row-major: sorted by row, then column
-    values = (weight[rows, cols].to(torch.float32) - dense[rows, cols].to(torch.float32)).to(torch.float16).cpu()
+    dense = lut[rows, indices[rows, cols].long()]
+    values = (weight[rows, cols].to(torch.float32) - dense.to(torch.float32)).to(torch.float16).cpu()
     rows, cols = rows.cpu(), cols.cpu()
     row_ptr = torch.zeros(n + 1, dtype=torch.int64)
     row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
