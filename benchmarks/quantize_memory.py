@@ -11,6 +11,8 @@ GGUF) is the last row when ``--smollm2`` is given.
     python benchmarks/quantize_memory.py --layers 8 16 22 32 --smollm2 --work runs/qmem --out runs/quantize-memory.json
 
 Each run uses ``--no-overlap`` unless ``--overlap`` is given: one block in memory, the smallest peak.
+The block inputs are the one part that grows with depth (8.4 MB per block at 4 x 256 windows); with
+``--activation-memory 0`` they all go to the run folder on disk, and the peak follows the block alone.
 
 Few calibration windows keep the run short on 2 cores (the windows' activations are the only part
 that grows with depth: layers x windows x seq_len x hidden fp32, 8 MB per block at 4 x 256 tokens);
@@ -95,7 +97,7 @@ def measure(model: str, out: Path, args: argparse.Namespace, blocks: int, params
     command = [
         sys.executable, "-m", "sqz_export", "quantize", "--model", model, "-o", str(out), "--method", args.method,
         "--kmeans-starts", "0", "--calib-windows", str(args.windows), "--seq-len", str(args.seq_len), "--json", str(out) + ".json",
-        "--overlap" if args.overlap else "--no-overlap",
+        "--overlap" if args.overlap else "--no-overlap", "--activation-memory", args.activation_memory,
     ]
     from sqz_export.quantize.rundir import default_run_dir
 
@@ -125,6 +127,10 @@ def main() -> int:
         "--overlap", action=argparse.BooleanOptionalAction, default=False,
         help="quantize behind the calibration pass (two blocks in memory; the CLI's default) instead of one block at a time (default here: --no-overlap)",
     )
+    parser.add_argument(
+        "--activation-memory", default="1G",
+        help="the CLI's --activation-memory: block inputs kept in memory, the rest spilled to the run folder (default: the CLI's 1G; 0 spills all)",
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/quantize-memory"))
     parser.add_argument("--out", type=Path, default=Path("runs/quantize-memory.json"))
     args = parser.parse_args()
@@ -150,7 +156,7 @@ def main() -> int:
 
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-        "command": " ".join(sys.argv), "method": args.method, "overlap": args.overlap, "windows": args.windows, "seq_len": args.seq_len,
+        "command": " ".join(sys.argv), "method": args.method, "overlap": args.overlap, "activation_memory": args.activation_memory, "windows": args.windows, "seq_len": args.seq_len,
         "rows": rows, "peak_growth": growth,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
