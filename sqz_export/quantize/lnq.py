@@ -138,7 +138,8 @@ def solve_luts(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, native
     else:
         gram, rhs = _normal_equations(stack, target, indices, c)
     free = torch.ones_like(indices) if stack.exact is None else (~stack.exact).long()
-    empty = torch.zeros(indices.shape[0], c, dtype=torch.int64, device=indices.device).scatter_add_(1, indices, free) == 0  # [R, C]: levels no free entry uses
+    uses = torch.zeros(indices.shape[0], c, dtype=torch.int64, device=indices.device).scatter_add_(1, indices, free)
+    empty = uses == 0  # [R, C]: levels no free entry uses
     diag = torch.diagonal(gram, dim1=1, dim2=2)
     scale = diag.clamp(min=0).mean(dim=1, keepdim=True).clamp(min=1e-30)
     diag += RIDGE * scale + empty * scale

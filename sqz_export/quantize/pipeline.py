@@ -52,8 +52,8 @@ BATCH_WEIGHTS = 1 << 22
 """Weights per start batch when stacking layers (4M: a SmolLM2 block's q..up), and per group of rows
 that share one draw of k-means' random starts."""
 KMEANS_CHUNK_WEIGHTS = 1 << 20
-"""Weights k-means clusters at once (about 80 MB of working state at 1M): two 4M-weight jobs side by
-side held 0.6 GB of it on an 8-block LLaMA of hidden 2048, more than the block itself."""
+"""Weights k-means clusters at once: its working state is about ten fp64/int64 copies of its rows, so a
+chunk bounds it by the chunk instead of the layer (LLaMA-7B's MLP layers have 45M weights)."""
 PHASES = ("sparse_split", "kmeans", "gptq", "lnq", "sparse_select", "pack")
 
 
@@ -425,9 +425,10 @@ class ModelQuantizer:
     :data:`REFINE_BATCH_WEIGHTS`, and the candidates for the model-wide sparse choice. Jobs run in a
     thread pool; with ``overlap`` behind the caller (the calibration pass goes on with the next block
     meanwhile, at most :data:`MAX_PENDING_BLOCKS` blocks behind), else :meth:`add` returns once the
-    block is quantized, so one block's weights and statistics are in memory instead of two. With lnq's objective-chosen sparse part, a block's refined
-    matrices wait in ``store`` until :meth:`finish` knows the whole model's exact positions, then get
-    one more round on them and are packed.
+    block is quantized, so one block's weights and statistics are in memory instead of two. With
+    lnq's objective-chosen sparse part, a block's refined matrices wait in ``store`` until
+    :meth:`finish` knows the whole model's exact positions, then get one more round on them and are
+    packed.
 
     Batches run in ``options.workers`` threads with one torch thread each (torch ops release the GIL):
     k-means and the LNQ column loop are many small ops, which scale better across layers than across
