@@ -97,7 +97,7 @@ def measure(model: str, out: Path, args: argparse.Namespace, blocks: int, params
     command = [
         sys.executable, "-m", "sqz_export", "quantize", "--model", model, "-o", str(out), "--method", args.method,
         "--kmeans-starts", "0", "--calib-windows", str(args.windows), "--seq-len", str(args.seq_len), "--json", str(out) + ".json",
-        "--overlap" if args.overlap else "--no-overlap", "--activation-memory", args.activation_memory,
+        "--overlap" if args.overlap else "--no-overlap", "--activation-memory", args.activation_memory, "--device", args.device,
     ]
     from sqz_export.quantize.rundir import default_run_dir
 
@@ -113,6 +113,7 @@ def measure(model: str, out: Path, args: argparse.Namespace, blocks: int, params
     return {
         "model": label, "layers": blocks, "params": params, "peak_rss_bytes": peak, "bytes_per_param": peak / params,
         "fraction_of_fp32": peak / (4 * params), "wall_s": wall, "s_per_block": wall / blocks, "timings_s": summary["timings_s"],
+        "peak_cuda_bytes": summary.get("peak_cuda_bytes"),
     }
 
 
@@ -131,6 +132,7 @@ def main() -> int:
         "--activation-memory", default="1G",
         help="the CLI's --activation-memory: block inputs kept in memory, the rest spilled to the run folder (default: the CLI's 1G; 0 spills all)",
     )
+    parser.add_argument("--device", default="cpu", help="the CLI's --device (cuda: the JSON also holds each run's peak CUDA memory)")
     parser.add_argument("--work", type=Path, default=Path("runs/quantize-memory"))
     parser.add_argument("--out", type=Path, default=Path("runs/quantize-memory.json"))
     args = parser.parse_args()
@@ -142,12 +144,13 @@ def main() -> int:
         print(f"{rows[-1]['model']}: {rows[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if args.smollm2:
         rows.append(measure("smollm2-135m", args.work / "ckpt-smollm2", args, 30, 134_515_008, "SmolLM2-135M (GGUF)"))
-    print(f"| model | params | peak RSS | B/param | of fp32 | wall | s/block |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | params | peak RSS | B/param | of fp32 | peak CUDA | wall | s/block |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        cuda = f"{row['peak_cuda_bytes'] / 2**30:.2f} GiB" if row["peak_cuda_bytes"] is not None else "-"
         print(
             f"| {row['model']} | {row['params'] / 1e9:.2f}B | {row['peak_rss_bytes'] / 2**30:.2f} GiB | {row['bytes_per_param']:.2f} | "
-            f"{row['fraction_of_fp32']:.3f} | {row['wall_s']:.0f} s | {row['s_per_block']:.1f} |"
+            f"{row['fraction_of_fp32']:.3f} | {cuda} | {row['wall_s']:.0f} s | {row['s_per_block']:.1f} |"
         )
     depths = [row for row in rows if row["model"].startswith("LLaMA")]
     growth = depths[-1]["peak_rss_bytes"] / depths[0]["peak_rss_bytes"] - 1 if len(depths) > 1 else 0.0
@@ -156,7 +159,7 @@ def main() -> int:
 
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-        "command": " ".join(sys.argv), "method": args.method, "overlap": args.overlap, "activation_memory": args.activation_memory, "windows": args.windows, "seq_len": args.seq_len,
+        "command": " ".join(sys.argv), "method": args.method, "overlap": args.overlap, "activation_memory": args.activation_memory, "device": args.device, "windows": args.windows, "seq_len": args.seq_len,
         "rows": rows, "peak_growth": growth,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

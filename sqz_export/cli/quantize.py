@@ -249,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
         "fp16_bytes": total * 2,
         "ranks": group.world,
     }
+    if torch.device(options.device).type == "cuda":
+        summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(torch.device(options.device))
     if args.eval_windows:
         model, _ = load_quantized_model(path)  # the weights the checkpoint holds
         evaluation = windows["evaluation"]
