@@ -63,6 +63,12 @@ class RowStack:
     hessians: torch.Tensor  # fp32 [P, K, K]
     segments: list[tuple[int, int]]  # P row ranges, contiguous and covering [0, R)
 
+    def __post_init__(self) -> None:
+        """Dense row-major tensors, as the C++ loops read them (a no-op for the usual torch.cat results)."""
+        self.weight = self.weight.contiguous()
+        self.exact = self.exact.contiguous() if self.exact is not None else None
+        self.hessians = self.hessians.contiguous()
+
     def group_index(self) -> torch.Tensor:
         """int64 [R]: the Hessian of every row."""
         index = torch.empty(self.weight.shape[0], dtype=torch.int64, device=self.weight.device)
@@ -133,8 +139,7 @@ def solve_luts(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor, native
     target = stack.weight if stack.exact is None else stack.weight.masked_fill(stack.exact, 0.0)
     loops = _native_loops(stack, native)
     if loops is not None:
-        exact = stack.exact.contiguous() if stack.exact is not None else None
-        gram, rhs = loops.normal_equations(target.contiguous(), indices.contiguous(), exact, stack.hessians.contiguous(), stack.group_index(), c)
+        gram, rhs = loops.normal_equations(target, indices.contiguous(), stack.exact, stack.hessians, stack.group_index(), c)
     else:
         gram, rhs = _normal_equations(stack, target, indices, c)
     free = torch.ones_like(indices) if stack.exact is None else (~stack.exact).long()
@@ -241,13 +246,12 @@ def coordinate_descent(stack: RowStack, lut: torch.Tensor, indices: torch.Tensor
     group = stack.group_index()
     loops = _native_loops(stack, native)
     sweep = loops.coordinate_descent_block if loops is not None else _coordinate_descent_block
-    weight, lut, hessians = stack.weight.contiguous(), lut.contiguous(), stack.hessians.contiguous()
-    exact = stack.exact.contiguous() if stack.exact is not None else None
+    lut = lut.contiguous()
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
         e_before = e[:, b0:b1].clone()
         r_block = r[:, b0:b1].clone()  # kept current inside the block
-        sweep(weight, lut, e, r_block, indices, exact, hessians, group, b0, b1)
+        sweep(stack.weight, lut, e, r_block, indices, stack.exact, stack.hessians, group, b0, b1)
         if b1 < k:
             change = e[:, b0:b1] - e_before
             for p, (start, end) in enumerate(stack.segments):
@@ -382,11 +386,10 @@ def gptq_sweep(
     indices = torch.empty(rows, k, dtype=torch.int64, device=w.device)
     loops = _native_loops(stack, native)
     sweep = loops.gptq_block if loops is not None else _gptq_block
-    weight, lut = stack.weight.contiguous(), lut.contiguous()
-    exact = stack.exact.contiguous() if stack.exact is not None else None
+    lut = lut.contiguous()
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
-        err_block = sweep(weight, lut, w, indices, exact, chol, group, b0, b1, exact_takes_feedback)
+        err_block = sweep(stack.weight, lut, w, indices, stack.exact, chol, group, b0, b1, exact_takes_feedback)
         for p, (start, end) in enumerate(stack.segments):
             w[start:end, b1:] -= err_block[start:end] @ chol[p, b0:b1, b1:]
     return indices, w
