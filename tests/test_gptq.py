@@ -54,3 +54,20 @@ def test_exact_positions_take_their_fed_back_values_and_dead_inputs_are_harmless
     dense_only = QuantizeOptions(method="gptq", bits=3, sparsity=0.0, sensitive_fraction=0.0)
     assert output_error(weight, packed.weight().float(), hessian) < output_error(weight, quantize_weight(weight, None, dense_only, hessian=hessian).weight().float(), hessian)
     assert bool(torch.isfinite(packed.weight()).all())
+
+
+def test_act_order_is_the_natural_sweep_on_columns_sorted_by_hessian_diagonal() -> None:
+    x = correlated_inputs(80, 400, seed=5) * torch.linspace(0.2, 3.0, 80)  # distinct diagonal entries
+    hessian = x.T @ x
+    weight = torch.randn(20, 80, generator=torch.Generator().manual_seed(6)) * 0.1
+    exact = torch.rand(20, 80, generator=torch.Generator().manual_seed(7)) < 0.05
+    lut = rtn_codebook(weight, 3).half().float()
+    order = torch.argsort(torch.diagonal(hessian), descending=True)
+    assert not torch.equal(order, torch.arange(80))  # the test needs a real permutation
+    indices, values = gptq_quantize(weight, lut, hessian, exact, act_order=True)
+    sorted_indices, sorted_values = gptq_quantize(weight[:, order], lut, hessian[order][:, order], exact[:, order], act_order=False)
+    assert torch.equal(indices[:, order], sorted_indices)
+    assert torch.equal(values[:, order], sorted_values)
+    assert torch.equal(values[~exact], torch.gather(lut, 1, indices)[~exact])
+    natural, _ = gptq_quantize(weight, lut, hessian, exact, act_order=False)
+    assert not torch.equal(indices, natural)

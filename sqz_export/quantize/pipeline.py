@@ -33,7 +33,7 @@ from sqz_export.formats import DEFAULT_CHUNK_NNZ, SUPPORTED_BITS, PackedLinear, 
 from sqz_export.progress import Progress
 from sqz_export.quantize.calibration import CalibrationStats, StatisticsRequest, row_groups
 from sqz_export.quantize.distributed import SINGLE, Group
-from sqz_export.quantize.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
+from sqz_export.quantize.gptq import GPTQ_ACT_ORDER, GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize
 from sqz_export.quantize.kmeans import DEFAULT_MAX_ITER, DEFAULT_N_INIT, assign_indices, weighted_kmeans
 from sqz_export.quantize.lnq import RowStack, damp_hessians, exactness_gain, load_native_loops, refine
 from sqz_export.quantize.rtn import rtn_codebook
@@ -111,7 +111,7 @@ class QuantizeOptions:
         if self.method == "lnq":
             settings.update(hessian_groups=self.hessian_groups, lnq_iterations=self.lnq_iterations, hessian_damp=self.damp)
         if self.method == "gptq":
-            settings.update(block=GPTQ_BLOCK, damp=GPTQ_DAMP)
+            settings.update(block=GPTQ_BLOCK, damp=GPTQ_DAMP, act_order=GPTQ_ACT_ORDER)
         return settings
 
     def validate(self) -> None:
