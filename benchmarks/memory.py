@@ -6,18 +6,19 @@ every stage runs in its own child process, which reports its own peak RSS (``ru_
 counts file pages mapped into the process too). Stages, in the pipeline's order (``STAGES``):
 
 - ``export``: ``export_checkpoint`` (model.onnx + baseline.onnx);
-- ``session-baseline``, ``session-model``, ``session-model-call``: sqz-export's onnxruntime CPU session
-  (``sqz_export.ort_session.create_session``) on baseline.onnx, on model.onnx with the SqzLinear
-  function fallback folded at session creation (``--unpack session``, the default), and on model.onnx
-  unpacking on every run (``--unpack call``); each runs one prefill of ``PROMPT_TOKENS`` tokens and
-  ``DECODE_STEPS`` decode steps and also reports the median decode step time (meaningful only on an
-  idle machine);
+- ``session-baseline``, ``session-model``, ``session-model-fold``, ``session-model-call``: sqz-export's
+  onnxruntime CPU session (``sqz_export.ort_session.create_session``) on baseline.onnx, and on
+  model.onnx's SqzLinear function fallback unpacked layer by layer by sqz-export before onnxruntime
+  loads it (``--unpack stream``, the default), folded by onnxruntime at session creation (``--unpack
+  session``), or unpacked on every run (``--unpack call``); each runs one prefill of ``PROMPT_TOKENS``
+  tokens and ``DECODE_STEPS`` decode steps and also reports the median decode step time (meaningful
+  only on an idle machine);
 - ``reference``: the compare's torch reference runner alone (checkpoint load + one prefill);
 - ``compare``, ``compare-call``: ``compare_folder`` (torch reference, model.onnx, baseline.onnx) on one
-  window, model.onnx unpacked at session creation or on every run.
+  window, model.onnx unpacked as by default or on every run.
 
-``--skip SIZE:STAGE`` leaves out a stage that does not fit the machine (model.onnx folded at session
-creation needs about 25 B per quantized weight: 24 GiB at the 1.1B shape); ``--previous`` keeps the
+``--skip SIZE:STAGE`` leaves out a stage that does not fit the machine (model.onnx folded by
+onnxruntime needs about 25 B per quantized weight: 24 GiB at the 1.1B shape); ``--previous`` keeps the
 stages of earlier runs' JSON, so a long measurement on a shared machine can be done in parts.
 
 Bytes per parameter divide the peak by the model's parameter count; the slope is the least-squares
@@ -52,7 +53,9 @@ BITS = 3
 SPARSITY = 0.0045
 PROMPT_TOKENS = 32
 DECODE_STEPS = 16
-STAGES = ("export", "session-baseline", "session-model", "session-model-call", "reference", "compare", "compare-call")
+STAGES = (
+    "export", "session-baseline", "session-model", "session-model-fold", "session-model-call", "reference", "compare", "compare-call"
+)
 TEXT = "The quick brown fox jumps over the lazy dog. Quantization maps each weight to one of a few values.\n" * 200
 
 
@@ -154,11 +157,12 @@ def run_stage(stage: str, work: Path) -> dict:
     """Runs one stage on ``work`` (in this process); returns what it measured besides the peak."""
     runs = {
         "export": lambda: stage_export(work),
-        "session-baseline": lambda: stage_session(work, "baseline.onnx", "session"),
-        "session-model": lambda: stage_session(work, "model.onnx", "session"),
+        "session-baseline": lambda: stage_session(work, "baseline.onnx", "stream"),
+        "session-model": lambda: stage_session(work, "model.onnx", "stream"),
+        "session-model-fold": lambda: stage_session(work, "model.onnx", "session"),
         "session-model-call": lambda: stage_session(work, "model.onnx", "call"),
         "reference": lambda: stage_reference(work),
-        "compare": lambda: stage_compare(work, "session"),
+        "compare": lambda: stage_compare(work, "stream"),
         "compare-call": lambda: stage_compare(work, "call"),
     }
     if stage not in runs:
@@ -296,7 +300,7 @@ def acceptance(rows: dict[str, dict[str, dict]], slopes: dict[str, float | None]
         ok = per_param <= 4 and (fitted is None or fitted <= 4)
         fitted_text = f", slope {fitted:.2f}" if fitted is not None else ""
         lines.append(f"{verdict(ok)} {size} export {per_param:.2f} B/param{fitted_text} (acceptance <= 4)")
-    for stage in ("session-model", "session-model-call"):
+    for stage in ("session-model", "session-model-fold", "session-model-call"):
         if stage in row and "session-baseline" in row:
             ratio = row[stage]["peak_rss"] / row["session-baseline"]["peak_rss"]
             lines.append(f"{verdict(ratio <= 1.15)} {size} {stage} / session-baseline = {ratio:.2f}x (acceptance <= 1.15x)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sqz_export.export.signature import DecoderSignature
-from sqz_export.ort_session import UNPACK_SESSION, create_session
+from sqz_export.ort_session import UNPACK_STREAM, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class OnnxGenerator:
         self,
         onnx_path: str | os.PathLike[str],
         providers: list[str] | None = None,
-        unpack: str = UNPACK_SESSION,
+        unpack: str = UNPACK_STREAM,
         ort_ops: str | os.PathLike[str] | None = None,
         threads: int | None = None,
     ) -> None:

@@ -24,11 +24,18 @@ memory, measured with onnxruntime 1.32 (``benchmarks/memory.py``, and stacks of 
   every freed mapping), so a process's resident set stays near the folding peak after the session
   is built; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment hands them back.
 
-Hence two ways to run the fallback (``UNPACK_MODES``):
+Hence three ways to run the fallback (``UNPACK_MODES``):
 
-- ``session`` (default): onnxruntime's own behaviour, constant folding on. Baseline speed, outputs
-  bit-identical to every earlier release, peak about ``FOLD_BYTES_PER_WEIGHT`` per quantized weight
-  (3.8-4.6x the baseline session at the 135M and 0.5B shapes).
+- ``stream`` (default): sqz-export unpacks the layers itself, one at a time, into a temporary copy of
+  the graph whose SqzLinear nodes are the function's tail (Cast, MatMul, CastLike) on a dense weight
+  stored in x's dtype (``sqz_export.unpacked_graph``); onnxruntime loads that copy as it loads
+  baseline.onnx, so the session holds the dense fp32 weights and nothing more. Baseline speed, outputs
+  bit-identical to ``session``; the copy (about the size of baseline.onnx) is written next to the
+  model and removed once the session is built.
+- ``session``: onnxruntime's own behaviour, constant folding of the function on. The same weights
+  and outputs, peak about ``FOLD_BYTES_PER_WEIGHT`` per quantized weight (3.8-4.6x the baseline
+  session at the 135M and 0.5B shapes); no temporary files. This is what any other onnxruntime user
+  of model.onnx gets.
 - ``call``: constant folding off for graphs with SqzLinear nodes, so the body unpacks one layer at a
   time on every run. The session holds the packed weights and one layer's intermediates (0.44-0.59x
   the baseline session's peak at the 135M-1.1B shapes), but decoding is 20-35x slower, and the
@@ -55,9 +62,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+UNPACK_STREAM = "stream"
 UNPACK_SESSION = "session"
 UNPACK_CALL = "call"
-UNPACK_MODES = (UNPACK_SESSION, UNPACK_CALL)
+UNPACK_MODES = (UNPACK_STREAM, UNPACK_SESSION, UNPACK_CALL)
 FOLD_BYTES_PER_WEIGHT = 25
 """Peak bytes per quantized weight while onnxruntime folds the SqzLinear bodies (3-bit + 0.45%
 sparse, measured with onnxruntime 1.32); used only to warn before a session that will not fit."""
@@ -90,7 +98,7 @@ def available_memory() -> int | None:
 def create_session(
     onnx_path: str | os.PathLike[str],
     providers: list[str] | None = None,
-    unpack: str = UNPACK_SESSION,
+    unpack: str = UNPACK_STREAM,
     ort_ops: str | os.PathLike[str] | None = None,
     threads: int | None = None,
 ) -> ort.InferenceSession:
@@ -101,8 +109,9 @@ def create_session(
     Args:
         onnx_path: model.onnx or baseline.onnx of an export folder.
         providers: execution providers (default: CPUExecutionProvider).
-        unpack: ``session`` (fold the unpack at creation) or ``call`` (unpack on every run); see the
-            module docstring. Graphs without SqzLinear nodes are created the same way in both modes,
+        unpack: ``stream`` (sqz-export unpacks each layer before onnxruntime loads the graph),
+            ``session`` (onnxruntime folds the unpack at creation) or ``call`` (unpack on every run); see
+            the module docstring. Graphs without SqzLinear nodes are created the same way in every mode,
             and so is any graph when ``ort_ops`` is given (the kernel replaces the function).
         ort_ops: the custom-op library libsqz_ort_ops.so (plugins/ort); None runs the ONNX function.
         threads: onnxruntime's intra-op thread count (None: its default), which the custom op's row
@@ -118,6 +127,7 @@ def create_session(
     from sqz_export.errors import UserError
     from sqz_export.export.signature import load_graph
     from sqz_export.ort_ops import session_options
+    from sqz_export.unpacked_graph import unpacked_graph
 
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack={unpack!r}; expected one of {UNPACK_MODES}")
@@ -130,23 +140,26 @@ def create_session(
     elif weights and unpack == UNPACK_CALL:
         disabled.append("ConstantFolding")
         logger.info("%s: SqzLinear unpacks on every run (--unpack call: constant folding off)", path)
-    elif weights:
+    elif weights and unpack == UNPACK_SESSION:
         needed, free = FOLD_BYTES_PER_WEIGHT * weights, available_memory()
         if free is not None and needed > free:
             logger.warning(
                 "%s: onnxruntime folds its %d quantized weights into dense ones at session creation, which takes "
-                "about %.1f GiB (%.1f GiB available); --unpack call holds only the packed weights (decoding is "
-                "20-35x slower), --ort-ops runs them packed at speed",
+                "about %.1f GiB (%.1f GiB available); --unpack stream (the default) holds about the FP16 baseline's "
+                "memory, --unpack call only the packed weights (decoding 20-35x slower), --ort-ops runs them packed at speed",
                 path,
                 weights,
                 needed / 2**30,
                 free / 2**30,
             )
     options = session_options(ort_ops, threads)
+    providers = providers or ["CPUExecutionProvider"]
+    if weights and ort_ops is None and unpack == UNPACK_STREAM:
+        logger.info("%s: unpacking %d quantized weights layer by layer for onnxruntime (--unpack stream)", path, weights)
+        with unpacked_graph(path) as dense_path:
+            return ort.InferenceSession(str(dense_path), options, providers=providers)
     try:
-        return ort.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled or None
-        )
+        return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled or None)
     except Exception as exc:  # onnxruntime raises its own exception types
         if ort_ops is None:
             raise

@@ -68,11 +68,15 @@ def test_warns_when_folding_will_not_fit(
 ) -> None:
     monkeypatch.setattr(ort_session, "available_memory", lambda: 1024)
     with caplog.at_level(logging.WARNING, logger="sqz_export.ort_session"):
-        ort_session.create_session(tiny_export("llama", "fp32") / MODEL_FILE)
-    assert "--unpack call" in caplog.text
+        ort_session.create_session(tiny_export("llama", "fp32") / MODEL_FILE, unpack=ort_session.UNPACK_SESSION)
+    assert "--unpack stream" in caplog.text and "--unpack call" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sqz_export.ort_session"):
-        ort_session.create_session(tiny_export("llama", "fp32") / BASELINE_FILE)  # no SqzLinear: nothing to fold
+        ort_session.create_session(tiny_export("llama", "fp32") / MODEL_FILE)  # stream: no folding peak to warn of
+    assert caplog.text == ""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sqz_export.ort_session"):
+        ort_session.create_session(tiny_export("llama", "fp32") / BASELINE_FILE, unpack=ort_session.UNPACK_SESSION)  # nothing to fold
     assert caplog.text == ""
 
 
@@ -84,7 +88,7 @@ def test_available_memory_reads_meminfo() -> None:
         assert free is None
 
 
-def test_cli_generate_unpack_call(tiny_export: Callable[[str, str], Path], tmp_path: Path) -> None:
+def test_cli_generate_every_unpack_mode(tiny_export: Callable[[str, str], Path], tmp_path: Path) -> None:
     folder = tiny_export("llama", "fp32")
     outputs = {}
     for unpack in ort_session.UNPACK_MODES:
@@ -92,4 +96,4 @@ def test_cli_generate_unpack_call(tiny_export: Callable[[str, str], Path], tmp_p
         args = ["generate", "--onnx", str(folder), "--prompt", "The quick", "--max-new-tokens", "5"]
         assert main([*args, "--unpack", unpack, "--json", str(summary)]) == 0
         outputs[unpack] = json.loads(summary.read_text())["new_ids"]
-    assert outputs["call"] == outputs["session"]
+    assert outputs["call"] == outputs["session"] == outputs["stream"]

@@ -33,12 +33,14 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
 def add_unpack_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unpack",
-        choices=("session", "call"),
-        default="session",
-        help="when onnxruntime unpacks model.onnx's SqzLinear layers (its ONNX function): 'session' folds them into "
-        "dense fp32 weights once, at session creation (FP16 speed; about 25 bytes per quantized weight at the peak), "
-        "'call' on every run (holds only the packed weights; decoding 20-35x slower) (default: session). No effect on "
-        "SqzLinear with --ort-ops: the custom-op library's kernel runs it on the packed weights",
+        choices=("stream", "session", "call"),
+        default="stream",
+        help="how model.onnx's SqzLinear layers are unpacked for onnxruntime when it runs their ONNX function: "
+        "'stream' unpacks them one layer at a time into a temporary dense copy of the graph next to the model, which "
+        "onnxruntime loads like baseline.onnx (FP16 speed and about the baseline's memory; the default), 'session' lets "
+        "onnxruntime's constant folding unpack them at session creation (the same outputs, about 25 bytes per "
+        "quantized weight at the peak), 'call' unpacks on every run (holds only the packed weights; decoding 20-35x "
+        "slower). No effect on SqzLinear with --ort-ops: the custom-op library's kernel runs it on the packed weights",
     )
 
 

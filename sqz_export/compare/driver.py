@@ -35,7 +35,7 @@ from sqz_export.defaults import DEFAULT_DATASET
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
 from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE, read_manifest
-from sqz_export.ort_session import UNPACK_SESSION
+from sqz_export.ort_session import UNPACK_STREAM
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class CompareOptions:
     providers: list[str] | None = None
     ort_ops: Path | None = None
     """onnxruntime custom-op library for model.onnx's SqzLinear nodes (None: their ONNX function)."""
-    unpack: str = UNPACK_SESSION
+    unpack: str = UNPACK_STREAM
     """When model.onnx's SqzLinear function fallback unpacks (``sqz_export.ort_session``); no effect with ``ort_ops``."""
 
 

@@ -15,14 +15,14 @@ from polygraphy.common import TensorMetadata
 
 from sqz_export.errors import UserError
 from sqz_export.export.signature import DecoderSignature
-from sqz_export.ort_session import UNPACK_SESSION, create_session
+from sqz_export.ort_session import UNPACK_STREAM, create_session
 
 
 def onnxrt_runner(
     path: Path,
     name: str,
     providers: list[str] | None = None,
-    unpack: str = UNPACK_SESSION,
+    unpack: str = UNPACK_STREAM,
     ort_ops: Path | None = None,
 ) -> OnnxrtRunner:
     """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise).
