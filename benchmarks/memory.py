@@ -3,7 +3,8 @@
 For each LLaMA-shaped size, random weights are built in code (random packed 3-bit layers with 0.45%
 sparse, no calibration), saved as an FP16 source folder (safetensors) and a checkpoint, and then
 every stage runs in its own child process, which reports its own peak RSS (``ru_maxrss``, which
-counts file pages mapped into the process too). Stages, in the pipeline's order (``STAGES``):
+counts file pages mapped into the process too), with glibc's allocator tuned as the ``sqz-export``
+command tunes it (``sqz_export.cli.return_freed_memory``). Stages, in the pipeline's order (``STAGES``):
 
 - ``export``: ``export_checkpoint`` (model.onnx + baseline.onnx);
 - ``session-baseline``, ``session-model``, ``session-model-fold``, ``session-model-call``: sqz-export's
@@ -208,6 +209,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.stage is not None:  # child mode: one stage, report its own peak
+        from sqz_export.cli import return_freed_memory
+
+        return_freed_memory()  # glibc tuned as the sqz-export command tunes it, so a stage holds what the CLI would
         start = time.perf_counter()
         work = args.work / args.size
         work.mkdir(parents=True, exist_ok=True)

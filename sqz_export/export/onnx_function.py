@@ -45,7 +45,9 @@ creation per weight: 22 bytes dense-only, 29 with 0.45% sparse, against 74 for t
 factor of the dense weights: its last step gathers from the LUT with an int32 [K, N] index (Gather
 and GatherElements take no narrower one), and index and result are both folded outputs, 8 bytes per
 weight before whatever computes the index. ``sqz_export.ort_session`` documents this and offers the
-other choice, unpacking on every run (``--unpack call``). The outputs are bit-identical to the
+other choices: sqz-export unpacking each layer itself before onnxruntime loads the graph (``--unpack
+stream``, the default of its sessions, ``sqz_export.unpacked_graph``), or unpacking on every run
+(``--unpack call``). The outputs are bit-identical to the
 previous body's on onnxruntime's CPU provider (``tests/test_onnx_function.py``).
 """
 
