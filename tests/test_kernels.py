@@ -20,6 +20,7 @@ from toolchain import cuda_include_dir
 
 from sqz_export import kernels
 from sqz_export.kernels import benchutil, build
+from sqz_export.kernels.ops import CPU_GEMM_MIN_M
 from sqz_export.formats import FormatError, PackedLinear, SparsePart, pack_indices, to_rowmajor
 from sqz_export.runtime import SqzLinear
 
@@ -277,6 +278,38 @@ def test_cpu_kernel_identity_and_integer_cases_are_exact(isa: str) -> None:
         assert torch.equal(run_op(PackedLinear(bits, 45, 45, pack_indices(indices, bits), lut), x, kernel=isa), x)
         layer, x, expected = integer_layer(bits, torch.float16)
         assert torch.equal(run_op(layer, x, kernel=isa), expected)
+
+
+@pytest.mark.parametrize("m", [CPU_GEMM_MIN_M, 40])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", CPU_KERNEL_SHAPES + [(4224, 300)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_large_m_dequantized_gemm_matches_torch_reference(bits: int, shape: tuple[int, int], density: float, m: int) -> None:
+    """kernel="auto" from CPU_GEMM_MIN_M rows on: W in tiles (N = 300 at K = 4224 needs two 1M-weight
+    tiles, the second partial), dequantized by the best ISA (scalar for 2 and 8 bits), into torch's GEMM."""
+    k, n = shape
+    layer = random_layer(n, k, bits, density, seed=bits * 7 + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 3 + k))
+    torch.testing.assert_close(run_op(layer, x), x @ layer.weight().t(), **tolerance("sqz_linear_cpu", torch.float32))
+    below = x[: CPU_GEMM_MIN_M - 1]
+    torch.testing.assert_close(run_op(layer, below), run_op(layer, below, kernel="gemv"), rtol=0, atol=0)
+
+
+def test_large_m_identity_and_integer_cases_are_exact(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqz_export.kernels import ops
+
+    monkeypatch.setattr(ops, "_logged_choices", set())  # each choice is logged once per process
+    with caplog.at_level("INFO", logger="sqz_export.kernels.ops"):
+        for bits in (3, 4):
+            indices = torch.eye(45, dtype=torch.int64)
+            lut = torch.zeros(45, 1 << bits, dtype=torch.float16)
+            lut[:, 1] = 1.0
+            x = torch.randn(CPU_GEMM_MIN_M + 3, 45).to(torch.float16)
+            assert torch.equal(run_op(PackedLinear(bits, 45, 45, pack_indices(indices, bits), lut), x), x)
+            layer, x, expected = integer_layer(bits, torch.float16)
+            x, expected = x.repeat(CPU_GEMM_MIN_M, 1), expected.repeat(CPU_GEMM_MIN_M, 1)
+            assert torch.equal(run_op(layer, x), expected)
+    assert "dequantized tiles + torch GEMM" in caplog.text
 
 
 def test_cpu_kernel_rejects_an_isa_the_cpu_lacks() -> None:

@@ -73,6 +73,12 @@ char const* sqzCpuValidate(CpuShape const& shape) noexcept;
 //! sqzCpuEffectiveIsa for the bit widths that run scalar). Inputs must have been validated.
 void sqzLinearCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd) noexcept;
 
+//! Rows [rowBegin, rowEnd) of the dense weight W = LUT[idx] + S as fp32 [rowEnd - rowBegin, inFeatures]
+//! row-major at `w` (the CSR values added in fp32 to their LUT entries, as sqz_export's torch reference
+//! builds W), for a GEMM to multiply: the large-M path of the callers. Same ISA rules and threading as
+//! sqzLinearCpuRows; x and y are not read.
+void sqzDequantCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd, float* w) noexcept;
+
 //! Cuts [0, N) into `parts` ranges of equal work: bounds[0] = 0 <= bounds[1] <= ... <= bounds[parts] = N.
 //! Work of row n = its packed words + its non-zeros (rowPtr, when nnz > 0), so the cumulative work up
 //! to row n is n * words + rowPtr[n] and each bound is a binary search.

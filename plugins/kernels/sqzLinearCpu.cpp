@@ -86,6 +86,23 @@ void detail::finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m
     }
 }
 
+void detail::finishDequant(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t kBegin, float* out) noexcept
+{
+    int64_t const K = s.inFeatures;
+    int32_t const entries = format::lutEntries(s.bits);
+    auto const* row = reinterpret_cast<uint32_t const*>(a.qweight) + n * format::packedWords(K, s.bits);
+    for (int64_t k = kBegin; k < K; ++k)
+    {
+        out[k] = format::halfBitsToFloat(a.lut[n * entries + format::rowIndex(row, s.bits, k)]);
+    }
+    int32_t const nzBegin = s.nnz > 0 ? a.rowPtr[n] : 0;
+    int32_t const nzEnd = s.nnz > 0 ? a.rowPtr[n + 1] : 0;
+    for (int32_t j = nzBegin; j < nzEnd; ++j)
+    {
+        out[a.col[j]] += format::halfBitsToFloat(a.val[j]);
+    }
+}
+
 bool sqzCpuSupports(Isa isa) noexcept
 {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -147,6 +164,25 @@ void sqzLinearCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t rowB
     case Isa::kAvx512: detail::rowsAvx512(s, a, rowBegin, rowEnd); return;
     case Isa::kAvx2: detail::rowsAvx2(s, a, rowBegin, rowEnd); return;
     case Isa::kScalar: rowsScalar(s, a, rowBegin, rowEnd); return;
+    }
+}
+
+void sqzDequantCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t rowBegin, int64_t rowEnd, float* w) noexcept
+{
+    if (rowBegin >= rowEnd)
+    {
+        return;
+    }
+    switch (sqzCpuEffectiveIsa(isa, s.bits))
+    {
+    case Isa::kAvx512: detail::dequantAvx512(s, a, rowBegin, rowEnd, w); return;
+    case Isa::kAvx2: detail::dequantAvx2(s, a, rowBegin, rowEnd, w); return;
+    case Isa::kScalar:
+        for (int64_t n = rowBegin; n < rowEnd; ++n)
+        {
+            detail::finishDequant(s, a, n, 0, w + (n - rowBegin) * s.inFeatures);
+        }
+        return;
     }
 }
 

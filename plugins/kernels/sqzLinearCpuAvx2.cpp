@@ -70,6 +70,7 @@ struct Avx2
         }
     }
 
+    static void store(float* out, V w) { _mm256_storeu_ps(out, w); }
     static V zero() { return _mm256_setzero_ps(); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static V fma(V w, float const* x, V acc) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc); }
@@ -89,7 +90,13 @@ void sqz::cpu::detail::rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0,
     rowsByBits<Avx2>(s, a, r0, r1);
 }
 
+void sqz::cpu::detail::dequantAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept
+{
+    dequantByBits<Avx2>(s, a, r0, r1, w);
+}
+
 #pragma GCC pop_options
 #else
 void sqz::cpu::detail::rowsAvx2(CpuShape const&, CpuArgs const&, int64_t, int64_t) noexcept {}
+void sqz::cpu::detail::dequantAvx2(CpuShape const&, CpuArgs const&, int64_t, int64_t, float*) noexcept {}
 #endif

@@ -75,6 +75,7 @@ struct Avx512
         return _mm512_permutexvar_ps(idx, l.all);
     }
 
+    static void store(float* out, V w) { _mm512_storeu_ps(out, w); }
     static V zero() { return _mm512_setzero_ps(); }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
@@ -88,8 +89,14 @@ void sqz::cpu::detail::rowsAvx512(CpuShape const& s, CpuArgs const& a, int64_t r
     rowsByBits<Avx512>(s, a, r0, r1);
 }
 
+void sqz::cpu::detail::dequantAvx512(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept
+{
+    dequantByBits<Avx512>(s, a, r0, r1, w);
+}
+
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #else
 void sqz::cpu::detail::rowsAvx512(CpuShape const&, CpuArgs const&, int64_t, int64_t) noexcept {}
+void sqz::cpu::detail::dequantAvx512(CpuShape const&, CpuArgs const&, int64_t, int64_t, float*) noexcept {}
 #endif

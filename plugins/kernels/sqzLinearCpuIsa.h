@@ -18,6 +18,14 @@ namespace detail
 //! sparse non-zeros in CSR order, as sqzLinearRef). y holds the dense sum over k < kBegin.
 void finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin) noexcept;
 
+//! Row n of W as fp32 at out[0, K): entries k >= kBegin from the LUT (scalar), then the CSR values of
+//! row n added to theirs; out[0, kBegin) holds the decoded LUT entries.
+void finishDequant(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t kBegin, float* out) noexcept;
+
+//! W rows [r0, r1) as fp32 [r1 - r0, K] at w, with AVX2 + FMA + F16C / AVX-512F; bits must be 3 or 4.
+void dequantAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept;
+void dequantAvx512(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept;
+
 //! Rows [r0, r1) with AVX2 + FMA + F16C; bits must be 3 or 4.
 void rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
 

@@ -211,6 +211,44 @@ void rowsSimd(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)
     }
 }
 
+//! W rows [r0, r1) as fp32 [r1 - r0, K] at w: each group's indices decoded kLanes at a time as in the
+//! GEMV, stored instead of multiplied; the K tail (< 32) and the CSR values are added by finishDequant.
+template <class T, int BITS>
+void dequantSimd(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w)
+{
+    constexpr int kSteps = 32 / T::kLanes;
+    int64_t const K = s.inFeatures;
+    int64_t const words = static_cast<int64_t>(BITS) * ((K + 31) / 32);
+    for (int64_t n = r0; n < r1; ++n)
+    {
+        auto const* row = reinterpret_cast<uint32_t const*>(a.qweight) + n * words;
+        typename T::Lut const lut = T::template loadLut<BITS>(a.lut + n * (1 << BITS));
+        float* out = w + (n - r0) * K;
+        for (int64_t g = 0; g < K / 32; ++g)
+        {
+#pragma GCC unroll 4
+            for (int step = 0; step < kSteps; ++step)
+            {
+                T::store(out + g * 32 + step * T::kLanes, T::template weights<BITS>(row + g * BITS, step, lut));
+            }
+        }
+        sqz::cpu::detail::finishDequant(s, a, n, (K / 32) * 32, out);
+    }
+}
+
+template <class T>
+void dequantByBits(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w)
+{
+    if (s.bits == 3)
+    {
+        dequantSimd<T, 3>(s, a, r0, r1, w);
+    }
+    else
+    {
+        dequantSimd<T, 4>(s, a, r0, r1, w);
+    }
+}
+
 //! rowsSimd for the row's bit width (3 or 4; sqzCpuEffectiveIsa sends the others to the scalar path).
 template <class T>
 void rowsByBits(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)

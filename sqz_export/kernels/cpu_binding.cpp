@@ -1,4 +1,5 @@
 // Python binding of the SqzLinear CPU kernel (plugins/common/sqzLinearCpu.h) for torch tensors.
+// For large M it dequantizes W tile by tile (sqzDequantCpuRows) into torch's GEMM instead.
 //
 // Only the call itself lives here; the op schema, argument checks with tensor names, dtype handling
 // and the kernel-choice logging are in sqz_export/kernels/ops.py. Output rows are split into
@@ -7,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -23,10 +25,34 @@ sqz::cpu::Isa toIsa(int64_t isa)
     return value;
 }
 
-// y = x W^T, fp32 [M, N] from fp32 x [M, K] (contiguous); tensors were checked in ops.py.
+constexpr int64_t kDEQUANT_TILE_WEIGHTS = int64_t{1} << 20; //!< weights per dequantized tile (4 MiB of fp32: in L3; 16 MiB measured no faster)
+
+// The large-M path: W in tiles of output rows, each dequantized to fp32 (on torch's threads) and
+// multiplied by torch's GEMM (its own threads), so the packed words are decoded once per call rather
+// than once per tile of x rows, and the multiply runs at GEMM speed.
+void dequantGemm(sqz::cpu::CpuShape const& shape, sqz::cpu::CpuArgs const& args, sqz::cpu::Isa isa,
+    torch::Tensor const& x, torch::Tensor& y)
+{
+    int64_t const N = shape.outFeatures;
+    int64_t const K = shape.inFeatures;
+    int64_t const tileRows = std::max<int64_t>(1, std::min<int64_t>(N, kDEQUANT_TILE_WEIGHTS / K));
+    torch::Tensor w = torch::empty({tileRows, K}, x.options());
+    float* const wp = w.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N; n0 += tileRows)
+    {
+        int64_t const rows = std::min(tileRows, N - n0);
+        at::parallel_for(n0, n0 + rows, 16, [&](int64_t begin, int64_t end) {
+            sqz::cpu::sqzDequantCpuRows(shape, args, isa, begin, end, wp + (begin - n0) * K);
+        });
+        y.narrow(1, n0, rows).copy_(at::mm(x, w.narrow(0, 0, rows).t()));
+    }
+}
+
+// y = x W^T, fp32 [M, N] from fp32 x [M, K] (contiguous); tensors were checked in ops.py. `gemm`:
+// dequantized tiles into torch's GEMM (large M) instead of the LUT GEMV.
 torch::Tensor linear(torch::Tensor const& x, torch::Tensor const& qweight, torch::Tensor const& lut,
     std::optional<torch::Tensor> const& rowPtr, std::optional<torch::Tensor> const& col,
-    std::optional<torch::Tensor> const& val, int64_t bits, int64_t isa)
+    std::optional<torch::Tensor> const& val, int64_t bits, int64_t isa, bool gemm)
 {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && x.scalar_type() == torch::kFloat32,
         "sqz_linear: x must be a contiguous 2-D fp32 CPU tensor");
@@ -58,6 +84,11 @@ torch::Tensor linear(torch::Tensor const& x, torch::Tensor const& qweight, torch
         args.val = reinterpret_cast<uint16_t const*>(val->data_ptr<at::Half>());
     }
     args.y = y.data_ptr<float>();
+    if (gemm && shape.m > 0)
+    {
+        dequantGemm(shape, args, kernelIsa, x, y);
+        return y;
+    }
     int32_t const parts = static_cast<int32_t>(std::max(1, at::get_num_threads()));
     std::vector<int64_t> bounds(static_cast<size_t>(parts) + 1);
     sqz::cpu::sqzLinearCpuSplit(shape, args.rowPtr, parts, bounds.data());

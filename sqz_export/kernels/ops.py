@@ -8,10 +8,12 @@ optional CSR sparse part (all four tensors or none); returns y [M, N] in x's dty
 
 - CPU: the C++ LUT kernel of plugins/kernels/sqzLinearCpu.cpp through the CPU extension
   (:func:`sqz_export.kernels.build.cpu_extension`, built by scripts/setup.sh): x is converted to
-  fp32, the packed weight is read once per call (never expanded), fp32 accumulation, one rounding to
-  x's dtype. ``kernel`` = "auto" or "gemv" (the widest ISA the CPU has), "scalar", "avx2", "avx512"
-  (that ISA, an error where the CPU lacks it), or "dequant_gemm" (the torch reference: the whole
-  weight dequantized, then a matmul). The ISA that ran is logged (INFO, once per layer shape).
+  fp32, fp32 accumulation, one rounding to x's dtype. Below ``CPU_GEMM_MIN_M`` rows of x the LUT
+  GEMV reads the packed weight once per call (never expanded); from there on ``kernel="auto"``
+  dequantizes W in tiles of 1M weights (4 MiB) into torch's GEMM. ``kernel`` = "auto", "gemv" (the
+  GEMV at every M, the widest ISA the CPU has), "scalar", "avx2", "avx512" (the GEMV with that ISA,
+  an error where the CPU lacks it), or "dequant_gemm" (the torch reference: the whole weight
+  dequantized, then a matmul). The ISA that ran is logged (INFO, once per layer shape).
 - fp32 activations on CUDA: the torch reference, the semantics of
   :func:`sqz_export.kernels.reference.sqz_reference_weight`, fp32 matmul, one rounding to x's dtype.
 - CUDA (fp16/bf16): the kernels of plugins/kernels/sqzLinear.cu through the JIT extension
@@ -34,6 +36,12 @@ KERNEL_KINDS = {"auto": 0, "gemv": 1, "dequant_gemm": 2}
 """Values of the op's ``kernel`` argument -> sqz::KernelKind (CUDA)."""
 CPU_ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 """Values of the op's ``kernel`` argument that force an ISA of the CPU kernel -> sqz::cpu::Isa."""
+CPU_GEMM_MIN_M = 16
+"""From this many rows of x on, kernel="auto" on CPU dequantizes W in tiles into torch's GEMM instead
+of the LUT GEMV. Measured on LLaMA-7B shapes, 3-bit, on the 2-core AVX-512 dev machine (quiet): at
+M = 8 the GEMV is faster (4096 x 4096: about 7.4 ms against 11.7), at M = 16 the GEMM path is
+(13.2 ms against 16.1; 32.8 against 36.1 at 4096 x 11008), and at M = 64 it takes 21.9 ms, where the
+GEMV's cost grows with every 16 rows."""
 
 _SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor lut, Tensor? row_ptr, Tensor? col, Tensor? val, Tensor? chunk_row, "
@@ -148,9 +156,11 @@ def cpu_linear(x, qweight, lut, row_ptr, col, val, bits: int, kernel: str) -> to
     isa = cpu_isa(kernel, bits)
     m, k = x.shape
     nnz = col.numel() if col is not None else 0
-    _log_cpu_choice(m, k, qweight.shape[0], bits, nnz, f"lut-gemv {ext.isa_name(isa)}")
+    gemm = kernel == "auto" and m >= CPU_GEMM_MIN_M
+    name = f"dequantized tiles + torch GEMM {ext.isa_name(isa)}" if gemm else f"lut-gemv {ext.isa_name(isa)}"
+    _log_cpu_choice(m, k, qweight.shape[0], bits, nnz, name)
     sparse = (row_ptr.contiguous(), col.contiguous(), val.contiguous()) if nnz else (None, None, None)
-    y = ext.linear(x.to(torch.float32).contiguous(), qweight.contiguous(), lut.contiguous(), *sparse, bits, isa)
+    y = ext.linear(x.to(torch.float32).contiguous(), qweight.contiguous(), lut.contiguous(), *sparse, bits, isa, gemm)
     return y.to(x.dtype)
 
 
