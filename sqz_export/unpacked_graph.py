@@ -172,6 +172,13 @@ def unpacked_graph(model_path: Path) -> Iterator[Path]:
     except OSError:
         folder = Path(tempfile.mkdtemp(prefix="sqz-unpacked-"))
     try:
-        yield write_unpacked_graph(model_path, folder)
+        try:
+            written = write_unpacked_graph(model_path, folder)
+        except OSError as exc:  # a full disk or a quota: say where, and what needs no copy
+            raise UserError(
+                f"could not write the unpacked copy of {model_path} to {folder} ({exc}); it needs about the size of "
+                "baseline.onnx there. --unpack session (onnxruntime folds in memory) or --unpack call need no copy"
+            ) from exc
+        yield written
     finally:
         shutil.rmtree(folder, ignore_errors=True)

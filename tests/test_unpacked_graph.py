@@ -91,3 +91,18 @@ def test_unwritable_model_folder_falls_back_to_the_temporary_folder(
     monkeypatch.setattr(unpacked_graph.tempfile, "mkdtemp", mkdtemp)
     np.testing.assert_array_equal(prefill_logits(path, ort_session.UNPACK_STREAM), prefill_logits(path, ort_session.UNPACK_SESSION))
     assert used and not Path(used[0]).exists()
+
+
+def test_a_failed_copy_is_a_clear_error_and_leaves_nothing(tiny_export: Callable[[str, str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqz_export.errors import UserError
+
+    folder = tiny_export("llama", "fp32")
+
+    def full_disk(model_path: Path, out: Path) -> Path:
+        (out / "partial.onnx.data").write_bytes(b"0" * 16)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(unpacked_graph, "write_unpacked_graph", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*--unpack session"):
+        ort_session.create_session(folder / MODEL_FILE)
+    assert not any(p.name.startswith(".sqz-unpacked-") for p in folder.iterdir())
