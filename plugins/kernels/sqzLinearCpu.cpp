@@ -103,6 +103,17 @@ void detail::finishDequant(CpuShape const& s, CpuArgs const& a, int64_t n, int64
     }
 }
 
+bool detail::hasAvx512Vbmi() noexcept
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    static bool const has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+    return has;
+#else
+    return false;
+#endif
+}
+
 bool sqzCpuSupports(Isa isa) noexcept
 {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -161,7 +172,9 @@ void sqzLinearCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t rowB
     }
     switch (sqzCpuEffectiveIsa(isa, s.bits))
     {
-    case Isa::kAvx512: detail::rowsAvx512(s, a, rowBegin, rowEnd); return;
+    case Isa::kAvx512:
+        detail::hasAvx512Vbmi() ? detail::rowsAvx512Vbmi(s, a, rowBegin, rowEnd) : detail::rowsAvx512(s, a, rowBegin, rowEnd);
+        return;
     case Isa::kAvx2: detail::rowsAvx2(s, a, rowBegin, rowEnd); return;
     case Isa::kScalar: rowsScalar(s, a, rowBegin, rowEnd); return;
     }
@@ -175,7 +188,9 @@ void sqzDequantCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t row
     }
     switch (sqzCpuEffectiveIsa(isa, s.bits))
     {
-    case Isa::kAvx512: detail::dequantAvx512(s, a, rowBegin, rowEnd, w); return;
+    case Isa::kAvx512:
+        detail::hasAvx512Vbmi() ? detail::dequantAvx512Vbmi(s, a, rowBegin, rowEnd, w) : detail::dequantAvx512(s, a, rowBegin, rowEnd, w);
+        return;
     case Isa::kAvx2: detail::dequantAvx2(s, a, rowBegin, rowEnd, w); return;
     case Isa::kScalar:
         for (int64_t n = rowBegin; n < rowEnd; ++n)

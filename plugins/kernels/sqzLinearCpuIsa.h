@@ -26,6 +26,12 @@ void finishDequant(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t kBegi
 void dequantAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept;
 void dequantAvx512(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept;
 
+//! The same rows and weights with AVX-512F + BW + VL + VBMI (a cheaper decode, the same bits); the
+//! kAvx512 path runs these where hasAvx512Vbmi() says so.
+void rowsAvx512Vbmi(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
+void dequantAvx512Vbmi(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept;
+bool hasAvx512Vbmi() noexcept;
+
 //! Rows [r0, r1) with AVX2 + FMA + F16C; bits must be 3 or 4.
 void rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
 

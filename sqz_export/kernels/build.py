@@ -54,6 +54,7 @@ def cpu_source_files() -> list[Path]:
         kernels / "sqzLinearCpu.cpp",
         kernels / "sqzLinearCpuAvx2.cpp",
         kernels / "sqzLinearCpuAvx512.cpp",
+        kernels / "sqzLinearCpuAvx512Vbmi.cpp",
     ]
 
 
