@@ -312,6 +312,22 @@ def test_large_m_identity_and_integer_cases_are_exact(caplog: pytest.LogCaptureF
     assert "dequantized tiles + torch GEMM" in caplog.text
 
 
+def test_both_avx512_decodes_give_the_same_bits(tmp_path: Path) -> None:
+    """plugins/kernels/tests/sqzCpuDecodePaths.cpp: GEMV and dequantization, 240 shapes, bit for bit."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if compiler is None or " avx512vbmi" not in cpu_flags:
+        pytest.skip("needs g++ and a CPU with AVX512_VBMI (both decodes must run)")
+    kernels_dir = REPO / "plugins" / "kernels"
+    sources = ["tests/sqzCpuDecodePaths.cpp", "sqzLinearCpu.cpp", "sqzLinearCpuAvx2.cpp", "sqzLinearCpuAvx512.cpp", "sqzLinearCpuAvx512Vbmi.cpp"]
+    binary = tmp_path / "decode_paths"
+    cmd = [compiler, "-std=c++17", "-O2", f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", *(str(kernels_dir / s) for s in sources), "-o", str(binary)]
+    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"compiling the decode comparison failed:\n{built.stderr}"
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+    assert ran.returncode == 0 and "240 cases, 0 differ" in ran.stdout, ran.stdout
+
+
 def test_cpu_kernel_rejects_an_isa_the_cpu_lacks() -> None:
     missing = [isa for isa in kernels.CPU_ISAS if isa not in CPU_KERNEL_ISAS]
     if not missing:
