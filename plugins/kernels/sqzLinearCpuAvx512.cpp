@@ -30,28 +30,21 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "sqzLinearCpuAvx512Lanes.h"
 #include "sqzLinearCpuRow.h"
 
 namespace
 {
 
-struct Avx512
+//! Lut::all for 3 bits: lanes 8-15 zero, never indexed (the shift + mask decode leaves no fourth bit).
+struct Avx512 : Avx512Lanes
 {
-    using V = __m512;
-    static constexpr int kLanes = 16;
-    static constexpr int kMaxTile = 16; // 32 zmm registers: 16 accumulators + LUT + decode temporaries
-
-    struct Lut
-    {
-        __m512 all; //!< entries 0..2^bits-1 (3-bit: lanes 8-15 zero, never indexed)
-    };
-
     template <int BITS>
     static Lut loadLut(uint16_t const* lut)
     {
         if constexpr (BITS == 4)
         {
-            return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(lut)))};
+            return loadLut16(lut);
         }
         else
         {
@@ -74,12 +67,6 @@ struct Avx512
         __m512i const idx = _mm512_and_si512(_mm512_srlv_epi32(stream, shifts), _mm512_set1_epi32((1 << BITS) - 1));
         return _mm512_permutexvar_ps(idx, l.all);
     }
-
-    static void store(float* out, V w) { _mm512_storeu_ps(out, w); }
-    static V zero() { return _mm512_setzero_ps(); }
-    static V add(V a, V b) { return _mm512_add_ps(a, b); }
-    static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
-    static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
 
 } // namespace

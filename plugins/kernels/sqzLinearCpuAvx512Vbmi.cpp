@@ -29,28 +29,21 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "sqzLinearCpuAvx512Lanes.h"
 #include "sqzLinearCpuRow.h"
 
 namespace
 {
 
-struct Avx512Vbmi
+//! Lut::all for 3 bits: entries 0-7 twice (a decoded 3-bit index carries the next index's low bit).
+struct Avx512Vbmi : Avx512Lanes
 {
-    using V = __m512;
-    static constexpr int kLanes = 16;
-    static constexpr int kMaxTile = 16;
-
-    struct Lut
-    {
-        __m512 all; //!< 16 entries; 3-bit: entries 0-7 twice
-    };
-
     template <int BITS>
     static Lut loadLut(uint16_t const* lut)
     {
         if constexpr (BITS == 4)
         {
-            return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(lut)))};
+            return loadLut16(lut);
         }
         else
         {
@@ -80,12 +73,6 @@ struct Avx512Vbmi
         __m128i const bytes = _mm_multishift_epi64_epi8(offsets, _mm_set1_epi64x(static_cast<long long>(window)));
         return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), l.all);
     }
-
-    static void store(float* out, V w) { _mm512_storeu_ps(out, w); }
-    static V zero() { return _mm512_setzero_ps(); }
-    static V add(V a, V b) { return _mm512_add_ps(a, b); }
-    static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
-    static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
 
 } // namespace

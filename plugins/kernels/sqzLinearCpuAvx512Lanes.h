@@ -1,0 +1,37 @@
+/*
+ * sqzLinearCpuAvx512Lanes.h: the 16-lane fp32 operations that both AVX-512 traits of the CPU kernel
+ * share (sqzLinearCpuAvx512.cpp: broadcast + shift decode; sqzLinearCpuAvx512Vbmi.cpp: vpmultishiftqb
+ * decode). Each of those files includes it after its own `#pragma GCC target`, and nothing else does:
+ * it has internal linkage, so every copy is compiled for its file's ISA only.
+ */
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace
+{
+
+struct Avx512Lanes
+{
+    using V = __m512;
+    static constexpr int kLanes = 16;
+    static constexpr int kMaxTile = 16; // 32 zmm registers: 16 accumulators + LUT + decode temporaries
+
+    struct Lut
+    {
+        __m512 all; //!< the row's LUT as 16 fp32 lanes, indexed by vpermps with the low 4 bits of an index
+    };
+
+    //! The 16 fp16 entries of a 4-bit row's LUT.
+    static Lut loadLut16(uint16_t const* lut) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(lut)))}; }
+
+    static void store(float* out, V w) { _mm512_storeu_ps(out, w); }
+    static V zero() { return _mm512_setzero_ps(); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
+    static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+
+} // namespace
