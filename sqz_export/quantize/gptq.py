@@ -12,10 +12,10 @@ grid per row and no groups the order costs nothing at run time (the packed indic
 original column order). In the natural order GPTQ loses to RTN on SmolLM2-135M (4-bit dense, 20
 Wikipedia windows: 47.6 against RTN's 40.3; act-order 37.5). The cause is the attention sink: the
 first token of a window is 0.1% or less of ``X^T X``'s mass in the middle blocks, so the natural-order
-sweep trades its q/k/v error freely (2.7-11x RTN's at that token, measured on held-out windows) while
+sweep trades its q/k/v error freely (1.6-11.5x RTN's at that token, measured on held-out windows) while
 every later query attends to it; quantizing only v_proj by RTN instead recovers most of the loss.
 Act-order quantizes the large-activation columns first, while the most columns are left to absorb
-their error, which keeps the sink token's error near RTN's.
+their error (same 20 windows: 37.5; 33.4 with v_proj by RTN, so the sink still costs it something).
 
 Exact (sparse) positions take the value the feedback gives them, exactly (the CSR residual stores it),
 so they carry no error and absorb updates like SpQR's outliers; they are chosen by magnitude and do not
