@@ -2,9 +2,9 @@
 
 GPTQ is what users would pick instead of SqueezeLLM, so sqz-export measures against it on the same
 data. Per output row the grid is RTN's (GPTQ's own asymmetric per-channel ``Quantizer``, rtn.py), and
-columns are quantized one at a time (in act-order, below), each one's error fed back into the columns not yet quantized
-through the Cholesky factor of ``H^-1`` (``H = X^T X`` from calibration, damped by 1% of its mean
-diagonal), with GPTQ's lazy blocks of 128 columns. The grid itself is fixed from the original weights,
+columns are quantized one at a time (in act-order, below), each one's error fed back into the columns
+not yet quantized through the Cholesky factor of ``H^-1`` (``H = X^T X`` from calibration, damped by
+1% of its mean diagonal), with GPTQ's lazy blocks of 128 columns. The grid itself is fixed from the original weights,
 as in GPTQ without grouping.
 
 Columns are visited in GPTQ's "act-order" (descending ``H_jj``, AutoGPTQ's ``desc_act``): with one
