@@ -132,12 +132,7 @@ def write_unpacked_graph(model_path: Path, folder: Path) -> Path:
             if dtype != np.float32:
                 matmul_input = f"{prefix}.dense_weight_t_f32"
                 nodes.append(helper.make_node("Cast", [weight_name], [matmul_input], name=f"{prefix}.cast_weight", to=TensorProto.FLOAT))
-            x, y = node.input[0], node.output[0]
-            nodes += [
-                helper.make_node("Cast", [x], [f"{prefix}.x_f32"], name=f"{prefix}.cast_x", to=TensorProto.FLOAT),
-                helper.make_node("MatMul", [f"{prefix}.x_f32", matmul_input], [f"{prefix}.y_f32"], name=f"{prefix}.matmul"),
-                helper.make_node("CastLike", [f"{prefix}.y_f32", x], [y], name=f"{prefix}.cast_y"),
-            ]
+            nodes += fn.matmul_nodes(matmul_input, x=node.input[0], y=node.output[0], scratch=f"{prefix}.")
             replaced.update(packed)
         still_read = {name for node in nodes for name in node.input}
         kept = []

@@ -211,17 +211,20 @@ def _sparse_nodes() -> list[onnx.NodeProto]:
     ]
 
 
-def _matmul_nodes(weight_t: str) -> list[onnx.NodeProto]:
-    """y = x @ W^T in fp32, rounded once to x's dtype.
+def matmul_nodes(weight_t: str, x: str = "x", y: str = "y", scratch: str = "") -> list[onnx.NodeProto]:
+    """y = x @ W^T in fp32, rounded once to x's dtype: the body's last three nodes.
 
     W^T holds values of x's dtype (LUT entries are fp16; sparse sums were rounded), so for fp16 x this
     is the computation onnxruntime's CPU provider runs for an fp16 MatMul (it casts both operands to
     fp32) without an fp16 copy of W^T next to the fp32 one; for fp32 x the casts are no-ops.
+    ``sqz_export.unpacked_graph`` ends each unpacked layer with these same nodes (``x``, ``y``: the
+    node's tensors; ``scratch`` prefixes the two intermediate names), so it computes what the folded
+    function computes.
     """
     return [
-        helper.make_node("Cast", ["x"], ["x_f32"], to=TensorProto.FLOAT),
-        helper.make_node("MatMul", ["x_f32", weight_t], ["y_f32"]),  # [..., N]
-        helper.make_node("CastLike", ["y_f32", "x"], ["y"]),
+        helper.make_node("Cast", [x], [f"{scratch}x_f32"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", [f"{scratch}x_f32", weight_t], [f"{scratch}y_f32"]),  # [..., N]
+        helper.make_node("CastLike", [f"{scratch}y_f32", x], [y]),
     ]
 
 
@@ -238,14 +241,14 @@ def make_functions(onnx_opset: int) -> list[onnx.FunctionProto]:
         )
     opsets = [helper.make_opsetid("", onnx_opset)]
     dense = helper.make_function(
-        DOMAIN, OP_TYPE, list(DENSE_INPUTS), ["y"], _unpack_nodes() + _matmul_nodes("w_dense_t"), opsets, list(ATTRIBUTES)
+        DOMAIN, OP_TYPE, list(DENSE_INPUTS), ["y"], _unpack_nodes() + matmul_nodes("w_dense_t"), opsets, list(ATTRIBUTES)
     )
     sparse = helper.make_function(
         DOMAIN,
         OP_TYPE,
         list(DENSE_INPUTS + SPARSE_INPUTS),
         ["y"],
-        _unpack_nodes() + _sparse_nodes() + _matmul_nodes("w_t"),
+        _unpack_nodes() + _sparse_nodes() + matmul_nodes("w_t"),
         opsets,
         list(ATTRIBUTES),
     )
