@@ -85,12 +85,16 @@ def build_extension(name: str, sources: list[Path], includes: list[Path], extra_
             "(export CUDA_HOME=/usr/local/cuda)"
         )
     logger.info("building the extension %s (first use; cached by torch afterwards)", name)
+    # -fopenmp: ATen's at::parallel_for is inline in its headers and runs the whole range on the
+    # calling thread unless the extension itself is compiled with OpenMP. The -lgomp it links resolves
+    # to the libgomp.so.1 torch has already loaded, so the extension shares torch's thread pool.
     return cpp_extension.load(
         name=name,
         sources=[str(p) for p in sources],
         extra_include_paths=[str(p) for p in includes],
-        extra_cflags=["-O3", "-std=c++17", "-Wall", "-Wextra", *extra_cflags],
-        extra_cuda_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3", "-std=c++17", "-Wall", "-Wextra", "-fopenmp", *extra_cflags],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-Xcompiler", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         verbose=logger.isEnabledFor(logging.DEBUG),
     )
 

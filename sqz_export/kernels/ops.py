@@ -10,7 +10,7 @@ optional CSR sparse part (all four tensors or none); returns y [M, N] in x's dty
   (:func:`sqz_export.kernels.build.cpu_extension`, built by scripts/setup.sh): x is converted to
   fp32, fp32 accumulation, one rounding to x's dtype. Below ``CPU_GEMM_MIN_M`` rows of x the LUT
   GEMV reads the packed weight once per call (never expanded); from there on ``kernel="auto"``
-  dequantizes W in tiles of 1M weights (4 MiB) into torch's GEMM. ``kernel`` = "auto", "gemv" (the
+  dequantizes W in tiles of at least 1M weights (4 MiB) and 256 rows into torch's GEMM. ``kernel`` = "auto", "gemv" (the
   GEMV at every M, the widest ISA the CPU has), "scalar", "avx2", "avx512" (the GEMV with that ISA,
   an error where the CPU lacks it), or "dequant_gemm" (the torch reference: the whole weight
   dequantized, then a matmul). The ISA that ran is logged (INFO, once per layer shape).
@@ -36,12 +36,13 @@ KERNEL_KINDS = {"auto": 0, "gemv": 1, "dequant_gemm": 2}
 """Values of the op's ``kernel`` argument -> sqz::KernelKind (CUDA)."""
 CPU_ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 """Values of the op's ``kernel`` argument that force an ISA of the CPU kernel -> sqz::cpu::Isa."""
-CPU_GEMM_MIN_M = 16
+CPU_GEMM_MIN_M = 48
 """From this many rows of x on, kernel="auto" on CPU dequantizes W in tiles into torch's GEMM instead
-of the LUT GEMV. Measured on LLaMA-7B shapes, 3-bit, on the 2-core AVX-512 dev machine (quiet): at
-M = 8 the GEMV is faster (4096 x 4096: about 7.4 ms against 11.7), at M = 16 the GEMM path is
-(13.2 ms against 16.1; 32.8 against 36.1 at 4096 x 11008), and at M = 64 it takes 21.9 ms, where the
-GEMV's cost grows with every 16 rows."""
+of the LUT GEMV. Measured on LLaMA-7B shapes, 3-bit, on the 2-core AVX-512 dev machine (2026-12-01,
+both on 2 threads): at M = 16 the GEMV runs 4096 x 4096 in 6.5 ms (FP32 matmul 9.4, the GEMM path
+9.3) and 4096 x 11008 in 14.0 (FP32 20.9, GEMM path 23.4); at M = 32 the two are even within the
+machine's noise; at M = 64 and above the GEMM path is faster (4096 x 4096, M = 128: 27.7 ms against
+50.6), because the GEMV's cost grows with every 16 rows of x and the GEMM's barely."""
 
 _SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor lut, Tensor? row_ptr, Tensor? col, Tensor? val, Tensor? chunk_row, "
