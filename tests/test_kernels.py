@@ -280,13 +280,13 @@ def test_cpu_kernel_identity_and_integer_cases_are_exact(isa: str) -> None:
         assert torch.equal(run_op(layer, x, kernel=isa), expected)
 
 
-@pytest.mark.parametrize("m", [CPU_GEMM_MIN_M, 40])
+@pytest.mark.parametrize("m", [CPU_GEMM_MIN_M, CPU_GEMM_MIN_M + 9])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", CPU_KERNEL_SHAPES + [(4224, 300)])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_large_m_dequantized_gemm_matches_torch_reference(bits: int, shape: tuple[int, int], density: float, m: int) -> None:
-    """kernel="auto" from CPU_GEMM_MIN_M rows on: W in tiles (N = 300 at K = 4224 needs two 1M-weight
-    tiles, the second partial), dequantized by the best ISA (scalar for 2 and 8 bits), into torch's GEMM."""
+    """kernel="auto" from CPU_GEMM_MIN_M rows on: W in tiles (N = 300 at K = 4224 needs two tiles of
+    256 rows, the second partial), dequantized by the best ISA (scalar for 2 and 8 bits), into torch's GEMM."""
     k, n = shape
     layer = random_layer(n, k, bits, density, seed=bits * 7 + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 3 + k))
@@ -326,6 +326,33 @@ def test_both_avx512_decodes_give_the_same_bits(tmp_path: Path) -> None:
     assert built.returncode == 0, f"compiling the decode comparison failed:\n{built.stderr}"
     ran = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
     assert ran.returncode == 0 and "240 cases, 0 differ" in ran.stdout, ran.stdout
+
+
+def test_cpu_fp16_conversions_match_the_portable_ones(tmp_path: Path) -> None:
+    """plugins/kernels/tests/sqzCpuConvertTest.cpp: the onnxruntime op's fp16 <-> fp32 conversions
+    (F16C on this CPU) give the bits of sqzFormat.h's, on every fp16 and the rounding edges."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("needs g++")
+    kernels_dir = REPO / "plugins" / "kernels"
+    sources = ["tests/sqzCpuConvertTest.cpp", "sqzLinearCpu.cpp", "sqzLinearCpuAvx2.cpp", "sqzLinearCpuAvx512.cpp", "sqzLinearCpuAvx512Vbmi.cpp"]
+    binary = tmp_path / "convert"
+    cmd = [compiler, "-std=c++17", "-O2", f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", *(str(kernels_dir / s) for s in sources), "-o", str(binary)]
+    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"compiling the conversion test failed:\n{built.stderr}"
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+    assert ran.returncode == 0 and " 0 differ" in ran.stdout, ran.stdout
+
+
+def test_cpu_extension_runs_on_torchs_intra_op_threads() -> None:
+    """ATen's parallel_for runs serially in an extension compiled without OpenMP: the op then used
+    one core whatever torch.get_num_threads() said."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert build.cpu_extension().parallel_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cpu_kernel_rejects_an_isa_the_cpu_lacks() -> None:

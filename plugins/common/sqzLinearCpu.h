@@ -30,7 +30,7 @@ enum class Isa : int32_t
 {
     kScalar = 0, //!< portable C++ (any CPU, every bit width)
     kAvx2 = 1,   //!< AVX2 + FMA + F16C: 8 weights per step, LUT in a register (_mm256_permutevar8x32_ps)
-    kAvx512 = 2, //!< AVX-512F: 16 weights per step, LUT in a register (_mm512_permutexvar_ps)
+    kAvx512 = 2, //!< AVX-512F + F16C: 16 weights per step, LUT in a register (_mm512_permutexvar_ps)
 };
 
 struct CpuShape
@@ -78,6 +78,14 @@ void sqzLinearCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64
 //! builds W), for a GEMM to multiply: the large-M path of the callers. Same ISA rules and threading as
 //! sqzLinearCpuRows; x and y are not read.
 void sqzDequantCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd, float* w) noexcept;
+
+//! dst[i] = src[i] for fp16 bit patterns src, with F16C where the CPU has it (the portable bit
+//! arithmetic otherwise): the adapters' conversion of fp16 activations for the kernel. Exact.
+void sqzCpuHalfToFloat(uint16_t const* src, float* dst, int64_t count) noexcept;
+
+//! dst[i] = src[i] rounded to the nearest fp16 (ties to even, overflow to inf), with F16C where the CPU
+//! has it; the same bits as sqz::format::floatToHalfBits except for the payload bits of NaNs.
+void sqzCpuFloatToHalf(float const* src, uint16_t* dst, int64_t count) noexcept;
 
 //! Cuts [0, N) into `parts` ranges of equal work: bounds[0] = 0 <= bounds[1] <= ... <= bounds[parts] = N.
 //! Work of row n = its packed words + its non-zeros (rowPtr, when nnz > 0), so the cumulative work up

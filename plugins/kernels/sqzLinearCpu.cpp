@@ -122,7 +122,7 @@ bool sqzCpuSupports(Isa isa) noexcept
     case Isa::kScalar: return true;
     case Isa::kAvx2:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case Isa::kAvx512: return __builtin_cpu_supports("avx512f");
+    case Isa::kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
     }
     return false;
 #else
@@ -198,6 +198,34 @@ void sqzDequantCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t row
             detail::finishDequant(s, a, n, 0, w + (n - rowBegin) * s.inFeatures);
         }
         return;
+    }
+}
+
+void sqzCpuHalfToFloat(uint16_t const* src, float* dst, int64_t count) noexcept
+{
+    static bool const f16c = sqzCpuSupports(Isa::kAvx2);
+    if (f16c)
+    {
+        detail::halfToFloatF16c(src, dst, count);
+        return;
+    }
+    for (int64_t i = 0; i < count; ++i)
+    {
+        dst[i] = format::halfBitsToFloat(src[i]);
+    }
+}
+
+void sqzCpuFloatToHalf(float const* src, uint16_t* dst, int64_t count) noexcept
+{
+    static bool const f16c = sqzCpuSupports(Isa::kAvx2);
+    if (f16c)
+    {
+        detail::floatToHalfF16c(src, dst, count);
+        return;
+    }
+    for (int64_t i = 0; i < count; ++i)
+    {
+        dst[i] = format::floatToHalfBits(src[i]);
     }
 }
 

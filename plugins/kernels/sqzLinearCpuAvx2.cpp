@@ -74,6 +74,14 @@ struct Avx2
     static V zero() { return _mm256_setzero_ps(); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static V fma(V w, float const* x, V acc) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc); }
+    static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+    //! acc + val[0, 8) (fp16) * x[col[0, 8)]: the CSR non-zeros of finishRowSimd.
+    static V gatherFma(uint16_t const* val, int32_t const* col, float const* x, V acc)
+    {
+        __m256 const values = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(val)));
+        __m256 const xs = _mm256_i32gather_ps(x, _mm256_loadu_si256(reinterpret_cast<__m256i const*>(col)), 4);
+        return _mm256_fmadd_ps(values, xs, acc);
+    }
     static float sum(V v)
     {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -95,8 +103,36 @@ void sqz::cpu::detail::dequantAvx2(CpuShape const& s, CpuArgs const& a, int64_t 
     dequantByBits<Avx2>(s, a, r0, r1, w);
 }
 
+void sqz::cpu::detail::halfToFloatF16c(uint16_t const* src, float* dst, int64_t count) noexcept
+{
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+    {
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(src + i))));
+    }
+    for (; i < count; ++i)
+    {
+        dst[i] = _cvtsh_ss(src[i]);
+    }
+}
+
+void sqz::cpu::detail::floatToHalfF16c(float const* src, uint16_t* dst, int64_t count) noexcept
+{
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+    {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < count; ++i)
+    {
+        dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
 #pragma GCC pop_options
 #else
 void sqz::cpu::detail::rowsAvx2(CpuShape const&, CpuArgs const&, int64_t, int64_t) noexcept {}
 void sqz::cpu::detail::dequantAvx2(CpuShape const&, CpuArgs const&, int64_t, int64_t, float*) noexcept {}
+void sqz::cpu::detail::halfToFloatF16c(uint16_t const*, float*, int64_t) noexcept {}
+void sqz::cpu::detail::floatToHalfF16c(float const*, uint16_t*, int64_t) noexcept {}
 #endif

@@ -22,7 +22,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,f16c")
 // GCC 12's AVX-512 intrinsics self-initialize their "undefined" operands (__m512 __Y = __Y), which
 // -Wuninitialized reports in every caller (GCC bug 105593); nothing of ours is uninitialized.
 #pragma GCC diagnostic push

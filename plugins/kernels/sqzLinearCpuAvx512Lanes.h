@@ -32,6 +32,14 @@ struct Avx512Lanes
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
+    static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+    //! acc + val[0, 16) (fp16) * x[col[0, 16)]: the CSR non-zeros of finishRowSimd.
+    static V gatherFma(uint16_t const* val, int32_t const* col, float const* x, V acc)
+    {
+        __m512 const values = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(val)));
+        __m512 const xs = _mm512_i32gather_ps(_mm512_loadu_si512(col), x, 4);
+        return _mm512_fmadd_ps(values, xs, acc);
+    }
 };
 
 } // namespace

@@ -32,6 +32,10 @@ void rowsAvx512Vbmi(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)
 void dequantAvx512Vbmi(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept;
 bool hasAvx512Vbmi() noexcept;
 
+//! sqzCpuHalfToFloat / sqzCpuFloatToHalf with F16C.
+void halfToFloatF16c(uint16_t const* src, float* dst, int64_t count) noexcept;
+void floatToHalfF16c(float const* src, uint16_t* dst, int64_t count) noexcept;
+
 //! Rows [r0, r1) with AVX2 + FMA + F16C; bits must be 3 or 4.
 void rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
 
