@@ -19,7 +19,10 @@ baseline.onnx, and model.onnx with the custom-op library (``--ort-ops LIB``; by 
 build/ort when onnxruntime headers are found, see sqz_export.ort_ops), each greedy-decoded by
 sqz_export.generate.OnnxGenerator (KV cache) in its own child process; ``--ort-function`` adds
 model.onnx on its ONNX function fallback (dense weights after folding: several GB of session). ms/token
-is prefill + decode wall time over the new tokens, as above; peak RSS includes session creation.
+is prefill + decode wall time over the new tokens, as above; peak RSS includes session creation. Each
+onnxruntime row also times the graph's weight-bearing linears alone (the MatMuls on an initializer, or
+the SqzLinear nodes, each fed a [1, 1, K] input; lm_head, tied to the embedding through a Transpose,
+is not among them): their share of a decode step, next to the rest of the exported decoder.
 
     python benchmarks/cpu.py --out runs/cpu.json --checkpoint sqz3s=runs/sqz3s sqz3=runs/sqz3 sqz4=runs/sqz4
     python benchmarks/cpu.py --part decode --onnx sqz3s=runs/sqz3s-onnx --ort-ops build/ort/libsqz_ort_ops.so
@@ -285,6 +288,57 @@ def initializer_bytes(path: Path) -> int:
     return total
 
 
+def linear_subgraph(path: Path, out_dir: Path) -> Path:
+    """The graph's weight-bearing linears alone (MatMul on an initializer, or SqzLinear), each fed by a
+    graph input [1, 1, K] in x's dtype, written to ``out_dir``: one run of it is the linears' share of a
+    decode step, without the rest of the exported decoder."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    initializers = {t.name: t for t in model.graph.initializer}
+    dtype = model.graph.output[0].type.tensor_type.elem_type  # the logits': the export's activation dtype
+    nodes, inputs, outputs, used = [], [], [], set()
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "SqzLinear") or node.input[1] not in initializers:
+            continue
+        if node.op_type == "SqzLinear":
+            k = next(a.i for a in node.attribute if a.name == "in_features")
+        else:
+            k = initializers[node.input[1]].dims[0]
+        index = len(nodes)
+        copy = helper.make_node(node.op_type, [f"x{index}", *node.input[1:]], [f"y{index}"], domain=node.domain, name=node.name)
+        copy.attribute.extend(node.attribute)
+        nodes.append(copy)
+        used.update(node.input[1:])
+        inputs.append(helper.make_tensor_value_info(f"x{index}", dtype, [1, 1, k]))
+        outputs.append(helper.make_tensor_value_info(f"y{index}", dtype, None))
+    graph = helper.make_graph(nodes, "linears", inputs, outputs, [initializers[name] for name in sorted(used) if name in initializers])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
+    target = out_dir / "linears.onnx"
+    onnx.save(sub, str(target), save_as_external_data=True, location="linears.onnx.data")
+    return target
+
+
+def time_linears(path: Path, ort_ops: str | None, threads: int | None) -> tuple[int, float]:
+    """(linear nodes, ms per run of them all at M = 1): median of 5 repeats of 10 runs."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from sqz_export.ort_ops import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort.InferenceSession(str(linear_subgraph(path, Path(tmp))), session_options(ort_ops, threads), providers=["CPUExecutionProvider"])
+        dtypes = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+        feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(dtypes[i.type]) for i in session.get_inputs()}
+        calls = [lambda: session.run(None, feed)]
+        seconds = benchutil.time_per_call(calls, torch.device("cpu"), iters=10, repeats=5)
+        return len(feed), 1e3 * seconds
+
+
 def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads: int | None) -> dict[str, object]:
     """Runs in the child: one onnxruntime session on an export folder's graph, greedy decode, peak RSS."""
     from transformers import AutoTokenizer
@@ -303,6 +357,9 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads:
     prompt = tokenizer(PROMPT)["input_ids"]
     generator.greedy(prompt, 4)
     result = generator.greedy(prompt, new_tokens)
+    peak = peak_rss_bytes()
+    del generator
+    linear_nodes, linears_ms = time_linears(path, library, threads) if variant != ORT_FUNCTION else (0, None)
     return {
         "variant": variant,
         "source": str(path),
@@ -311,8 +368,10 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads:
         "ms_per_token": 1e3 * (result.prefill_s + result.decode_s) / len(result.new_ids),
         "decode_ms_per_token": 1e3 / result.tokens_per_s if result.tokens_per_s else None,
         "new_tokens": len(result.new_ids),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak,
         "session_peak_rss_bytes": session_peak,
+        "linear_nodes": linear_nodes,
+        "linears_ms_per_step": linears_ms,
         "rss_before_session_bytes": rss_before,
         "initializer_bytes": initializer_bytes(path),
         "session_seconds": session_s,
@@ -362,6 +421,8 @@ def format_decode_row(row: dict[str, object]) -> str:
     if row.get("linear_fp32_bytes"):
         ratio = row["linear_bytes"] / row["linear_fp32_bytes"]
         line += f"  linears {row['linear_bytes'] / 2**20:6.1f} MiB ({ratio:.3f}x FP32)"
+    if row.get("linears_ms_per_step") is not None:
+        line += f"  its {row['linear_nodes']} linears alone {row['linears_ms_per_step']:6.2f} ms/step"
     if "initializer_bytes" in row:
         line += (
             f"  initializers {row['initializer_bytes'] / 2**20:6.1f} MiB  session peak "
@@ -391,7 +452,8 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             print(
                 f"onnxruntime {row['source']} with the custom op vs FP16 baseline.onnx: "
                 f"{baseline['ms_per_token'] / row['ms_per_token']:.2f}x per token, peak RSS "
-                f"{row['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}x (load average {os.getloadavg()[0]:.2f})",
+                f"{row['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}x; the linears alone "
+                f"{baseline['linears_ms_per_step'] / row['linears_ms_per_step']:.2f}x (load average {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
     return rows

@@ -14,8 +14,9 @@ namespace cpu
 namespace detail
 {
 
-//! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt (scalar; the
-//! sparse non-zeros in CSR order, as sqzLinearRef). y holds the dense sum over k < kBegin.
+//! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt: the portable path's
+//! row finish (scalar; the sparse non-zeros in CSR order, as sqzLinearRef; the SIMD paths have their
+//! own, finishRowSimd). y holds the dense sum over k < kBegin.
 void finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin) noexcept;
 
 //! Row n of W as fp32 at out[0, K): entries k >= kBegin from the LUT (scalar), then the CSR values of
