@@ -312,35 +312,36 @@ def test_large_m_identity_and_integer_cases_are_exact(caplog: pytest.LogCaptureF
     assert "dequantized tiles + torch GEMM" in caplog.text
 
 
+CPU_KERNEL_SOURCES = ["sqzLinearCpu.cpp", "sqzLinearCpuAvx2.cpp", "sqzLinearCpuAvx512.cpp", "sqzLinearCpuAvx512Vbmi.cpp"]
+"""plugins/kernels/ files of the CPU kernel, compiled with each C++ test program below."""
+
+
+def run_cpu_kernel_program(test_source: str, binary: Path) -> subprocess.CompletedProcess[str]:
+    """Compiles plugins/kernels/tests/``test_source`` with the CPU kernel and runs it (g++ required)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("needs g++")
+    kernels_dir = REPO / "plugins" / "kernels"
+    sources = [kernels_dir / "tests" / test_source, *(kernels_dir / s for s in CPU_KERNEL_SOURCES)]
+    cmd = [compiler, "-std=c++17", "-O2", f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", *map(str, sources), "-o", str(binary)]
+    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"compiling {test_source} failed:\n{built.stderr}"
+    return subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+
+
 def test_both_avx512_decodes_give_the_same_bits(tmp_path: Path) -> None:
     """plugins/kernels/tests/sqzCpuDecodePaths.cpp: GEMV and dequantization, 240 shapes, bit for bit."""
-    compiler = shutil.which("g++") or shutil.which("c++")
     cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    if compiler is None or " avx512vbmi" not in cpu_flags:
-        pytest.skip("needs g++ and a CPU with AVX512_VBMI (both decodes must run)")
-    kernels_dir = REPO / "plugins" / "kernels"
-    sources = ["tests/sqzCpuDecodePaths.cpp", "sqzLinearCpu.cpp", "sqzLinearCpuAvx2.cpp", "sqzLinearCpuAvx512.cpp", "sqzLinearCpuAvx512Vbmi.cpp"]
-    binary = tmp_path / "decode_paths"
-    cmd = [compiler, "-std=c++17", "-O2", f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", *(str(kernels_dir / s) for s in sources), "-o", str(binary)]
-    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert built.returncode == 0, f"compiling the decode comparison failed:\n{built.stderr}"
-    ran = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+    if " avx512vbmi" not in cpu_flags:
+        pytest.skip("needs a CPU with AVX512_VBMI (both decodes must run)")
+    ran = run_cpu_kernel_program("sqzCpuDecodePaths.cpp", tmp_path / "decode_paths")
     assert ran.returncode == 0 and "240 cases, 0 differ" in ran.stdout, ran.stdout
 
 
 def test_cpu_fp16_conversions_match_the_portable_ones(tmp_path: Path) -> None:
     """plugins/kernels/tests/sqzCpuConvertTest.cpp: the onnxruntime op's fp16 <-> fp32 conversions
     (F16C on this CPU) give the bits of sqzFormat.h's, on every fp16 and the rounding edges."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("needs g++")
-    kernels_dir = REPO / "plugins" / "kernels"
-    sources = ["tests/sqzCpuConvertTest.cpp", "sqzLinearCpu.cpp", "sqzLinearCpuAvx2.cpp", "sqzLinearCpuAvx512.cpp", "sqzLinearCpuAvx512Vbmi.cpp"]
-    binary = tmp_path / "convert"
-    cmd = [compiler, "-std=c++17", "-O2", f"-I{REPO / 'plugins' / 'common'}", f"-I{kernels_dir}", *(str(kernels_dir / s) for s in sources), "-o", str(binary)]
-    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert built.returncode == 0, f"compiling the conversion test failed:\n{built.stderr}"
-    ran = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+    ran = run_cpu_kernel_program("sqzCpuConvertTest.cpp", tmp_path / "convert")
     assert ran.returncode == 0 and " 0 differ" in ran.stdout, ran.stdout
 
 
