@@ -14,7 +14,7 @@
  *                              held in registers (3-bit: 8 floats; 4-bit: 16 floats)
  *   per x row i < MT         acc[i] += weights * x[i, k..k+L)       (the weights are reused MT times)
  *   then                     y[i, n] += sum(acc[i]); after the last K block: + tail k (scalar) + CSR
- *                            row n (scalar, in order)
+ *                            row n (kLanes non-zeros at a time, x gathered; finishRowSimd)
  *
  * The packed words are read once per x tile: for M <= 16 (AVX-512) or <= 8 (AVX2) exactly once.
  * With a small MT the FMAs of one accumulator form a dependency chain, so steps rotate over
@@ -70,14 +70,14 @@ inline void groupSteps(uint32_t const* group, float const* xg, int64_t xStride, 
     (groupStep<T, BITS, MT, CHAINS, STEPS>(group, xg, xStride, lut, acc), ...);
 }
 
-//! y[m0 + i, n] (+)= the dense sum over groups [g0, g1) of row n, for i < MT (stored when g0 == 0);
-//! xb holds x[m0 + i, 32 g0 ...] at xb + i * xStride.
 //! rowTile prefetches the packed words of row n + kPREFETCH_ROWS at the columns it is reading: with K
 //! blocks (K > 4096 at M = 1) a chunk's rows are read as segments one row apart, a stride the hardware
 //! prefetcher does not follow (measured: 4096 x 11008 at M = 1 ran 1.4x slower per weight than
 //! 4096 x 4096 without it, at the same speed with it; M = 4 1.4x faster too). One prefetch per group.
 constexpr int64_t kPREFETCH_ROWS = 8;
 
+//! y[m0 + i, n] (+)= the dense sum over groups [g0, g1) of row n, for i < MT (stored when g0 == 0);
+//! xb holds x[m0 + i, 32 g0 ...] at xb + i * xStride.
 template <class T, int BITS, int MT>
 void rowTile(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int64_t g0, int64_t g1, float const* xb,
     int64_t xStride)
@@ -159,8 +159,9 @@ void rowsTile(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, int64
 
 //! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt: sqz::cpu::detail::
 //! finishRow with the ISA's fp16 conversion (F16C, not the portable bit arithmetic) and the non-zeros
-//! T::kLanes at a time (x gathered at their columns), the last < kLanes of a row one by one. At 0.45%
-//! sparse the scalar finish cost 10-20% of a 3-bit GEMV at M = 1.
+//! T::kLanes at a time (x gathered at their columns), the last < kLanes of a row one by one; the CSR
+//! of row n + kPREFETCH_ROWS is prefetched. At 0.45% sparse on LLaMA-7B shapes, M = 1, 3-bit, the
+//! portable finish added 6-19% to the GEMV (single-threaded runs), this one 0-5%.
 template <class T>
 void finishRowSimd(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin)
 {
