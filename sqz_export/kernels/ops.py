@@ -10,10 +10,11 @@ optional CSR sparse part (all four tensors or none); returns y [M, N] in x's dty
   (:func:`sqz_export.kernels.build.cpu_extension`, built by scripts/setup.sh): x is converted to
   fp32, fp32 accumulation, one rounding to x's dtype. Below ``CPU_GEMM_MIN_M`` rows of x the LUT
   GEMV reads the packed weight once per call (never expanded); from there on ``kernel="auto"``
-  dequantizes W in tiles of at least 1M weights (4 MiB) and 256 rows into torch's GEMM. ``kernel`` = "auto", "gemv" (the
-  GEMV at every M, the widest ISA the CPU has), "scalar", "avx2", "avx512" (the GEMV with that ISA,
-  an error where the CPU lacks it), or "dequant_gemm" (the torch reference: the whole weight
-  dequantized, then a matmul). The ISA that ran is logged (INFO, once per layer shape).
+  dequantizes W in tiles of at least 1M weights (4 MiB) and 256 rows into torch's GEMM. ``kernel``
+  = "auto", "gemv" (the GEMV at every M, the widest ISA the CPU has), "scalar", "avx2", "avx512"
+  (the GEMV with that ISA, an error where the CPU lacks it), or "dequant_gemm" (the torch reference:
+  the whole weight dequantized, then a matmul). The ISA that ran is logged (INFO, once per layer
+  shape). Both paths run on torch's intra-op threads.
 - fp32 activations on CUDA: the torch reference, the semantics of
   :func:`sqz_export.kernels.reference.sqz_reference_weight`, fp32 matmul, one rounding to x's dtype.
 - CUDA (fp16/bf16): the kernels of plugins/kernels/sqzLinear.cu through the JIT extension
