@@ -8,6 +8,7 @@
 #include "sqzLinearCpu.h"
 
 #include "sqzFormat.h"
+#include "sqzLinearCpuFinish.h"
 #include "sqzLinearCpuIsa.h"
 
 #include <algorithm>
@@ -22,6 +23,13 @@ namespace
 {
 
 constexpr int kSCALAR_TILE = 16; //!< x rows per pass of the scalar path
+
+//! finishRow's traits for the portable path: the bit-arithmetic fp16 conversion, one non-zero at a time.
+struct PortableFinish
+{
+    static constexpr int kLanes = 1;
+    static float halfToFloat(uint16_t h) { return format::halfBitsToFloat(h); }
+};
 
 //! Rows [r0, r1), every bit width: decode one index at a time (sqz::format::rowIndex), LUT from an
 //! fp32 copy of the row's table, x in tiles of kSCALAR_TILE rows.
@@ -55,36 +63,12 @@ void rowsScalar(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noe
             {
                 a.y[(m0 + i) * s.outFeatures + n] = acc[i];
             }
-            detail::finishRow(s, a, n, m0, mt, K);
+            finishRow<PortableFinish>(s, a, n, m0, mt, K);
         }
     }
 }
 
 } // namespace
-
-void detail::finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin) noexcept
-{
-    int64_t const K = s.inFeatures;
-    int32_t const entries = format::lutEntries(s.bits);
-    auto const* row = reinterpret_cast<uint32_t const*>(a.qweight) + n * format::packedWords(K, s.bits);
-    int32_t const nzBegin = s.nnz > 0 ? a.rowPtr[n] : 0;
-    int32_t const nzEnd = s.nnz > 0 ? a.rowPtr[n + 1] : 0;
-    for (int i = 0; i < mt; ++i)
-    {
-        float const* x = a.x + (m0 + i) * K;
-        float& out = a.y[(m0 + i) * s.outFeatures + n];
-        float acc = out;
-        for (int64_t k = kBegin; k < K; ++k)
-        {
-            acc += format::halfBitsToFloat(a.lut[n * entries + format::rowIndex(row, s.bits, k)]) * x[k];
-        }
-        for (int32_t j = nzBegin; j < nzEnd; ++j)
-        {
-            acc += format::halfBitsToFloat(a.val[j]) * x[a.col[j]];
-        }
-        out = acc;
-    }
-}
 
 void detail::finishDequant(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t kBegin, float* out) noexcept
 {

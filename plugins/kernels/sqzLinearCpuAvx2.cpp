@@ -75,7 +75,7 @@ struct Avx2
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static V fma(V w, float const* x, V acc) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc); }
     static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
-    //! acc + val[0, 8) (fp16) * x[col[0, 8)]: the CSR non-zeros of finishRowSimd.
+    //! acc + val[0, 8) (fp16) * x[col[0, 8)]: the CSR non-zeros of finishRow (sqzLinearCpuFinish.h).
     static V gatherFma(uint16_t const* val, int32_t const* col, float const* x, V acc)
     {
         __m256 const values = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(val)));

@@ -1,7 +1,8 @@
 /*
  * sqzLinearCpuIsa.h: internal entry points of the per-ISA translation units of the CPU kernel
- * (sqzLinearCpuAvx2.cpp, sqzLinearCpuAvx512.cpp) and the scalar row finish they share with the
- * portable path (sqzLinearCpu.cpp, compiled for the baseline ISA).
+ * (sqzLinearCpuAvx2.cpp, sqzLinearCpuAvx512.cpp, sqzLinearCpuAvx512Vbmi.cpp) and the scalar
+ * dequantization finish they share with the portable path (sqzLinearCpu.cpp, compiled for the baseline
+ * ISA). The GEMV's row finish is a template instead (sqzLinearCpuFinish.h), compiled per ISA.
  */
 #pragma once
 
@@ -13,11 +14,6 @@ namespace cpu
 {
 namespace detail
 {
-
-//! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt: the portable path's
-//! row finish (scalar; the sparse non-zeros in CSR order, as sqzLinearRef; the SIMD paths have their
-//! own, finishRowSimd). y holds the dense sum over k < kBegin.
-void finishRow(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin) noexcept;
 
 //! Row n of W as fp32 at out[0, K): entries k >= kBegin from the LUT (scalar), then the CSR values of
 //! row n added to theirs; out[0, kBegin) holds the decoded LUT entries.

@@ -14,7 +14,7 @@
  *                              held in registers (3-bit: 8 floats; 4-bit: 16 floats)
  *   per x row i < MT         acc[i] += weights * x[i, k..k+L)       (the weights are reused MT times)
  *   then                     y[i, n] += sum(acc[i]); after the last K block: + tail k (scalar) + CSR
- *                            row n (kLanes non-zeros at a time, x gathered; finishRowSimd)
+ *                            row n (kLanes non-zeros at a time, x gathered; finishRow, sqzLinearCpuFinish.h)
  *
  * The packed words are read once per x tile: for M <= 16 (AVX-512) or <= 8 (AVX2) exactly once.
  * With a small MT the FMAs of one accumulator form a dependency chain, so steps rotate over
@@ -23,6 +23,7 @@
 #pragma once
 
 #include "sqzLinearCpu.h"
+#include "sqzLinearCpuFinish.h"
 #include "sqzLinearCpuIsa.h"
 
 #include <algorithm>
@@ -74,7 +75,6 @@ inline void groupSteps(uint32_t const* group, float const* xg, int64_t xStride, 
 //! blocks (K > 4096 at M = 1) a chunk's rows are read as segments one row apart, a stride the hardware
 //! prefetcher does not follow (measured: 4096 x 11008 at M = 1 ran 1.4x slower per weight than
 //! 4096 x 4096 without it, at the same speed with it; M = 4 1.4x faster too). One prefetch per group.
-constexpr int64_t kPREFETCH_ROWS = 8;
 
 //! y[m0 + i, n] (+)= the dense sum over groups [g0, g1) of row n, for i < MT (stored when g0 == 0);
 //! xb holds x[m0 + i, 32 g0 ...] at xb + i * xStride.
@@ -157,52 +157,6 @@ void rowsTile(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, int64
     }
 }
 
-//! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt: sqz::cpu::detail::
-//! finishRow with the ISA's fp16 conversion (F16C, not the portable bit arithmetic) and the non-zeros
-//! T::kLanes at a time (x gathered at their columns), the last < kLanes of a row one by one; the CSR
-//! of row n + kPREFETCH_ROWS is prefetched. At 0.45% sparse on LLaMA-7B shapes, M = 1, 3-bit, the
-//! portable finish added 6-19% to the GEMV (single-threaded runs), this one 0-5%.
-template <class T>
-void finishRowSimd(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, int mt, int64_t kBegin)
-{
-    int64_t const K = s.inFeatures;
-    int32_t const entries = 1 << s.bits;
-    auto const* row = reinterpret_cast<uint32_t const*>(a.qweight) + n * sqz::format::packedWords(K, s.bits);
-    int32_t const nzBegin = s.nnz > 0 ? a.rowPtr[n] : 0;
-    int32_t const nzEnd = s.nnz > 0 ? a.rowPtr[n + 1] : 0;
-    if (s.nnz > 0 && n + kPREFETCH_ROWS < s.outFeatures)
-    {
-        int32_t const ahead = a.rowPtr[n + kPREFETCH_ROWS];
-        __builtin_prefetch(a.col + ahead);
-        __builtin_prefetch(a.val + ahead);
-    }
-    for (int i = 0; i < mt; ++i)
-    {
-        float const* x = a.x + (m0 + i) * K;
-        float& out = a.y[(m0 + i) * s.outFeatures + n];
-        float acc = out;
-        for (int64_t k = kBegin; k < K; ++k)
-        {
-            acc += T::halfToFloat(a.lut[n * entries + sqz::format::rowIndex(row, s.bits, k)]) * x[k];
-        }
-        int32_t j = nzBegin;
-        if (nzEnd - j >= T::kLanes)
-        {
-            typename T::V sparse = T::zero();
-            for (; j + T::kLanes <= nzEnd; j += T::kLanes)
-            {
-                sparse = T::gatherFma(a.val + j, a.col + j, x, sparse);
-            }
-            acc += T::sum(sparse);
-        }
-        for (; j < nzEnd; ++j)
-        {
-            acc += T::halfToFloat(a.val[j]) * x[a.col[j]];
-        }
-        out = acc;
-    }
-}
-
 //! Rows [r0, r1): x in tiles of up to T::kMaxTile rows; within a tile, K in blocks whose x slice
 //! (tile rows x block columns, fp32) fits in kX_BLOCK_BYTES of L1; output rows in chunks of
 //! kROW_CHUNK, each chunk running every K block over its rows. So a chunk's packed words (16 rows x
@@ -210,7 +164,7 @@ void finishRowSimd(CpuShape const& s, CpuArgs const& a, int64_t n, int64_t m0, i
 //! L1 across the chunk's rows. With more than one x row, x is first repacked block by block into
 //! `xPacked` ([block][tile row][block columns], contiguous slices): rows K * 4 bytes apart (16 KB for
 //! K = 4096) would fall into the same L1 sets and evict each other.
-//! Each block adds its partial sums to y; the K tail (< 32) and the CSR rows are added last (finishRowSimd).
+//! Each block adds its partial sums to y; the K tail (< 32) and the CSR rows are added last (finishRow).
 template <class T, int BITS>
 void rowsSimd(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)
 {
@@ -258,7 +212,7 @@ void rowsSimd(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1)
             }
             for (int64_t n = c0; n < c1; ++n)
             {
-                finishRowSimd<T>(s, a, n, m0, static_cast<int>(mt), fullGroups * 32);
+                finishRow<T>(s, a, n, m0, static_cast<int>(mt), fullGroups * 32);
             }
         }
     }
