@@ -36,23 +36,8 @@
 namespace
 {
 
-//! Lut::all for 3 bits: lanes 8-15 zero, never indexed (the shift + mask decode leaves no fourth bit).
 struct Avx512 : Avx512Lanes
 {
-    template <int BITS>
-    static Lut loadLut(uint16_t const* lut)
-    {
-        if constexpr (BITS == 4)
-        {
-            return loadLut16(lut);
-        }
-        else
-        {
-            __m128i const eight = _mm_loadu_si128(reinterpret_cast<__m128i const*>(lut));
-            return {_mm512_cvtph_ps(_mm256_zextsi128_si256(eight))};
-        }
-    }
-
     template <int BITS>
     static V weights(uint32_t const* group, int step, Lut const& l)
     {

@@ -24,8 +24,22 @@ struct Avx512Lanes
         __m512 all; //!< the row's LUT as 16 fp32 lanes, indexed by vpermps with the low 4 bits of an index
     };
 
-    //! The 16 fp16 entries of a 4-bit row's LUT.
-    static Lut loadLut16(uint16_t const* lut) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(lut)))}; }
+    //! A row's LUT as 16 fp32 lanes: 4 bits, its 16 entries; 3 bits, its 8 entries twice. The VBMI
+    //! decode leaves the next index's low bit above a 3-bit index, so it reads lanes 8-15 as 0-7; the
+    //! shift + mask decode never indexes them.
+    template <int BITS>
+    static Lut loadLut(uint16_t const* lut)
+    {
+        if constexpr (BITS == 4)
+        {
+            return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(lut)))};
+        }
+        else
+        {
+            __m128i const eight = _mm_loadu_si128(reinterpret_cast<__m128i const*>(lut));
+            return {_mm512_cvtph_ps(_mm256_broadcastsi128_si256(eight))};
+        }
+    }
 
     static void store(float* out, V w) { _mm512_storeu_ps(out, w); }
     static V zero() { return _mm512_setzero_ps(); }
@@ -33,7 +47,7 @@ struct Avx512Lanes
     static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
     static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
-    //! acc + val[0, 16) (fp16) * x[col[0, 16)]: the CSR non-zeros of finishRowSimd.
+    //! acc + val[0, 16) (fp16) * x[col[0, 16)]: the CSR non-zeros of finishRow (sqzLinearCpuFinish.h).
     static V gatherFma(uint16_t const* val, int32_t const* col, float const* x, V acc)
     {
         __m512 const values = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(val)));

@@ -35,23 +35,8 @@
 namespace
 {
 
-//! Lut::all for 3 bits: entries 0-7 twice (a decoded 3-bit index carries the next index's low bit).
 struct Avx512Vbmi : Avx512Lanes
 {
-    template <int BITS>
-    static Lut loadLut(uint16_t const* lut)
-    {
-        if constexpr (BITS == 4)
-        {
-            return loadLut16(lut);
-        }
-        else
-        {
-            __m128i const eight = _mm_loadu_si128(reinterpret_cast<__m128i const*>(lut));
-            return {_mm512_cvtph_ps(_mm256_broadcastsi128_si256(eight))};
-        }
-    }
-
     template <int BITS>
     static V weights(uint32_t const* group, int step, Lut const& l)
     {
