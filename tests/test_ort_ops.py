@@ -9,6 +9,7 @@ without them the tests that need the library skip with that reason.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -63,10 +64,19 @@ def dense_reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return (x.float() @ layer.weight().t()).to(x.dtype)
 
 
+def gemm_min_m() -> int:
+    """kGEMM_MIN_M of plugins/ort/sqzOrtOps.cpp: from this many rows of x on, the op runs W's dequantized
+    tiles through onnxruntime's Gemm instead of the LUT GEMV."""
+    source = (ort_ops.SOURCE_DIR / "sqzOrtOps.cpp").read_text()
+    found = re.search(r"constexpr int64_t kGEMM_MIN_M = (\d+);", source)
+    assert found, "kGEMM_MIN_M not found in sqzOrtOps.cpp"
+    return int(found.group(1))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("density", [0.0, 0.03])
 @pytest.mark.parametrize("shape", [(5, 33), (64, 96), (17, 1), (40, 128), (33, 310)])
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("rows", [1, 7, gemm_min_m() + 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference_and_function(
     library: Path, bits: int, density: float, shape: tuple[int, int], rows: int, dtype: torch.dtype
@@ -84,17 +94,52 @@ def test_matches_reference_and_function(
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("density", [0.0, 0.05])
 def test_identity_input_gives_exact_weight(library: Path, bits: int, density: float) -> None:
-    """x = I makes every output one product with 1 (plus zeros): the kernel's dequantization must be exact."""
+    """x = I makes every output one product with 1 (plus zeros): the dequantization must be exact, in the
+    GEMV (the first rows of I) and in the tiles the large-M path hands to onnxruntime's Gemm (all 70)."""
     layer = random_packed(24, 70, bits, density, seed=5)
-    y = run(one_node_model(layer, torch.float32), np.eye(70, dtype=np.float32)[None], library)
-    assert np.array_equal(y[0], layer.weight().numpy().T)
+    model = one_node_model(layer, torch.float32)
+    for rows in (gemm_min_m() - 1, 70):
+        y = run(model, np.eye(70, dtype=np.float32)[None, :rows], library)
+        assert np.array_equal(y[0], layer.weight().numpy().T[:rows])
 
 
-def test_multithreaded_rows_match_one_thread(library: Path) -> None:
-    """The balanced split over onnxruntime's intra-op threads writes every row once, as one thread does."""
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("density", [0.0, 0.03])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_m_takes_tiles_through_gemm(library: Path, bits: int, density: float, dtype: torch.dtype) -> None:
+    """From kGEMM_MIN_M rows on: K = 4224 makes tiles of 256 rows, so N = 300 is one full tile and a
+    partial one, each copied into its columns of y; one row fewer is the GEMV, on the same reference."""
+    layer = random_packed(300, 4224, bits, density, seed=bits + 17)
+    model = one_node_model(layer, dtype)
+    tol = tolerance("sqz_linear_cpu" if dtype == torch.float32 else "sqz_linear", dtype)
+    for batch, rows in ((1, gemm_min_m()), (1, gemm_min_m() - 1), (3, gemm_min_m() + 1)):
+        x = torch.randn(batch, rows, 4224, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        y = run(model, x.numpy(), library)
+        assert y.shape == (batch, rows, 300)
+        torch.testing.assert_close(torch.from_numpy(y), dense_reference(layer, x), **tol)
+
+
+def test_large_m_path_is_logged_once(library: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The first call from kGEMM_MIN_M rows on says so in onnxruntime's log (INFO), once per node."""
+    model = one_node_model(random_packed(300, 4224, 3, 0.03, seed=1), torch.float32)
+    options = ort_ops.session_options(library)
+    options.log_severity_level = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for rows in (gemm_min_m() - 1, gemm_min_m(), gemm_min_m() + 5):
+        session.run(None, {"x": np.ones((1, rows, 4224), np.float32)})
+    log = capfd.readouterr().err
+    assert "CPU LUT kernel for M < " + str(gemm_min_m()) in log
+    assert log.count("W dequantized in tiles of 256 rows into onnxruntime's Gemm") == 1
+    assert f"{gemm_min_m()} rows of x: W dequantized" in log
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_multithreaded_rows_match_one_thread(library: Path, rows: int) -> None:
+    """The balanced split over onnxruntime's intra-op threads writes every row once, as one thread does;
+    so do the parallel dequantization and onnxruntime's Gemm of the large-M path (40 rows)."""
     layer = random_packed(1000, 256, 3, 0.03, seed=9)
     model = one_node_model(layer, torch.float32)
-    x = torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(2)).numpy()
+    x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(2)).numpy()
     outputs = []
     for threads in (1, 4):
         options = ort_ops.session_options(library)

@@ -10,6 +10,9 @@
  *     onnxruntime holds for the initializers (no dense copy, no pre-packing);
  *   - the output rows are cut into ranges of equal work (sqzLinearCpuSplit) and run on onnxruntime's
  *     intra-op thread pool (KernelContext_ParallelFor), so the op shares the session's threads;
+ *   - from kGEMM_MIN_M rows of x on (prefill) W is dequantized in tiles of at most 4 MiB of fp32
+ *     (sqzDequantCpuRows, on the same threads) into onnxruntime's own CPU Gemm (CreateOp / InvokeOp:
+ *     MLAS, the GEMM of the graph's MatMuls), instead of the GEMV, whose cost grows with every 16 rows;
  *   - on the CUDA execution provider the call goes to the CUDA launcher (plugins/common/sqzLinear.h:
  *     GEMV for M <= 16, dequantize + GEMM above) on the session's compute stream, with the workspace
  *     from the session's CUDA allocator; x must then be fp16 or bf16.
@@ -38,6 +41,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -62,6 +66,14 @@ constexpr int kOPSET = 1;
 
 //! Splits below this many output rows per part cost more in hand-offs than they save.
 constexpr int64_t kMIN_ROWS_PER_PART = 16;
+
+//! From this many rows of x on, the op dequantizes W in tiles into onnxruntime's Gemm (MLAS) instead of
+//! running the LUT GEMV. Measured in onnxruntime 1.32 on the 2-core AVX-512 dev machine (2026-12-02,
+//! 3-bit + 0.45%, weights rotated past the last-level cache), GEMV against the Gemm path, ms a layer:
+//! 4096 x 4096 at M = 8 2.98 / 3.94, M = 12 4.32 / 4.65, M = 16 7.59 / 5.99; 4096 x 11008 at M = 8
+//! 7.35 / 7.87, M = 12 12.64 / 10.63, M = 16 19.31 / 11.20. MLAS crosses over earlier than torch's GEMM
+//! does for the torch op (sqz_export.kernels.ops.CPU_GEMM_MIN_M).
+constexpr int64_t kGEMM_MIN_M = 12;
 
 OrtApi const* gApi = nullptr; //!< set once by RegisterCustomOps
 
@@ -180,9 +192,15 @@ struct Kernel
     bool weightsChecked{false};      //!< weights were constant and checked at creation
     int64_t nnz{0};                  //!< non-zeros of the sparse part, when weightsChecked
     OrtMemoryInfo* cpuMemory{nullptr};
+    OrtOp* gemm{nullptr};            //!< CPU: onnxruntime's own Gemm (fp32, transB=1) for M >= kGEMM_MIN_M
+    mutable std::atomic<bool> gemmLogged{false}; //!< the first large-M call was logged
 
     ~Kernel()
     {
+        if (gemm != nullptr)
+        {
+            gApi->ReleaseOp(gemm);
+        }
         if (cpuMemory != nullptr)
         {
             gApi->ReleaseMemoryInfo(cpuMemory);
@@ -234,11 +252,61 @@ struct Kernel
     OrtStatus* compute(OrtKernelContext* context) const;
     OrtStatus* runCpu(OrtKernelContext* context, TensorDesc const& x, std::vector<void*> const& data, void* yData,
         int64_t m, int64_t nnzNow) const;
+    OrtStatus* runGemm(OrtKernelContext* context, cpu::CpuShape const& shape, cpu::CpuArgs const& args) const;
 #if defined(SQZ_ORT_CUDA)
     OrtStatus* runCuda(OrtKernelContext* context, OrtValue const* xValue, TensorDesc const& x,
         std::vector<void*> const& data, void* yData, int64_t m, int64_t nnzNow) const;
 #endif
 };
+
+//! A line in onnxruntime's log (INFO lines show from log_severity_level 1 on); a failure to log is ignored.
+void logMessage(OrtLogger const* logger, OrtLoggingLevel level, std::string const& message, char const* function)
+{
+    if (OrtStatus* logged = gApi->Logger_LogMessage(logger, level, message.c_str(), ORT_FILE, __LINE__, function))
+    {
+        gApi->ReleaseStatus(logged);
+    }
+}
+
+//! onnxruntime's CPU Gemm (opset 13, fp32, transB=1: y = x W^T with W row-major [N, K]), invoked by the
+//! large-M path on the session's intra-op threads (MLAS), so prefill runs at the speed of the graph's own
+//! MatMuls instead of the GEMV's, whose cost grows with every 16 rows of x.
+OrtStatus* createGemm(OrtKernelInfo const* info, OrtOp** gemm)
+{
+    // A kernel created outside a graph gets no schema defaults: every attribute Gemm reads is set.
+    int64_t const transA = 0;
+    int64_t const transB = 1;
+    float const alpha = 1.0F;
+    float const beta = 0.0F;
+    OrtOpAttr* attributes[4] = {};
+    OrtStatus* status = gApi->CreateOpAttr("transA", &transA, 1, ORT_OP_ATTR_INT, &attributes[0]);
+    if (status == nullptr)
+    {
+        status = gApi->CreateOpAttr("transB", &transB, 1, ORT_OP_ATTR_INT, &attributes[1]);
+    }
+    if (status == nullptr)
+    {
+        status = gApi->CreateOpAttr("alpha", &alpha, 1, ORT_OP_ATTR_FLOAT, &attributes[2]);
+    }
+    if (status == nullptr)
+    {
+        status = gApi->CreateOpAttr("beta", &beta, 1, ORT_OP_ATTR_FLOAT, &attributes[3]);
+    }
+    if (status == nullptr)
+    {
+        char const* typeNames[] = {"T"};
+        ONNXTensorElementDataType typeValues[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+        status = gApi->CreateOp(info, "Gemm", "", 13, typeNames, typeValues, 1, attributes, 4, 2, 1, gemm);
+    }
+    for (OrtOpAttr* attribute : attributes)
+    {
+        if (attribute != nullptr)
+        {
+            gApi->ReleaseOpAttr(attribute);
+        }
+    }
+    return status;
+}
 
 OrtStatus* Kernel::create(OrtKernelInfo const* info)
 {
@@ -330,21 +398,32 @@ OrtStatus* Kernel::create(OrtKernelInfo const* info)
 
     isa = cpu::sqzCpuEffectiveIsa(cpu::sqzCpuBestIsa(), params.bits);
     SQZ_ORT_RETURN_IF_ERROR(gApi->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpuMemory));
+    // Without onnxruntime's Gemm (a minimal build has no CreateOp) the GEMV runs at every M: slower
+    // prefill, same results.
+    OrtStatus* gemmStatus = cuda ? nullptr : createGemm(info, &gemm);
 
     OrtLogger const* logger = nullptr;
     if (gApi->KernelInfo_GetLogger(info, &logger) == nullptr && logger != nullptr)
     {
         std::string const kernelName = cuda ? std::string("CUDA launcher (GEMV for M <= 16, dequantize + GEMM above)")
-                                            : std::string("CPU LUT kernel, isa=") + cpu::sqzCpuIsaName(isa);
+                                            : std::string("CPU LUT kernel for M < ") + std::to_string(kGEMM_MIN_M)
+                + ", dequantized tiles + onnxruntime's Gemm above, isa=" + cpu::sqzCpuIsaName(isa);
         std::string const message = prefix() + kernelName + " (bits="
             + std::to_string(params.bits) + ", K=" + std::to_string(params.inFeatures) + ", N="
             + std::to_string(params.outFeatures) + (nbInputs == core::kNB_INPUTS_SPARSE ? ", sparse" : ", dense")
             + (weightsChecked ? ", weights checked at creation)" : ", weights not constant: checked per call)");
-        if (OrtStatus* logged = gApi->Logger_LogMessage(
-                logger, ORT_LOGGING_LEVEL_INFO, message.c_str(), ORT_FILE, __LINE__, "SqzLinear::create"))
+        logMessage(logger, ORT_LOGGING_LEVEL_INFO, message, "SqzLinear::create");
+        if (gemmStatus != nullptr)
         {
-            gApi->ReleaseStatus(logged);
+            std::string const warning = prefix() + "onnxruntime's Gemm is not available ("
+                + gApi->GetErrorMessage(gemmStatus) + "): the LUT GEMV runs at every M";
+            logMessage(logger, ORT_LOGGING_LEVEL_WARNING, warning, "SqzLinear::create");
         }
+    }
+    if (gemmStatus != nullptr)
+    {
+        gApi->ReleaseStatus(gemmStatus);
+        gemm = nullptr;
     }
     return nullptr;
 }
@@ -363,6 +442,67 @@ void runPart(void* data, size_t part)
     Job const& job = *static_cast<Job const*>(data);
     cpu::sqzLinearCpuRows(job.shape, job.args, job.isa, job.bounds[part], job.bounds[part + 1]);
 }
+
+//! One tile of the large-M path, its rows [n0, n0 + rows) cut into `parts` equal ranges.
+struct DequantJob
+{
+    cpu::CpuShape shape;
+    cpu::CpuArgs args;
+    cpu::Isa isa;
+    int64_t n0;
+    int64_t rows;
+    int64_t parts;
+    float* tile; //!< [rows, inFeatures]
+};
+
+void dequantPart(void* data, size_t part)
+{
+    DequantJob const& job = *static_cast<DequantJob const*>(data);
+    int64_t const begin = job.n0 + job.rows * static_cast<int64_t>(part) / job.parts;
+    int64_t const end = job.n0 + job.rows * static_cast<int64_t>(part + 1) / job.parts;
+    cpu::sqzDequantCpuRows(
+        job.shape, job.args, job.isa, begin, end, job.tile + (begin - job.n0) * job.shape.inFeatures);
+}
+
+//! Parts to cut `rows` output rows into: one per hardware thread, at least kMIN_ROWS_PER_PART rows each.
+int64_t partsFor(int64_t rows)
+{
+    // Read once: std::thread::hardware_concurrency() reads /sys on every call, which cost more than a
+    // decode-sized GEMV (about 15 us a call on the dev machine, against 5-35 us of kernel).
+    static int64_t const threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    return std::clamp<int64_t>(rows / kMIN_ROWS_PER_PART, 1, threads);
+}
+
+//! Runs fn(data, 0 .. parts-1) on the session's intra-op threads (inline when there is one part).
+OrtStatus* parallelFor(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t parts, void* data)
+{
+    if (parts == 1)
+    {
+        fn(data, 0);
+        return nullptr;
+    }
+    return gApi->KernelContext_ParallelFor(
+        context, fn, static_cast<size_t>(parts), static_cast<size_t>(parts), data);
+}
+
+//! An OrtValue over a caller's fp32 buffer [rows, cols] (no copy), released on scope exit.
+struct FloatView
+{
+    OrtValue* value{nullptr};
+    ~FloatView()
+    {
+        if (value != nullptr)
+        {
+            gApi->ReleaseValue(value);
+        }
+    }
+    OrtStatus* wrap(OrtMemoryInfo const* info, float const* data, int64_t rows, int64_t cols)
+    {
+        int64_t const dims[2] = {rows, cols};
+        return gApi->CreateTensorWithDataAsOrtValue(info, const_cast<float*>(data),
+            static_cast<size_t>(rows * cols) * sizeof(float), dims, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &value);
+    }
+};
 
 //! A scratch buffer from onnxruntime's CPU allocator (the session's arena), freed on scope exit.
 struct Scratch
@@ -505,20 +645,16 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
     job.args.lut = static_cast<uint16_t const*>(data[core::kLUT]);
     job.args.y = y32;
     job.isa = isa;
-    // Read once: std::thread::hardware_concurrency() reads /sys on every call, which cost more than a
-    // decode-sized GEMV (about 15 us a call on the dev machine, against 5-35 us of kernel).
-    static int64_t const threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    int32_t const parts = static_cast<int32_t>(std::clamp<int64_t>(n / kMIN_ROWS_PER_PART, 1, threads));
-    job.bounds.resize(static_cast<size_t>(parts) + 1);
-    cpu::sqzLinearCpuSplit(job.shape, job.args.rowPtr, parts, job.bounds.data());
-    if (parts == 1)
+    if (m >= kGEMM_MIN_M && gemm != nullptr)
     {
-        runPart(&job, 0);
+        SQZ_ORT_RETURN_IF_ERROR(runGemm(context, job.shape, job.args));
     }
     else
     {
-        SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_ParallelFor(
-            context, runPart, static_cast<size_t>(parts), static_cast<size_t>(parts), &job));
+        int32_t const parts = static_cast<int32_t>(partsFor(n));
+        job.bounds.resize(static_cast<size_t>(parts) + 1);
+        cpu::sqzLinearCpuSplit(job.shape, job.args.rowPtr, parts, job.bounds.data());
+        SQZ_ORT_RETURN_IF_ERROR(parallelFor(context, runPart, parts, &job));
     }
 
     if (!fp32)
@@ -534,6 +670,62 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
         else
         {
             cpu::sqzCpuFloatToHalf(y32, dst, m * n);
+        }
+    }
+    return nullptr;
+}
+
+//! The large-M path: W in tiles of output rows (sqzDequantTileRows), each dequantized to fp32 on the
+//! session's threads and multiplied by onnxruntime's Gemm, so the packed words are decoded once per
+//! call and the multiply runs at the graph's own GEMM speed. One tile scratch of at most 4 MiB (or
+//! 256 rows), plus an [M, tile rows] one when W takes more than one tile.
+OrtStatus* Kernel::runGemm(OrtKernelContext* context, cpu::CpuShape const& shape, cpu::CpuArgs const& args) const
+{
+    int64_t const m = shape.m;
+    int64_t const k = shape.inFeatures;
+    int64_t const n = shape.outFeatures;
+    int64_t const tileRows = cpu::sqzDequantTileRows(shape);
+    bool const tiled = tileRows < n;
+    Scratch tile;
+    Scratch yTile;
+    SQZ_ORT_RETURN_IF_ERROR(tile.allocate(context, cpuMemory, static_cast<size_t>(tileRows * k) * sizeof(float)));
+    if (tiled)
+    {
+        SQZ_ORT_RETURN_IF_ERROR(yTile.allocate(context, cpuMemory, static_cast<size_t>(m * tileRows) * sizeof(float)));
+    }
+    if (!gemmLogged.exchange(true))
+    {
+        OrtLogger const* logger = nullptr;
+        if (gApi->KernelContext_GetLogger(context, &logger) == nullptr && logger != nullptr)
+        {
+            logMessage(logger, ORT_LOGGING_LEVEL_INFO,
+                prefix() + std::to_string(m) + " rows of x: W dequantized in tiles of " + std::to_string(tileRows)
+                    + " rows into onnxruntime's Gemm",
+                "SqzLinear::runGemm");
+        }
+    }
+    FloatView x;
+    SQZ_ORT_RETURN_IF_ERROR(x.wrap(cpuMemory, args.x, m, k));
+    DequantJob job{shape, args, isa, 0, 0, 1, static_cast<float*>(tile.data)};
+    for (int64_t n0 = 0; n0 < n; n0 += tileRows)
+    {
+        job.n0 = n0;
+        job.rows = std::min(tileRows, n - n0);
+        job.parts = partsFor(job.rows);
+        SQZ_ORT_RETURN_IF_ERROR(parallelFor(context, dequantPart, job.parts, &job));
+        float* const out = tiled ? static_cast<float*>(yTile.data) : args.y;
+        FloatView w;
+        FloatView y;
+        SQZ_ORT_RETURN_IF_ERROR(w.wrap(cpuMemory, job.tile, job.rows, k));
+        SQZ_ORT_RETURN_IF_ERROR(y.wrap(cpuMemory, out, m, job.rows));
+        OrtValue const* inputs[2] = {x.value, w.value};
+        SQZ_ORT_RETURN_IF_ERROR(gApi->InvokeOp(context, gemm, inputs, 2, &y.value, 1));
+        if (tiled)
+        {
+            for (int64_t i = 0; i < m; ++i)
+            {
+                std::memcpy(args.y + i * n + n0, out + i * job.rows, static_cast<size_t>(job.rows) * sizeof(float));
+            }
         }
     }
     return nullptr;

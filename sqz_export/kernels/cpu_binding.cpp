@@ -25,11 +25,6 @@ sqz::cpu::Isa toIsa(int64_t isa)
     return value;
 }
 
-constexpr int64_t kDEQUANT_TILE_WEIGHTS = int64_t{1} << 20; //!< weights per dequantized tile (4 MiB of fp32: in L3; 16 MiB measured no faster)
-//! Rows of a tile at least: torch's GEMM on 95-row tiles (K = 11008) ran 4096 x 11008 at M = 128 in
-//! 160 ms, on 256-row tiles in 114 ms (FP32 matmul 94-109 ms in those runs).
-constexpr int64_t kDEQUANT_TILE_MIN_ROWS = 256;
-
 // The large-M path: W in tiles of output rows, each dequantized to fp32 (on torch's threads) and
 // multiplied by torch's GEMM (its own threads), so the packed words are decoded once per call rather
 // than once per tile of x rows, and the multiply runs at GEMM speed.
@@ -38,7 +33,7 @@ void dequantGemm(sqz::cpu::CpuShape const& shape, sqz::cpu::CpuArgs const& args,
 {
     int64_t const N = shape.outFeatures;
     int64_t const K = shape.inFeatures;
-    int64_t const tileRows = std::min<int64_t>(N, std::max<int64_t>(kDEQUANT_TILE_MIN_ROWS, kDEQUANT_TILE_WEIGHTS / K));
+    int64_t const tileRows = sqz::cpu::sqzDequantTileRows(shape);
     torch::Tensor w = torch::empty({tileRows, K}, x.options());
     float* const wp = w.data_ptr<float>();
     for (int64_t n0 = 0; n0 < N; n0 += tileRows)
