@@ -11,8 +11,10 @@ measured in the same run.
 in its own child process (so peak RSS is its own): transformers FP32 and BF16 (the embedded GGUF) and
 sqz checkpoints loaded with ``AutoModelForCausalLM.from_pretrained`` (``--checkpoint NAME=DIR``, e.g.
 from ``sqz-export quantize --method rtn --bits 3 --sparsity 0.45% -o runs/sqz3s``). ms/token is the
-generate() wall time over the new tokens (prefill of the short prompt included). llama.cpp is a peer
-row when ``llama_cpp`` is importable.
+generate() wall time over the new tokens (prefill of the short prompt included). Every row also times
+the prefill of a long prompt (``--prefill-tokens``, default 256, the first tokens of the embedded
+Wikipedia text; best of 3), the time to first token that the large-M paths (dequantized tiles into a
+GEMM) serve. llama.cpp is a peer row when ``llama_cpp`` is importable.
 
 onnxruntime rows (``--onnx NAME=FOLDER``, folders written by ``sqz-export export``): the FP16
 baseline.onnx, and model.onnx with the custom-op library (``--ort-ops LIB``; by default built into
@@ -50,6 +52,19 @@ SMOLLM2_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
 LLAMA7B_SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 """N x K (out_features x in_features)."""
 PROMPT = "The history of anarchism"
+PREFILL_TOKENS = 256
+"""Length of the long prompt whose prefill every decode row times too: the first tokens of the
+embedded Wikipedia text."""
+
+
+def prefill_ids(tokenizer, tokens: int) -> list[int]:  # noqa: ANN001 (any transformers tokenizer)
+    """The first ``tokens`` token ids of the embedded Wikipedia text."""
+    from sqz_export.data import wikipedia_text
+
+    ids = tokenizer(wikipedia_text()[: 16 * tokens])["input_ids"][:tokens]
+    if len(ids) < tokens:
+        raise ValueError(f"the embedded text gave {len(ids)} tokens, fewer than --prefill-tokens {tokens}")
+    return ids
 
 
 def llc_bytes() -> int:
@@ -200,8 +215,9 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
-def decode_child(variant: str, source: str, new_tokens: int) -> dict[str, object]:
-    """Runs in the child: load, warm up, time greedy generate, report ms/token and peak RSS."""
+def decode_child(variant: str, source: str, new_tokens: int, prefill_tokens: int) -> dict[str, object]:
+    """Runs in the child: load, warm up, time greedy generate and a long prompt's prefill, report
+    ms/token and peak RSS."""
     import sqz_export  # noqa: F401  (registers the transformers quantizer)
     from transformers import AutoModelForCausalLM
 
@@ -227,12 +243,20 @@ def decode_child(variant: str, source: str, new_tokens: int) -> dict[str, object
         start = time.perf_counter()
         out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         seconds = time.perf_counter() - start
+        long_prompt = torch.tensor([prefill_ids(tokenizer, prefill_tokens)])
+        prefill_s = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model(long_prompt, use_cache=True)
+            prefill_s.append(time.perf_counter() - start)
     resident, fp32 = linear_bytes(model)
     return {
         "variant": variant,
         "source": source,
         "ms_per_token": 1e3 * seconds / new_tokens,
         "new_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+        "prefill_tokens": prefill_tokens,
+        "prefill_ms": 1e3 * min(prefill_s),
         "peak_rss_bytes": peak_rss_bytes(),
         "linear_bytes": resident,
         "linear_fp32_bytes": fp32,
@@ -339,8 +363,9 @@ def time_linears(path: Path, ort_ops: str | None, threads: int | None) -> tuple[
         return len(feed), 1e3 * seconds
 
 
-def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads: int | None) -> dict[str, object]:
-    """Runs in the child: one onnxruntime session on an export folder's graph, greedy decode, peak RSS."""
+def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, prefill_tokens: int, threads: int | None) -> dict[str, object]:
+    """Runs in the child: one onnxruntime session on an export folder's graph, greedy decode, a long
+    prompt's prefill, peak RSS."""
     from transformers import AutoTokenizer
 
     from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE
@@ -357,6 +382,8 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads:
     prompt = tokenizer(PROMPT)["input_ids"]
     generator.greedy(prompt, 4)
     result = generator.greedy(prompt, new_tokens)
+    long_prompt = prefill_ids(tokenizer, prefill_tokens)
+    prefill_ms = 1e3 * min(generator.greedy(long_prompt, 1).prefill_s for _ in range(3))
     peak = peak_rss_bytes()
     del generator
     linear_nodes, linears_ms = time_linears(path, library, threads) if variant != ORT_FUNCTION else (0, None)
@@ -368,6 +395,8 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, threads:
         "ms_per_token": 1e3 * (result.prefill_s + result.decode_s) / len(result.new_ids),
         "decode_ms_per_token": 1e3 / result.tokens_per_s if result.tokens_per_s else None,
         "new_tokens": len(result.new_ids),
+        "prefill_tokens": prefill_tokens,
+        "prefill_ms": prefill_ms,
         "peak_rss_bytes": peak,
         "session_peak_rss_bytes": session_peak,
         "linear_nodes": linear_nodes,
@@ -418,6 +447,8 @@ def decode_variants(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 def format_decode_row(row: dict[str, object]) -> str:
     line = f"{row['variant']:<12} {row['ms_per_token']:7.2f} ms/token  peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB"
+    if row.get("prefill_ms") is not None:
+        line += f"  prefill of {row['prefill_tokens']} tokens {row['prefill_ms']:7.1f} ms"
     if row.get("linear_fp32_bytes"):
         ratio = row["linear_bytes"] / row["linear_fp32_bytes"]
         line += f"  linears {row['linear_bytes'] / 2**20:6.1f} MiB ({ratio:.3f}x FP32)"
@@ -435,6 +466,7 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     rows = []
     for variant, source, library in decode_variants(args):
         cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
+        cmd += ["--prefill-tokens", str(args.prefill_tokens)]
         if library:
             cmd += ["--ort-ops", library]
         if args.ort_threads is not None:
@@ -453,7 +485,8 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 f"onnxruntime {row['source']} with the custom op vs FP16 baseline.onnx: "
                 f"{baseline['ms_per_token'] / row['ms_per_token']:.2f}x per token, peak RSS "
                 f"{row['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}x; the linears alone "
-                f"{baseline['linears_ms_per_step'] / row['linears_ms_per_step']:.2f}x (load average {os.getloadavg()[0]:.2f})",
+                f"{baseline['linears_ms_per_step'] / row['linears_ms_per_step']:.2f}x; prefill of {row['prefill_tokens']} tokens "
+                f"{baseline['prefill_ms'] / row['prefill_ms']:.2f}x (load average {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
     return rows
@@ -477,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="*", default=[], help=f"decode variants to run, of {', '.join(RESERVED_VARIANTS)}, sqz (the --checkpoint rows)"
     )
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=PREFILL_TOKENS, help="length of the long prompt whose prefill each decode row times"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/cpu.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-source", default="", help=argparse.SUPPRESS)
@@ -486,9 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.child == "llama.cpp":
             row = llama_cpp_child(args.new_tokens)
         elif args.child in (ORT_BASELINE, ORT_SQZ, ORT_FUNCTION):
-            row = ort_child(args.child, args.child_source, args.ort_ops, args.new_tokens, args.ort_threads)
+            row = ort_child(args.child, args.child_source, args.ort_ops, args.new_tokens, args.prefill_tokens, args.ort_threads)
         else:
-            row = decode_child(args.child, args.child_source, args.new_tokens)
+            row = decode_child(args.child, args.child_source, args.new_tokens, args.prefill_tokens)
         print(json.dumps(row))
         return 0
 
