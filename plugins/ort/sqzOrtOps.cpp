@@ -10,8 +10,8 @@
  *     onnxruntime holds for the initializers (no dense copy, no pre-packing);
  *   - the output rows are cut into ranges of equal work (sqzLinearCpuSplit) and run on onnxruntime's
  *     intra-op thread pool (KernelContext_ParallelFor), so the op shares the session's threads;
- *   - from kGEMM_MIN_M rows of x on (prefill) W is dequantized in tiles of at most 4 MiB of fp32
- *     (sqzDequantCpuRows, on the same threads) into onnxruntime's own CPU Gemm (CreateOp / InvokeOp:
+ *   - from kGEMM_MIN_M rows of x on (prefill) W is dequantized in tiles of 1M weights, at least 256
+ *     rows (sqzDequantTileRows; sqzDequantCpuRows on the same threads) into onnxruntime's own CPU Gemm (CreateOp / InvokeOp:
  *     MLAS, the GEMM of the graph's MatMuls), instead of the GEMV, whose cost grows with every 16 rows;
  *   - on the CUDA execution provider the call goes to the CUDA launcher (plugins/common/sqzLinear.h:
  *     GEMV for M <= 16, dequantize + GEMM above) on the session's compute stream, with the workspace
@@ -677,8 +677,8 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
 
 //! The large-M path: W in tiles of output rows (sqzDequantTileRows), each dequantized to fp32 on the
 //! session's threads and multiplied by onnxruntime's Gemm, so the packed words are decoded once per
-//! call and the multiply runs at the graph's own GEMM speed. One tile scratch of at most 4 MiB (or
-//! 256 rows), plus an [M, tile rows] one when W takes more than one tile.
+//! call and the multiply runs at the graph's own GEMM speed. Scratch: one fp32 tile (1M weights, at
+//! least 256 rows), plus an [M, tile rows] output tile when W takes more than one.
 OrtStatus* Kernel::runGemm(OrtKernelContext* context, cpu::CpuShape const& shape, cpu::CpuArgs const& args) const
 {
     int64_t const m = shape.m;
