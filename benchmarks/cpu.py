@@ -14,7 +14,8 @@ from ``sqz-export quantize --method rtn --bits 3 --sparsity 0.45% -o runs/sqz3s`
 generate() wall time over the new tokens (prefill of the short prompt included). Every row also times
 the prefill of a long prompt (``--prefill-tokens``, default 256, the first tokens of the embedded
 Wikipedia text; best of 3), the time to first token that the large-M paths (dequantized tiles into a
-GEMM) serve. llama.cpp is a peer row when ``llama_cpp`` is importable.
+GEMM) serve. llama.cpp is a peer row when ``llama_cpp`` is importable. ``--decode-repeats N`` runs every
+child N times, interleaved, and reports medians: single runs on a shared machine vary by 10-20%.
 
 onnxruntime rows (``--onnx NAME=FOLDER``, folders written by ``sqz-export export``): the FP16
 baseline.onnx, and model.onnx with the custom-op library (``--ort-ops LIB``; by default built into
@@ -462,22 +463,59 @@ def format_decode_row(row: dict[str, object]) -> str:
     return line
 
 
+TIMED_FIELDS = ("ms_per_token", "decode_ms_per_token", "prefill_ms", "linears_ms_per_step")
+"""Per-run times a decode row reports as the median of its repeats (every run kept in ``<field>_runs``)."""
+
+
+def merge_repeats(runs: list[dict[str, object]]) -> dict[str, object]:
+    """One row from the interleaved repeats of a variant: median times, the largest peak RSS."""
+    import statistics
+
+    row = dict(runs[0])
+    for field in TIMED_FIELDS:
+        values = [run[field] for run in runs if run.get(field) is not None]
+        if values:
+            row[field] = statistics.median(values)
+            row[f"{field}_runs"] = values
+    for field in ("peak_rss_bytes", "session_peak_rss_bytes"):
+        if field in row:
+            row[field] = max(run[field] for run in runs)
+    row["repeats"] = len(runs)
+    return row
+
+
+def decode_child_run(args: argparse.Namespace, variant: str, source: str, library: str) -> dict[str, object]:
+    """One decode child process: its JSON row."""
+    cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
+    cmd += ["--prefill-tokens", str(args.prefill_tokens)]
+    if library:
+        cmd += ["--ort-ops", library]
+    if args.ort_threads is not None:
+        cmd += ["--ort-threads", str(args.ort_threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"decode child {variant} failed:\n{result.stderr[-3000:]}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    row["load_average_after"] = os.getloadavg()
+    return row
+
+
 def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
-    rows = []
-    for variant, source, library in decode_variants(args):
-        cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
-        cmd += ["--prefill-tokens", str(args.prefill_tokens)]
-        if library:
-            cmd += ["--ort-ops", library]
-        if args.ort_threads is not None:
-            cmd += ["--ort-threads", str(args.ort_threads)]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"decode child {variant} failed:\n{result.stderr[-3000:]}")
-        row = json.loads(result.stdout.strip().splitlines()[-1])
-        row["load_average_after"] = os.getloadavg()
-        rows.append(row)
-        print(format_decode_row(row), flush=True)
+    """Every variant's child, ``--decode-repeats`` times interleaved (v1, v2, ..., v1, v2, ...), so a
+    burst of load on a shared machine lands on one run of each rather than on all runs of one."""
+    variants = decode_variants(args)
+    runs: dict[tuple[str, str], list[dict[str, object]]] = {(v, s): [] for v, s, _ in variants}
+    for repeat in range(args.decode_repeats):
+        for variant, source, library in variants:
+            row = decode_child_run(args, variant, source, library)
+            runs[(variant, source)].append(row)
+            prefix = f"[{repeat + 1}/{args.decode_repeats}] " if args.decode_repeats > 1 else ""
+            print(prefix + format_decode_row(row), flush=True)
+    rows = [merge_repeats(samples) for samples in runs.values()]
+    if args.decode_repeats > 1:
+        print(f"medians of {args.decode_repeats} interleaved runs:")
+        for row in rows:
+            print(format_decode_row(row), flush=True)
     baseline = next((r for r in rows if r["variant"] == ORT_BASELINE), None)
     for row in rows:
         if baseline is not None and row["variant"] == ORT_SQZ:
@@ -510,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="*", default=[], help=f"decode variants to run, of {', '.join(RESERVED_VARIANTS)}, sqz (the --checkpoint rows)"
     )
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--decode-repeats", type=int, default=1, help="run every decode child this many times, interleaved; rows report medians"
+    )
     parser.add_argument(
         "--prefill-tokens", type=int, default=PREFILL_TOKENS, help="length of the long prompt whose prefill each decode row times"
     )

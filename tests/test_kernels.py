@@ -612,6 +612,29 @@ def test_kernels_benchmark_acceptance_checks() -> None:
     assert all(c.measured is None and c.passed is None for c in bench.acceptance(rows[4:]))
 
 
+def test_cpu_benchmark_interleaves_decode_repeats_and_reports_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--decode-repeats runs v1, v2, v1, v2, ...; each row is the median of its runs (all kept), its
+    peak RSS the largest."""
+    import argparse
+
+    bench = _load_benchmark("cpu")
+    order: list[str] = []
+    times = {"fp32": [60.0, 70.0, 50.0], "sqz3s": [30.0, 20.0, 40.0]}
+
+    def fake_child(args: argparse.Namespace, variant: str, source: str, library: str) -> dict[str, object]:
+        order.append(variant)
+        run = order.count(variant)
+        return {"variant": variant, "source": source, "ms_per_token": times[variant][run - 1], "peak_rss_bytes": 100 * run}
+
+    monkeypatch.setattr(bench, "decode_child_run", fake_child)
+    monkeypatch.setattr(bench, "decode_variants", lambda args: [("fp32", "", ""), ("sqz3s", "runs/sqz3s", "")])
+    rows = bench.decode_rows(argparse.Namespace(decode_repeats=3))
+    assert order == ["fp32", "sqz3s"] * 3
+    assert [row["ms_per_token"] for row in rows] == [60.0, 30.0]
+    assert rows[0]["ms_per_token_runs"] == [60.0, 70.0, 50.0]
+    assert [row["peak_rss_bytes"] for row in rows] == [300, 300] and rows[1]["repeats"] == 3
+
+
 def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
     import json
 
