@@ -79,8 +79,8 @@ void sqzLinearCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64
 //! sqzLinearCpuRows; x and y are not read.
 void sqzDequantCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd, float* w) noexcept;
 
-//! Weights per dequantized tile of the callers' large-M path (sqzDequantCpuRows into a GEMM): 4 MiB of fp32, in the last-level cache (16 MiB
-//! measured no faster).
+//! Weights per dequantized tile of the callers' large-M path (sqzDequantCpuRows into a GEMM): 4 MiB of
+//! fp32, in the last-level cache (16 MiB measured no faster).
 constexpr int64_t kDEQUANT_TILE_WEIGHTS = int64_t{1} << 20;
 
 //! Rows of a dequantized tile at least: torch's GEMM on 95-row tiles (K = 11008) ran 4096 x 11008 at
