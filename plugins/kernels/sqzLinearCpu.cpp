@@ -185,32 +185,37 @@ void sqzDequantCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t row
     }
 }
 
-void sqzCpuHalfToFloat(uint16_t const* src, float* dst, int64_t count) noexcept
+namespace
+{
+
+//! dst[i] = convert(src[i]): the F16C loop where the CPU has F16C (the AVX2 unit's), the portable bit
+//! arithmetic otherwise.
+template <class Src, class Dst>
+void convertRun(Src const* src, Dst* dst, int64_t count, void (*f16cRun)(Src const*, Dst*, int64_t) noexcept,
+    Dst (*portable)(Src)) noexcept
 {
     static bool const f16c = sqzCpuSupports(Isa::kAvx2);
     if (f16c)
     {
-        detail::halfToFloatF16c(src, dst, count);
+        f16cRun(src, dst, count);
         return;
     }
     for (int64_t i = 0; i < count; ++i)
     {
-        dst[i] = format::halfBitsToFloat(src[i]);
+        dst[i] = portable(src[i]);
     }
+}
+
+} // namespace
+
+void sqzCpuHalfToFloat(uint16_t const* src, float* dst, int64_t count) noexcept
+{
+    convertRun<uint16_t, float>(src, dst, count, detail::halfToFloatF16c, format::halfBitsToFloat);
 }
 
 void sqzCpuFloatToHalf(float const* src, uint16_t* dst, int64_t count) noexcept
 {
-    static bool const f16c = sqzCpuSupports(Isa::kAvx2);
-    if (f16c)
-    {
-        detail::floatToHalfF16c(src, dst, count);
-        return;
-    }
-    for (int64_t i = 0; i < count; ++i)
-    {
-        dst[i] = format::floatToHalfBits(src[i]);
-    }
+    convertRun<float, uint16_t>(src, dst, count, detail::floatToHalfF16c, format::floatToHalfBits);
 }
 
 void sqzLinearCpuSplit(CpuShape const& s, int32_t const* rowPtr, int32_t parts, int64_t* bounds) noexcept

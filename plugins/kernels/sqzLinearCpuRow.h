@@ -71,11 +71,11 @@ inline void groupSteps(uint32_t const* group, float const* xg, int64_t xStride, 
     (groupStep<T, BITS, MT, CHAINS, STEPS>(group, xg, xStride, lut, acc), ...);
 }
 
-//! rowTile prefetches the packed words of row n + kPREFETCH_ROWS at the columns it is reading: with K
+//! Prefetches the packed words of row n + kPREFETCH_ROWS at the columns it is reading: with K
 //! blocks (K > 4096 at M = 1) a chunk's rows are read as segments one row apart, a stride the hardware
 //! prefetcher does not follow (measured: 4096 x 11008 at M = 1 ran 1.4x slower per weight than
 //! 4096 x 4096 without it, at the same speed with it; M = 4 1.4x faster too). One prefetch per group.
-
+//!
 //! y[m0 + i, n] (+)= the dense sum over groups [g0, g1) of row n, for i < MT (stored when g0 == 0);
 //! xb holds x[m0 + i, 32 g0 ...] at xb + i * xStride.
 template <class T, int BITS, int MT>
