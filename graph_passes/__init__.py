@@ -3,6 +3,7 @@
 - :class:`SqzLinearPass` (sqz_linear.py): placeholder linear of a quantized layer -> sqz::SqzLinear.
 - :class:`DenseLinearPass` (dense_linear.py): placeholder linear -> MatMul on the module's FP weight.
   (Both match the placeholder pattern of placeholder.py by module name.)
+- :class:`ShapeSharingPass` (shared_shapes.py): Shape nodes of equal symbolic shape -> one Shape.
 - :class:`CleanupPass` (cleanup.py): dead nodes/initializers, unused functions, topological order, shapes.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from graph_passes.base import GraphPass, PassResult, Refusal, run_passes
 from graph_passes.cleanup import CleanupPass
 from graph_passes.dense_linear import DenseLinearPass
+from graph_passes.shared_shapes import ShapeSharingPass
 from graph_passes.sqz_linear import SqzLinearPass, sqz_linear_node
 
-__all__ = ["CleanupPass", "DenseLinearPass", "GraphPass", "PassResult", "Refusal", "SqzLinearPass", "run_passes", "sqz_linear_node"]
+__all__ = ["CleanupPass", "DenseLinearPass", "GraphPass", "PassResult", "Refusal", "ShapeSharingPass", "SqzLinearPass", "run_passes", "sqz_linear_node"]

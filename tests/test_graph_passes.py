@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import make_tiny_model, random_packed, tiny_packed
 from tolerances import tolerance
 
-from graph_passes import CleanupPass, DenseLinearPass, SqzLinearPass, run_passes
+from graph_passes import CleanupPass, DenseLinearPass, ShapeSharingPass, SqzLinearPass, run_passes
 from graph_passes.cleanup import topological_sort
 from sqz_export.errors import UserError
 from sqz_export.export.baseline import export_decoder, tensor_bytes
@@ -130,7 +130,7 @@ def test_dense_pass_rebuilds_the_fp_model(dtype: str, traced: dict) -> None:
     """The baseline path: every placeholder gets its FP weight; the graph computes the FP model."""
     case = traced[("llama", dtype)]
     graph = copy.deepcopy(case.graph)
-    dense, _ = dense_graph(graph, case.fp_weight, DTYPES[dtype])
+    dense, _, _ = dense_graph(graph, case.fp_weight, DTYPES[dtype])
     assert dense.count == len(case.linears)
     assert Counter(n.op_type for n in graph.graph.node)["MatMul"] >= len(case.linears)
     onnx.checker.check_model(graph, full_check=True)
@@ -216,3 +216,103 @@ def test_topological_sort_reports_dangling_inputs() -> None:
     graph = helper.make_graph([helper.make_node("Relu", ["missing"], ["y"], name="r")], "g", [], [])
     with pytest.raises(ValueError, match="missing"):
         topological_sort(graph, list(graph.node))
+
+
+def _all_outputs(graph: onnx.ModelProto, feed: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
+    """Every graph output; ``optimize=False`` runs the nodes as written (no fusion picks another kernel)."""
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def _decode_feeds(graph: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """Prefill at batch 1 and 2, then one and three new tokens after a real cache."""
+    signature = DecoderSignature.from_model(graph)
+    prompt = np.arange(5, 12, dtype=np.int64)[None]
+    feeds = [signature.feed(prompt), signature.feed(np.stack([prompt[0], prompt[0][::-1]]))]
+    outputs = _all_outputs(graph, feeds[0])
+    past = dict(zip(signature.past_names, outputs[1:], strict=True))
+    feeds.append(signature.feed(np.array([[3]], dtype=np.int64), past))
+    feeds.append(signature.feed(np.array([[3, 9, 4]], dtype=np.int64), past))
+    return feeds
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_shape_sharing_keeps_one_shape_per_symbolic_shape(arch: str, dtype: str, traced: dict) -> None:
+    """The export's graphs hold fewer Shapes and compute exactly what they did before.
+
+    Bit for bit as written; onnxruntime's optimizer may fuse the two graphs differently (the fp16 OPT
+    graph then differs in the last bit), so optimized runs are held to the logits tolerance.
+    """
+    case = traced[(arch, dtype)]
+    unshared = copy.deepcopy(case.graph)
+    run_passes(unshared, [DenseLinearPass(case.fp_weight, DTYPES[dtype]), CleanupPass()])
+    shared = copy.deepcopy(case.graph)
+    _, sharing, _ = dense_graph(shared, case.fp_weight, DTYPES[dtype])
+
+    def shape_count(graph: onnx.ModelProto) -> int:
+        return Counter(n.op_type for n in graph.graph.node)["Shape"]
+
+    assert sharing.name == "shared-shapes" and sharing.count > 0
+    assert shape_count(shared) == shape_count(unshared) - sharing.count
+    onnx.checker.check_model(shared, full_check=True)
+    for feed in _decode_feeds(unshared):
+        as_written = zip(_all_outputs(unshared, feed, optimize=False), _all_outputs(shared, feed, optimize=False), strict=True)
+        for before, after in as_written:
+            np.testing.assert_array_equal(after, before)
+        optimized = zip(_all_outputs(unshared, feed), _all_outputs(shared, feed), strict=True)
+        for before, after in optimized:
+            torch.testing.assert_close(
+                torch.from_numpy(after).float(), torch.from_numpy(before).float(), **tolerance("model_logits", DTYPES[dtype])
+            )
+
+
+def test_shared_shapes_let_onnxruntime_merge_the_layers_shape_arithmetic(traced: dict, tmp_path) -> None:  # noqa: ANN001
+    """What the pass is for: onnxruntime's optimized graph has fewer nodes to run per step."""
+    case = traced[("llama", "fp32")]
+    counts = []
+    for passes in ([DenseLinearPass(case.fp_weight, torch.float32), CleanupPass()], None):
+        graph = copy.deepcopy(case.graph)
+        if passes is None:
+            dense_graph(graph, case.fp_weight, torch.float32)
+        else:
+            run_passes(graph, passes)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        counts.append(len(onnx.load(str(tmp_path / "optimized.onnx")).graph.node))
+    unshared, shared = counts
+    assert shared < unshared * 0.8, counts
+
+
+def test_shape_sharing_rules_on_a_small_graph() -> None:
+    """Same symbolic shape and attributes share; another dim, a start attribute or a graph output do not."""
+    x, w, z, y = ("x", ["a", 4]), ("w", ["a", 4]), ("z", ["b", 4]), ("y", ["a", 4])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["sx"], name="shape_x"),
+        helper.make_node("Shape", ["w"], ["sw"], name="shape_w"),  # same as x: shares
+        helper.make_node("Shape", ["z"], ["sz"], name="shape_z"),  # other symbol: kept
+        helper.make_node("Shape", ["x"], ["sx1"], name="shape_x_tail", start=1),  # other attribute: kept
+        helper.make_node("Shape", ["y"], ["sy"], name="shape_y"),  # graph output: refused
+        helper.make_node("Concat", ["sx", "sw", "sz", "sx1"], ["all"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in (x, w, z, y)],
+        [helper.make_tensor_value_info("all", TensorProto.INT64, [7]), helper.make_tensor_value_info("sy", TensorProto.INT64, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feed = {name: np.ones([3 if d == "a" else 5 if d == "b" else d for d in dims], np.float32) for name, dims in (x, w, z, y)}
+    before = _all_outputs(model, feed)
+    result = ShapeSharingPass().run(model)
+    assert result.count == 1
+    assert [(r.node, r.reason) for r in result.refusals] == [("Shape 'sy'", "its output is a graph output")]
+    assert [n.name for n in model.graph.node if n.op_type == "Shape"] == ["shape_x", "shape_z", "shape_x_tail", "shape_y"]
+    assert list(model.graph.node[-1].input) == ["sx", "sx", "sz", "sx1"]
+    onnx.checker.check_model(model, full_check=True)
+    for got, expected in zip(_all_outputs(model, feed), before, strict=True):
+        np.testing.assert_array_equal(got, expected)

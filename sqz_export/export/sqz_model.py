@@ -12,7 +12,9 @@ Steps, and why in this order:
    of quantized layers. Placeholders of non-quantized modules (lm_head) are refused by it, with that
    reason (the "1 refusals" of a LLaMA export's log), and ``DenseLinearPass`` gives them their FP
    weight from the checkpoint. Every tensor goes straight into ``model.onnx.data`` as it is made.
-3. ``CleanupPass`` drops the dead placeholder chains.
+3. ``ShapeSharingPass`` points every Shape node at the first one of the same symbolic shape (the
+   per-layer shape arithmetic onnxruntime would otherwise run 30 times), and ``CleanupPass`` drops the
+   dead placeholder chains and the Shape nodes left unread.
 4. The FP16 baseline is the source model recorded in the checkpoint (or ``--baseline-from``), checked
    against the checkpoint's architecture and shapes and traced the same way with its linears as
    placeholders; ``DenseLinearPass`` streams its weights into ``baseline.onnx.data``, one at a time.
@@ -48,7 +50,7 @@ import onnx
 import torch
 from torch import nn
 
-from graph_passes import CleanupPass, DenseLinearPass, PassResult, SqzLinearPass
+from graph_passes import CleanupPass, DenseLinearPass, PassResult, ShapeSharingPass, SqzLinearPass
 from sqz_export import __version__
 from sqz_export.atomic import check_replaceable, replace_folder
 from sqz_export.checkpoint import WEIGHTS_FILE, Checkpoint
@@ -176,8 +178,8 @@ def dense_graph(
     store: TensorStore = inline_tensor,
     shared: dict[str, str] | None = None,
 ) -> list[PassResult]:
-    """Gives every placeholder left in ``graph`` its FP weight (``shared``: tied ones), then cleans up,
-    in place.
+    """Gives every placeholder left in ``graph`` its FP weight (``shared``: tied ones), lets equal
+    Shape nodes share one output, then cleans up, in place.
 
     Raises:
         UserError: a placeholder has no weight of its shape (the graph would compute with zeros).
@@ -186,7 +188,7 @@ def dense_graph(
     if dense.refusals:
         refused = "; ".join(f"{r.node}: {r.reason}" for r in dense.refusals[:5])
         raise UserError(f"{len(dense.refusals)} linears of the graph got no weight: {refused}")
-    return [dense, CleanupPass().run(graph)]
+    return [dense, ShapeSharingPass().run(graph), CleanupPass().run(graph)]
 
 
 def linear_bytes(linears: dict[str, nn.Linear], dtype: torch.dtype) -> int:
