@@ -44,7 +44,10 @@ Hence three ways to run the fallback (``UNPACK_MODES``):
 
 The onnxruntime custom-op library (``--ort-ops``, :mod:`sqz_export.ort_ops`), where it is built,
 runs SqzLinear's C++ kernel on the packed weights and needs neither: with it the SqzLinear nodes are
-no function to fold, so ``unpack`` changes nothing for them and ``create_session`` ignores it.
+no function to fold, so ``unpack`` changes nothing for them and ``create_session`` ignores it. On the
+CPU provider the library also runs the graph's MatMuls on fp16 weights (the lm_head) as its
+``sqz::DenseLinear`` (``graph_passes/fp16_weight_linear.py``): ``create_session`` rewrites the graph it
+hands onnxruntime, in memory (the file is untouched; the weights are read from its folder as before).
 ``create_session`` is the one session factory: generate, compare and the benchmarks all use it.
 """
 
@@ -154,15 +157,34 @@ def create_session(
             )
     options = session_options(ort_ops, threads)
     providers = providers or ["CPUExecutionProvider"]
+    source: str | bytes = str(path)
+    if ort_ops is not None and providers == ["CPUExecutionProvider"]:
+        source = _with_fp16_weight_linears(path, options)
     if weights and ort_ops is None and unpack == UNPACK_STREAM:
         logger.info("%s: unpacking %d quantized weights layer by layer for onnxruntime (--unpack stream)", path, weights)
         with unpacked_graph(path) as dense_path:
             return ort.InferenceSession(str(dense_path), options, providers=providers)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled or None)
+        return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled or None)
     except Exception as exc:  # onnxruntime raises its own exception types
         if ort_ops is None:
             raise
         raise UserError(
             f"onnxruntime could not create a session on {path} with the custom-op library {ort_ops}: {exc}"
         ) from exc
+
+
+def _with_fp16_weight_linears(path: Path, options: ort.SessionOptions) -> str | bytes:
+    """The graph for onnxruntime with its MatMuls on fp16 weights as sqz::DenseLinear (serialized, its
+    external data read from ``path``'s folder), or ``path`` itself when it has none."""
+    from graph_passes import CleanupPass, Fp16WeightLinearPass
+    from sqz_export.export.signature import load_graph
+
+    graph = load_graph(path)
+    rewritten = Fp16WeightLinearPass().run(graph)
+    if not rewritten.count:
+        return str(path)
+    CleanupPass(infer_shapes=False).run(graph)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.resolve().parent))
+    logger.info("%s: %d MatMuls on fp16 weights run as sqz::DenseLinear (read as fp16)", path, rewritten.count)
+    return graph.SerializeToString()

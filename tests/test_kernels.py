@@ -8,6 +8,7 @@ kernels with the CPU op on the same inputs, with y poisoned (NaN) before the lau
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 import sys
@@ -343,6 +344,14 @@ def test_cpu_fp16_conversions_match_the_portable_ones(tmp_path: Path) -> None:
     (F16C on this CPU) give the bits of sqzFormat.h's, on every fp16 and the rounding edges."""
     ran = run_cpu_kernel_program("sqzCpuConvertTest.cpp", tmp_path / "convert")
     assert ran.returncode == 0 and " 0 differ" in ran.stdout, ran.stdout
+
+
+def test_dense_fp16_gemv_matches_a_double_reference_on_every_isa(tmp_path: Path) -> None:
+    """plugins/kernels/tests/sqzHalfLinearTest.cpp: sqzHalfLinearCpuRows (the onnxruntime library's
+    DenseLinear) on every ISA this CPU has: K with and without lane tails, M = 0..11, partial row ranges."""
+    ran = run_cpu_kernel_program("sqzHalfLinearTest.cpp", tmp_path / "half_linear")
+    summary = re.search(r"^(\d+) cases, 0 differ$", ran.stdout, re.MULTILINE)
+    assert ran.returncode == 0 and summary and int(summary.group(1)) >= 200, ran.stdout  # 200 per ISA, scalar always
 
 
 def test_cpu_extension_runs_on_torchs_intra_op_threads() -> None:

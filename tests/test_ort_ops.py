@@ -344,3 +344,125 @@ def test_compare_with_ort_ops_passes_against_the_reference(
     (pair,) = [p for p in report.pairs if p.runner == SQZ]
     assert pair.passed is True and pair.top1_agreement == 1.0
     assert report.ort_ops == str(library) and f"custom-op library {library}" in report.table()
+
+
+# --- sqz::DenseLinear: the fp16 weights create_session leaves dense (the lm_head) -----------------------
+
+
+def dense_linear_model(weight: np.ndarray, dtype: np.dtype) -> onnx.ModelProto:
+    """One sqz::DenseLinear node: y = x W^T with the fp16 initializer ``weight`` [N, K]."""
+    n, k = weight.shape
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        [helper.make_node("DenseLinear", ["x", "w"], ["y"], domain="sqz", name="/lm_head/DenseLinear")],
+        "dense",
+        [helper.make_tensor_value_info("x", elem, ["batch", "rows", k])],
+        [helper.make_tensor_value_info("y", elem, ["batch", "rows", n])],
+        [numpy_helper.from_array(weight.astype(np.float16), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("sqz", 1)])
+
+
+@pytest.mark.parametrize("shape", [(5, 33), (300, 4224), (17, 1), (64, 576)])
+@pytest.mark.parametrize("rows", [1, 5, gemm_min_m(), gemm_min_m() + 9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_dense_linear_matches_the_fp32_product_of_its_fp16_weight(
+    library: Path, shape: tuple[int, int], rows: int, dtype: type
+) -> None:
+    """The GEMV below kGEMM_MIN_M rows and the fp32 tiles into onnxruntime's Gemm above (K = 4224: two
+    tiles of N = 300) against x @ W^T in float64, rounded to x's dtype once."""
+    rng = np.random.default_rng(shape[1] + rows)
+    weight = rng.standard_normal(shape).astype(np.float16)
+    x = rng.standard_normal((2, rows, shape[1])).astype(dtype)
+    y = run(dense_linear_model(weight, dtype), x, library)
+    assert y.dtype == dtype and y.shape == (2, rows, shape[0])
+    expected = torch.from_numpy((x.astype(np.float64) @ weight.astype(np.float64).T).astype(dtype))
+    tol = tolerance("sqz_linear_cpu" if dtype == np.float32 else "sqz_linear", torch.float32 if dtype == np.float32 else torch.float16)
+    torch.testing.assert_close(torch.from_numpy(y), expected, **tol)
+
+
+def test_dense_linear_of_the_identity_is_its_weight(library: Path) -> None:
+    """fp16 -> fp32 is exact, so x = I gives W bit for bit, in the GEMV and in the Gemm path's tiles."""
+    weight = np.random.default_rng(3).standard_normal((300, 40)).astype(np.float16)
+    model = dense_linear_model(weight, np.float32)
+    for rows in (gemm_min_m() - 1, 40):
+        y = run(model, np.eye(40, dtype=np.float32)[None, :rows], library)
+        assert np.array_equal(y[0], weight.astype(np.float32).T[:rows])
+
+
+def test_dense_linear_refuses_a_weight_that_is_not_a_matrix(library: Path) -> None:
+    model = dense_linear_model(np.ones((4, 8), np.float16), np.float32)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((2, 4, 8), np.float16), "w"))
+    with pytest.raises(Exception, match=r"DenseLinear.*input 1 \(w\) must be 2-D|DenseLinear node '/lm_head/DenseLinear'"):
+        run(model, np.ones((1, 1, 8), np.float32), library)
+
+
+def _matmul_graph(weights: dict[str, tuple[np.ndarray, bool]]) -> onnx.ModelProto:
+    """y_i = x @ W_i for each weight: (array, through_transpose) -> MatMul(x, Transpose(array)) or MatMul(x, array)."""
+    nodes, inits, outputs = [], [], []
+    for name, (array, through_transpose) in weights.items():
+        inits.append(numpy_helper.from_array(array, name))
+        operand = name
+        if through_transpose:
+            operand = f"{name}_t"
+            nodes.append(helper.make_node("Transpose", [name], [operand], perm=[1, 0]))
+        nodes.append(helper.make_node("MatMul", ["x", operand], [f"y_{name}"], name=f"matmul_{name}"))
+        outputs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT16, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3, 64])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fp16_weight_matmuls_run_as_dense_linear(library: Path, tmp_path: Path) -> None:
+    """create_session's rewrite: a tied head (MatMul on Transpose(E)) reads E itself, an untied [K, N] weight
+    reads one folded Transpose, an fp32 weight is left to onnxruntime; the file is untouched; outputs as before."""
+    from graph_passes import CleanupPass, Fp16WeightLinearPass
+
+    rng = np.random.default_rng(0)
+    model = _matmul_graph(
+        {
+            "embedding": (rng.standard_normal((96, 64)).astype(np.float16), True),
+            "head_t": (rng.standard_normal((64, 80)).astype(np.float16), False),
+            "fp32_t": (rng.standard_normal((64, 16)).astype(np.float32), False),
+        }
+    )
+    model.graph.node[-1].input[0] = "x32"  # the fp32 MatMul reads an fp32 x
+    model.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT))
+    model.graph.output[-1].type.tensor_type.elem_type = TensorProto.FLOAT
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    before = path.read_bytes()
+    rewritten = onnx.load(str(path), load_external_data=False)
+    result = Fp16WeightLinearPass().run(rewritten)
+    CleanupPass(infer_shapes=False).run(rewritten)
+    assert result.count == 2
+    ops = [(n.domain, n.op_type, list(n.input)) for n in rewritten.graph.node]
+    assert ("sqz", "DenseLinear", ["x", "embedding"]) in ops
+    assert ("sqz", "DenseLinear", ["x", "head_t/as_n_by_k"]) in ops
+    assert ("", "MatMul", ["x32", "fp32_t"]) in ops
+    assert ("", "Transpose", ["embedding"]) not in ops  # the tied head's Transpose is gone
+
+    x = rng.standard_normal((3, 64)).astype(np.float16)
+    session = ort_session.create_session(path, ort_ops=library)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for got, expected in zip(session.run(None, {"x": x}), plain.run(None, {"x": x}), strict=True):
+        tol = tolerance("sqz_linear", torch.float16)
+        torch.testing.assert_close(torch.from_numpy(got).float(), torch.from_numpy(expected).float(), **tol)
+    assert path.read_bytes() == before
+
+
+def test_session_holds_the_fp16_head_once(library: Path, tiny_export: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """On an fp16 export the optimized session graph runs the head as DenseLinear on one fp16 [N, K] matrix:
+    no fp32 copy of it (what onnxruntime alone folds), and no [K, N] original left beside it."""
+    path = tiny_export("llama", "fp16") / MODEL_FILE
+    options = ort_ops.session_options(library)
+    source = ort_session._with_fp16_weight_linears(path, options)
+    assert isinstance(source, bytes)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    (dense,) = [n for n in optimized.node if n.op_type == "DenseLinear"]
+    head = next(t for t in optimized.initializer if t.name == dense.input[1])
+    n, k = head.dims
+    assert head.data_type == TensorProto.FLOAT16
+    assert not [t.name for t in optimized.initializer if list(t.dims) == [k, n]]
+    assert not [t.name for t in optimized.initializer if t.data_type == TensorProto.FLOAT and sorted(t.dims) == sorted([n, k])]

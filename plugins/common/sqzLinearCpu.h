@@ -12,6 +12,10 @@
  * (fp32 accumulation); the SIMD paths sum k in 8 or 16 lanes, so they agree with it up to fp32
  * reassociation.
  *
+ * The same header declares the dense fp16 GEMV of the onnxruntime library's DenseLinear
+ * (sqzHalfLinearCpuRows): y = x W^T for a plain fp16 W [N, K], such as a tied lm_head, read as fp16
+ * instead of the fp32 copy onnxruntime would fold it into.
+ *
  * Threading is the caller's: sqzLinearCpuRows computes a range of output rows and may run on
  * disjoint ranges from any number of threads; sqzLinearCpuSplit cuts N into ranges of equal work
  * (packed words + non-zeros), so a heavy sparse row does not leave one thread doing most of it.
@@ -53,6 +57,17 @@ struct CpuArgs
     float* y;                //!< [m, outFeatures] row-major fp32
 };
 
+//! y = x W^T with a dense fp16 weight (not packed): the arguments of sqzHalfLinearCpuRows.
+struct HalfLinearArgs
+{
+    int32_t m;           //!< rows of x and y; 0 is allowed
+    int32_t inFeatures;  //!< K >= 1
+    int32_t outFeatures; //!< N >= 1
+    float const* x;      //!< [m, inFeatures] row-major fp32
+    uint16_t const* w;   //!< fp16 bit patterns [outFeatures, inFeatures] row-major
+    float* y;            //!< [m, outFeatures] row-major fp32
+};
+
 //! Whether this CPU can run `isa` (kScalar always).
 bool sqzCpuSupports(Isa isa) noexcept;
 
@@ -78,6 +93,11 @@ void sqzLinearCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64
 //! builds W), for a GEMM to multiply: the large-M path of the callers. Same ISA rules and threading as
 //! sqzLinearCpuRows; x and y are not read.
 void sqzDequantCpuRows(CpuShape const& shape, CpuArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd, float* w) noexcept;
+
+//! Output rows [rowBegin, rowEnd) of y = x W^T for all m rows of x, fp32 accumulation, with `isa` (must be
+//! supported; every ISA takes every K). Same threading rules as sqzLinearCpuRows; rows cost the same, so
+//! equal ranges are equal work.
+void sqzHalfLinearCpuRows(HalfLinearArgs const& args, Isa isa, int64_t rowBegin, int64_t rowEnd) noexcept;
 
 //! Weights per dequantized tile of the callers' large-M path (sqzDequantCpuRows into a GEMM): 4 MiB of
 //! fp32, in the last-level cache (16 MiB measured no faster).

@@ -8,6 +8,7 @@
 #include "sqzLinearCpu.h"
 
 #include "sqzFormat.h"
+#include "sqzHalfLinearRow.h"
 #include "sqzLinearCpuFinish.h"
 #include "sqzLinearCpuIsa.h"
 
@@ -29,6 +30,17 @@ struct PortableFinish
 {
     static constexpr int kLanes = 1;
     static float halfToFloat(uint16_t h) { return format::halfBitsToFloat(h); }
+};
+
+//! sqzHalfLinearRow.h's traits for the portable path: one weight per step.
+struct PortableHalf : PortableFinish
+{
+    using V = float;
+    static V zero() { return 0.0F; }
+    static V loadHalf(uint16_t const* p) { return format::halfBitsToFloat(*p); }
+    static V add(V a, V b) { return a + b; }
+    static V fma(V w, float const* x, V acc) { return acc + w * *x; }
+    static float sum(V v) { return v; }
 };
 
 //! Rows [r0, r1), every bit width: decode one index at a time (sqz::format::rowIndex), LUT from an
@@ -161,6 +173,20 @@ void sqzLinearCpuRows(CpuShape const& s, CpuArgs const& a, Isa isa, int64_t rowB
         return;
     case Isa::kAvx2: detail::rowsAvx2(s, a, rowBegin, rowEnd); return;
     case Isa::kScalar: rowsScalar(s, a, rowBegin, rowEnd); return;
+    }
+}
+
+void sqzHalfLinearCpuRows(HalfLinearArgs const& a, Isa isa, int64_t rowBegin, int64_t rowEnd) noexcept
+{
+    if (a.m == 0 || rowBegin >= rowEnd)
+    {
+        return;
+    }
+    switch (isa)
+    {
+    case Isa::kAvx512: detail::halfRowsAvx512(a, rowBegin, rowEnd); return;
+    case Isa::kAvx2: detail::halfRowsAvx2(a, rowBegin, rowEnd); return;
+    case Isa::kScalar: halfRows<PortableHalf>(a, rowBegin, rowEnd); return;
     }
 }
 

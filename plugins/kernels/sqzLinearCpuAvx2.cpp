@@ -22,6 +22,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "sqzHalfLinearRow.h"
 #include "sqzLinearCpuRow.h"
 
 namespace
@@ -75,6 +76,7 @@ struct Avx2
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static V fma(V w, float const* x, V acc) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc); }
     static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+    static V loadHalf(uint16_t const* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(p))); }
     //! acc + val[0, 8) (fp16) * x[col[0, 8)]: the CSR non-zeros of finishRow (sqzLinearCpuFinish.h).
     static V gatherFma(uint16_t const* val, int32_t const* col, float const* x, V acc)
     {
@@ -101,6 +103,11 @@ void sqz::cpu::detail::rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0,
 void sqz::cpu::detail::dequantAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1, float* w) noexcept
 {
     dequantByBits<Avx2>(s, a, r0, r1, w);
+}
+
+void sqz::cpu::detail::halfRowsAvx2(HalfLinearArgs const& a, int64_t r0, int64_t r1) noexcept
+{
+    halfRows<Avx2>(a, r0, r1);
 }
 
 void sqz::cpu::detail::halfToFloatF16c(uint16_t const* src, float* dst, int64_t count) noexcept
@@ -133,6 +140,7 @@ void sqz::cpu::detail::floatToHalfF16c(float const* src, uint16_t* dst, int64_t 
 #else
 void sqz::cpu::detail::rowsAvx2(CpuShape const&, CpuArgs const&, int64_t, int64_t) noexcept {}
 void sqz::cpu::detail::dequantAvx2(CpuShape const&, CpuArgs const&, int64_t, int64_t, float*) noexcept {}
+void sqz::cpu::detail::halfRowsAvx2(HalfLinearArgs const&, int64_t, int64_t) noexcept {}
 void sqz::cpu::detail::halfToFloatF16c(uint16_t const*, float*, int64_t) noexcept {}
 void sqz::cpu::detail::floatToHalfF16c(float const*, uint16_t*, int64_t) noexcept {}
 #endif

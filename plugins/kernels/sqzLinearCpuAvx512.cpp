@@ -30,6 +30,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "sqzHalfLinearRow.h"
 #include "sqzLinearCpuAvx512Lanes.h"
 #include "sqzLinearCpuRow.h"
 
@@ -66,9 +67,15 @@ void sqz::cpu::detail::dequantAvx512(CpuShape const& s, CpuArgs const& a, int64_
     dequantByBits<Avx512>(s, a, r0, r1, w);
 }
 
+void sqz::cpu::detail::halfRowsAvx512(HalfLinearArgs const& a, int64_t r0, int64_t r1) noexcept
+{
+    halfRows<Avx512Lanes>(a, r0, r1);
+}
+
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #else
 void sqz::cpu::detail::rowsAvx512(CpuShape const&, CpuArgs const&, int64_t, int64_t) noexcept {}
 void sqz::cpu::detail::dequantAvx512(CpuShape const&, CpuArgs const&, int64_t, int64_t, float*) noexcept {}
+void sqz::cpu::detail::halfRowsAvx512(HalfLinearArgs const&, int64_t, int64_t) noexcept {}
 #endif

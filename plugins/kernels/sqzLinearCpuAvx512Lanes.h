@@ -47,6 +47,7 @@ struct Avx512Lanes
     static V fma(V w, float const* x, V acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
     static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+    static V loadHalf(uint16_t const* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(p))); }
     //! acc + val[0, 16) (fp16) * x[col[0, 16)]: the CSR non-zeros of finishRow (sqzLinearCpuFinish.h).
     static V gatherFma(uint16_t const* val, int32_t const* col, float const* x, V acc)
     {

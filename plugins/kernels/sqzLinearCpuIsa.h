@@ -36,6 +36,10 @@ void floatToHalfF16c(float const* src, uint16_t* dst, int64_t count) noexcept;
 //! Rows [r0, r1) with AVX2 + FMA + F16C; bits must be 3 or 4.
 void rowsAvx2(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
 
+//! sqzHalfLinearCpuRows with AVX2 + FMA + F16C / AVX-512F.
+void halfRowsAvx2(HalfLinearArgs const& a, int64_t r0, int64_t r1) noexcept;
+void halfRowsAvx512(HalfLinearArgs const& a, int64_t r0, int64_t r1) noexcept;
+
 //! Rows [r0, r1) with AVX-512F; bits must be 3 or 4.
 void rowsAvx512(CpuShape const& s, CpuArgs const& a, int64_t r0, int64_t r1) noexcept;
 

@@ -1,8 +1,14 @@
 /*
  * sqzOrtOps.cpp: libsqz_ort_ops.so, the onnxruntime custom-op library of sqz-export.
  *
- * One op, sqz::SqzLinear (domain "sqz", opset 1), on the CPU execution provider, and (built with
- * SQZ_ORT_CUDA: libsqz_ort_ops_cuda.so) on the CUDA execution provider too. A thin adapter:
+ * Two ops in domain "sqz", opset 1:
+ *   - sqz::SqzLinear, the exported graphs' op, on the CPU execution provider, and (built with
+ *     SQZ_ORT_CUDA: libsqz_ort_ops_cuda.so) on the CUDA execution provider too;
+ *   - sqz::DenseLinear (CPU): y = x W^T for a plain fp16 W [N, K], which no exported file holds:
+ *     sqz_export.ort_session puts it on a graph's fp16 lm_head at session creation, so the head is read
+ *     as fp16 instead of the fp32 copy onnxruntime folds it into (sqzHalfLinearCpuRows below 12 rows,
+ *     fp32 tiles into onnxruntime's Gemm above).
+ * SqzLinear's adapter is thin:
  *   - every rule of the op (attributes, input count, shapes) comes from the TensorRT plugin's
  *     plain-C++ core (plugins/sqzLinearPlugin/sqzLinearPluginCore.h), so both front doors accept and
  *     refuse the same nodes with the same messages;
@@ -181,21 +187,25 @@ std::string checkCsr(core::SqzLinearParams const& p, int32_t const* rowPtr, int3
     return "";
 }
 
-//! One SqzLinear node of a session.
-struct Kernel
+//! What a node of either op keeps beside its own fields: its name for messages, the CPU memory info of
+//! its scratch, and onnxruntime's Gemm for the large-M path.
+struct KernelBase
 {
+    char const* op{""};              //!< "SqzLinear" or "DenseLinear", for messages
     std::string node;                //!< node name, for messages
-    core::SqzLinearParams params;    //!< validated attributes
-    int32_t nbInputs{0};             //!< 3 (dense) or 7 (dense + sparse)
     bool cuda{false};                //!< the CUDA execution provider's op (device tensors)
     cpu::Isa isa{cpu::Isa::kScalar}; //!< CPU: the ISA every call runs (chosen once, logged)
-    bool weightsChecked{false};      //!< weights were constant and checked at creation
-    int64_t nnz{0};                  //!< non-zeros of the sparse part, when weightsChecked
     OrtMemoryInfo* cpuMemory{nullptr};
     OrtOp* gemm{nullptr};            //!< CPU: onnxruntime's own Gemm (fp32, transB=1) for M >= kGEMM_MIN_M
     mutable std::atomic<bool> gemmLogged{false}; //!< the first large-M call was logged
 
-    ~Kernel()
+    explicit KernelBase(char const* opName)
+        : op(opName)
+    {
+    }
+    KernelBase(KernelBase const&) = delete;
+    KernelBase& operator=(KernelBase const&) = delete;
+    ~KernelBase()
     {
         if (gemm != nullptr)
         {
@@ -207,9 +217,39 @@ struct Kernel
         }
     }
 
-    std::string prefix() const { return "SqzLinear node '" + node + "': "; }
+    std::string prefix() const { return std::string(op) + " node '" + node + "': "; }
 
     OrtStatus* fail(std::string const& message) const { return error(ORT_INVALID_ARGUMENT, prefix() + message); }
+
+    //! The node's name (first: every message names it).
+    OrtStatus* readName(OrtKernelInfo const* info);
+
+    //! The CPU memory info and (CPU) the Gemm, once the node is accepted; *gemmStatus (owned by the
+    //! caller, for logCreation) says why there is no Gemm.
+    OrtStatus* createResources(OrtKernelInfo const* info, OrtStatus** gemmStatus);
+
+    //! Logs `message` at the first large-M call of the node only (INFO).
+    void logGemmOnce(OrtKernelContext* context, std::string const& message, char const* function) const;
+
+    //! y [M, N] = x [M, K] W^T through onnxruntime's Gemm, W made in fp32 tiles of `tileRows` rows by
+    //! fill(n0, rows, tile) (rows [n0, n0 + rows) of W into tile [rows, K]); see the callers.
+    template <class Fill>
+    OrtStatus* tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k, int64_t n,
+        int64_t tileRows, Fill&& fill) const;
+};
+
+//! One SqzLinear node of a session.
+struct Kernel : KernelBase
+{
+    core::SqzLinearParams params;    //!< validated attributes
+    int32_t nbInputs{0};             //!< 3 (dense) or 7 (dense + sparse)
+    bool weightsChecked{false};      //!< weights were constant and checked at creation
+    int64_t nnz{0};                  //!< non-zeros of the sparse part, when weightsChecked
+
+    Kernel()
+        : KernelBase(core::kPLUGIN_NAME)
+    {
+    }
 
     OrtStatus* checkX(TensorDesc const& x) const
     {
@@ -308,13 +348,53 @@ OrtStatus* createGemm(OrtKernelInfo const* info, OrtOp** gemm)
     return status;
 }
 
-OrtStatus* Kernel::create(OrtKernelInfo const* info)
+OrtStatus* KernelBase::readName(OrtKernelInfo const* info)
 {
     size_t size = 0;
     SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfo_GetNodeName(info, nullptr, &size));
     node.assign(size, '\0');
     SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfo_GetNodeName(info, node.data(), &size));
     node.resize(std::strlen(node.c_str()));
+    return nullptr;
+}
+
+OrtStatus* KernelBase::createResources(OrtKernelInfo const* info, OrtStatus** gemmStatus)
+{
+    *gemmStatus = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpuMemory));
+    // Without onnxruntime's Gemm (a minimal build has no CreateOp) the GEMV runs at every M: slower
+    // prefill, same results.
+    *gemmStatus = cuda ? nullptr : createGemm(info, &gemm);
+    if (*gemmStatus != nullptr)
+    {
+        gemm = nullptr;
+    }
+    return nullptr;
+}
+
+//! The creation log line of a node, and the warning when onnxruntime's Gemm is missing (releases gemmStatus).
+void logCreation(KernelBase const& kernel, OrtKernelInfo const* info, std::string const& message, OrtStatus* gemmStatus)
+{
+    OrtLogger const* logger = nullptr;
+    if (gApi->KernelInfo_GetLogger(info, &logger) == nullptr && logger != nullptr)
+    {
+        logMessage(logger, ORT_LOGGING_LEVEL_INFO, kernel.prefix() + message, "create");
+        if (gemmStatus != nullptr)
+        {
+            std::string const warning = kernel.prefix() + "onnxruntime's Gemm is not available ("
+                + gApi->GetErrorMessage(gemmStatus) + "): the GEMV runs at every M";
+            logMessage(logger, ORT_LOGGING_LEVEL_WARNING, warning, "create");
+        }
+    }
+    if (gemmStatus != nullptr)
+    {
+        gApi->ReleaseStatus(gemmStatus);
+    }
+}
+
+OrtStatus* Kernel::create(OrtKernelInfo const* info)
+{
+    SQZ_ORT_RETURN_IF_ERROR(readName(info));
 
     // Attributes, through the plugin core's parser (same names, ranges and messages as TensorRT's).
     std::vector<int64_t> values;
@@ -397,34 +477,16 @@ OrtStatus* Kernel::create(OrtKernelInfo const* info)
     }
 
     isa = cpu::sqzCpuEffectiveIsa(cpu::sqzCpuBestIsa(), params.bits);
-    SQZ_ORT_RETURN_IF_ERROR(gApi->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpuMemory));
-    // Without onnxruntime's Gemm (a minimal build has no CreateOp) the GEMV runs at every M: slower
-    // prefill, same results.
-    OrtStatus* gemmStatus = cuda ? nullptr : createGemm(info, &gemm);
-
-    OrtLogger const* logger = nullptr;
-    if (gApi->KernelInfo_GetLogger(info, &logger) == nullptr && logger != nullptr)
-    {
-        std::string const kernelName = cuda ? std::string("CUDA launcher (GEMV for M <= 16, dequantize + GEMM above)")
-                                            : std::string("CPU LUT kernel for M < ") + std::to_string(kGEMM_MIN_M)
-                + ", dequantized tiles + onnxruntime's Gemm above, isa=" + cpu::sqzCpuIsaName(isa);
-        std::string const message = prefix() + kernelName + " (bits="
-            + std::to_string(params.bits) + ", K=" + std::to_string(params.inFeatures) + ", N="
+    OrtStatus* gemmStatus = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(createResources(info, &gemmStatus));
+    std::string const kernelName = cuda ? std::string("CUDA launcher (GEMV for M <= 16, dequantize + GEMM above)")
+                                        : std::string("CPU LUT kernel for M < ") + std::to_string(kGEMM_MIN_M)
+            + ", dequantized tiles + onnxruntime's Gemm above, isa=" + cpu::sqzCpuIsaName(isa);
+    logCreation(*this, info,
+        kernelName + " (bits=" + std::to_string(params.bits) + ", K=" + std::to_string(params.inFeatures) + ", N="
             + std::to_string(params.outFeatures) + (nbInputs == core::kNB_INPUTS_SPARSE ? ", sparse" : ", dense")
-            + (weightsChecked ? ", weights checked at creation)" : ", weights not constant: checked per call)");
-        logMessage(logger, ORT_LOGGING_LEVEL_INFO, message, "SqzLinear::create");
-        if (gemmStatus != nullptr)
-        {
-            std::string const warning = prefix() + "onnxruntime's Gemm is not available ("
-                + gApi->GetErrorMessage(gemmStatus) + "): the LUT GEMV runs at every M";
-            logMessage(logger, ORT_LOGGING_LEVEL_WARNING, warning, "SqzLinear::create");
-        }
-    }
-    if (gemmStatus != nullptr)
-    {
-        gApi->ReleaseStatus(gemmStatus);
-        gemm = nullptr;
-    }
+            + (weightsChecked ? ", weights checked at creation)" : ", weights not constant: checked per call)"),
+        gemmStatus);
     return nullptr;
 }
 
@@ -532,6 +594,70 @@ struct Scratch
     }
 };
 
+//! x as fp32 [M, K] and an fp32 y [M, N] for the CPU loops: the tensors themselves when x is fp32, else
+//! one scratch buffer (a few KB at decode, next to the weights' MBs) holding x converted, and y until
+//! finish() rounds it once into the output's dtype.
+struct Fp32Io
+{
+    Scratch scratch;
+    float const* x{nullptr};
+    float* y{nullptr};
+    ONNXTensorElementDataType type{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    void* out{nullptr};
+    int64_t outCount{0};
+
+    OrtStatus* begin(OrtKernelContext* context, OrtMemoryInfo const* memory, ONNXTensorElementDataType xType,
+        void const* xData, void* yData, int64_t m, int64_t k, int64_t n)
+    {
+        type = xType;
+        out = yData;
+        outCount = m * n;
+        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        {
+            x = static_cast<float const*>(xData);
+            y = static_cast<float*>(yData);
+            return nullptr;
+        }
+        SQZ_ORT_RETURN_IF_ERROR(scratch.allocate(context, memory, static_cast<size_t>(m * (k + n)) * sizeof(float)));
+        auto const* src = static_cast<uint16_t const*>(xData);
+        auto* dst = static_cast<float*>(scratch.data);
+        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+        {
+            for (int64_t i = 0; i < m * k; ++i)
+            {
+                dst[i] = sqz::format::bf16BitsToFloat(src[i]);
+            }
+        }
+        else
+        {
+            cpu::sqzCpuHalfToFloat(src, dst, m * k);
+        }
+        x = dst;
+        y = dst + m * k;
+        return nullptr;
+    }
+
+    void finish() const
+    {
+        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        {
+            return;
+        }
+        auto* dst = static_cast<uint16_t*>(out);
+        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+        {
+            for (int64_t i = 0; i < outCount; ++i)
+            {
+                dst[i] = sqz::format::floatToBf16Bits(y[i]);
+            }
+        }
+        else
+        {
+            cpu::sqzCpuFloatToHalf(y, dst, outCount);
+        }
+    }
+};
+
 OrtStatus* Kernel::compute(OrtKernelContext* context) const
 {
     size_t count = 0;
@@ -606,31 +732,8 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
 {
     int64_t const k = params.inFeatures;
     int64_t const n = params.outFeatures;
-    bool const fp32 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    bool const bf16 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
-    Scratch scratch;
-    float const* x32 = static_cast<float const*>(data[core::kX]);
-    float* y32 = static_cast<float*>(yData);
-    if (!fp32)
-    {
-        // x [M, K] and y [M, N] in fp32, one buffer: a few KB at decode, next to the weights' MBs.
-        SQZ_ORT_RETURN_IF_ERROR(scratch.allocate(context, cpuMemory, static_cast<size_t>(m * (k + n)) * sizeof(float)));
-        auto const* src = static_cast<uint16_t const*>(data[core::kX]);
-        auto* dst = static_cast<float*>(scratch.data);
-        if (bf16)
-        {
-            for (int64_t i = 0; i < m * k; ++i)
-            {
-                dst[i] = sqz::format::bf16BitsToFloat(src[i]);
-            }
-        }
-        else
-        {
-            cpu::sqzCpuHalfToFloat(src, dst, m * k);
-        }
-        x32 = dst;
-        y32 = dst + m * k;
-    }
+    Fp32Io io;
+    SQZ_ORT_RETURN_IF_ERROR(io.begin(context, cpuMemory, x.type, data[core::kX], yData, m, k, n));
 
     Job job{};
     job.shape.m = static_cast<int32_t>(m);
@@ -644,10 +747,10 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
         job.args.col = static_cast<int32_t const*>(data[core::kCOL]);
         job.args.val = static_cast<uint16_t const*>(data[core::kVAL]);
     }
-    job.args.x = x32;
+    job.args.x = io.x;
     job.args.qweight = static_cast<int32_t const*>(data[core::kQWEIGHT]);
     job.args.lut = static_cast<uint16_t const*>(data[core::kLUT]);
-    job.args.y = y32;
+    job.args.y = io.y;
     job.isa = isa;
     if (m >= kGEMM_MIN_M && gemm != nullptr)
     {
@@ -660,75 +763,243 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
         cpu::sqzLinearCpuSplit(job.shape, job.args.rowPtr, parts, job.bounds.data());
         SQZ_ORT_RETURN_IF_ERROR(parallelFor(context, runPart, parts, &job));
     }
-
-    if (!fp32)
-    {
-        auto* dst = static_cast<uint16_t*>(yData);
-        if (bf16)
-        {
-            for (int64_t i = 0; i < m * n; ++i)
-            {
-                dst[i] = sqz::format::floatToBf16Bits(y32[i]);
-            }
-        }
-        else
-        {
-            cpu::sqzCpuFloatToHalf(y32, dst, m * n);
-        }
-    }
+    io.finish();
     return nullptr;
 }
 
-//! The large-M path: W in tiles of output rows (sqzDequantTileRows), each dequantized to fp32 on the
-//! session's threads and multiplied by onnxruntime's Gemm, so the packed words are decoded once per
-//! call and the multiply runs at the graph's own GEMM speed. Scratch: one fp32 tile (1M weights, at
-//! least 256 rows), plus an [M, tile rows] output tile when W takes more than one.
-OrtStatus* Kernel::runGemm(OrtKernelContext* context, cpu::CpuShape const& shape, cpu::CpuArgs const& args) const
+void KernelBase::logGemmOnce(OrtKernelContext* context, std::string const& message, char const* function) const
 {
-    int64_t const m = shape.m;
-    int64_t const k = shape.inFeatures;
-    int64_t const n = shape.outFeatures;
-    int64_t const tileRows = cpu::sqzDequantTileRows(shape);
+    if (gemmLogged.exchange(true))
+    {
+        return;
+    }
+    OrtLogger const* logger = nullptr;
+    if (gApi->KernelContext_GetLogger(context, &logger) == nullptr && logger != nullptr)
+    {
+        logMessage(logger, ORT_LOGGING_LEVEL_INFO, prefix() + message, function);
+    }
+}
+
+//! The large-M path of both ops: W in tiles of output rows, each made fp32 by `fill` (on the session's
+//! threads) and multiplied by onnxruntime's Gemm, so the weight is decoded once per call and the multiply
+//! runs at the graph's own GEMM speed. Scratch: one fp32 tile, plus an [M, tile rows] output tile when W
+//! takes more than one.
+template <class Fill>
+OrtStatus* KernelBase::tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k, int64_t n,
+    int64_t tileRows, Fill&& fill) const
+{
     bool const tiled = tileRows < n;
     Scratch scratch;
     SQZ_ORT_RETURN_IF_ERROR(scratch.allocate(
         context, cpuMemory, static_cast<size_t>(tileRows * k + (tiled ? m * tileRows : 0)) * sizeof(float)));
     float* const tile = static_cast<float*>(scratch.data);
-    float* const out = tiled ? tile + tileRows * k : args.y;
-    if (!gemmLogged.exchange(true))
-    {
-        OrtLogger const* logger = nullptr;
-        if (gApi->KernelContext_GetLogger(context, &logger) == nullptr && logger != nullptr)
-        {
-            logMessage(logger, ORT_LOGGING_LEVEL_INFO,
-                prefix() + std::to_string(m) + " rows of x: W dequantized in tiles of " + std::to_string(tileRows)
-                    + " rows into onnxruntime's Gemm",
-                "SqzLinear::runGemm");
-        }
-    }
-    FloatView x;
-    SQZ_ORT_RETURN_IF_ERROR(x.wrap(cpuMemory, args.x, m, k));
-    DequantJob job{shape, args, isa, 0, 0, 1, tile};
+    float* const out = tiled ? tile + tileRows * k : y;
+    FloatView xView;
+    SQZ_ORT_RETURN_IF_ERROR(xView.wrap(cpuMemory, x, m, k));
     for (int64_t n0 = 0; n0 < n; n0 += tileRows)
     {
-        job.n0 = n0;
-        job.rows = std::min(tileRows, n - n0);
-        job.parts = partsFor(job.rows);
-        SQZ_ORT_RETURN_IF_ERROR(parallelFor(context, dequantPart, job.parts, &job));
+        int64_t const rows = std::min(tileRows, n - n0);
+        SQZ_ORT_RETURN_IF_ERROR(fill(n0, rows, tile));
         FloatView w;
-        FloatView y;
-        SQZ_ORT_RETURN_IF_ERROR(w.wrap(cpuMemory, tile, job.rows, k));
-        SQZ_ORT_RETURN_IF_ERROR(y.wrap(cpuMemory, out, m, job.rows));
-        OrtValue const* inputs[2] = {x.value, w.value};
-        SQZ_ORT_RETURN_IF_ERROR(gApi->InvokeOp(context, gemm, inputs, 2, &y.value, 1));
+        FloatView yView;
+        SQZ_ORT_RETURN_IF_ERROR(w.wrap(cpuMemory, tile, rows, k));
+        SQZ_ORT_RETURN_IF_ERROR(yView.wrap(cpuMemory, out, m, rows));
+        OrtValue const* inputs[2] = {xView.value, w.value};
+        SQZ_ORT_RETURN_IF_ERROR(gApi->InvokeOp(context, gemm, inputs, 2, &yView.value, 1));
         if (tiled)
         {
             for (int64_t i = 0; i < m; ++i)
             {
-                std::memcpy(args.y + i * n + n0, out + i * job.rows, static_cast<size_t>(job.rows) * sizeof(float));
+                std::memcpy(y + i * n + n0, out + i * rows, static_cast<size_t>(rows) * sizeof(float));
             }
         }
     }
+    return nullptr;
+}
+
+//! SqzLinear's large-M path: tiles of sqzDequantTileRows rows (1M weights, at least 256 rows), W =
+//! LUT[idx] + S dequantized by sqzDequantCpuRows.
+OrtStatus* Kernel::runGemm(OrtKernelContext* context, cpu::CpuShape const& shape, cpu::CpuArgs const& args) const
+{
+    int64_t const tileRows = cpu::sqzDequantTileRows(shape);
+    logGemmOnce(context,
+        std::to_string(shape.m) + " rows of x: W dequantized in tiles of " + std::to_string(tileRows)
+            + " rows into onnxruntime's Gemm",
+        "SqzLinear::runGemm");
+    DequantJob job{shape, args, isa, 0, 0, 1, nullptr};
+    return tiledGemm(context, args.x, args.y, shape.m, shape.inFeatures, shape.outFeatures, tileRows,
+        [&](int64_t n0, int64_t rows, float* tile)
+        {
+            job.n0 = n0;
+            job.rows = rows;
+            job.parts = partsFor(rows);
+            job.tile = tile;
+            return parallelFor(context, dequantPart, job.parts, &job);
+        });
+}
+
+
+// --- DenseLinear: an fp16 weight read as fp16 ---------------------------------------------------
+
+constexpr char const* kDENSE_NAME = "DenseLinear";
+constexpr size_t kDENSE_X = 0;
+constexpr size_t kDENSE_W = 1;
+
+//! One DenseLinear node: y = x W^T with W a plain fp16 [N, K] (sqz_export puts one on a tied lm_head's
+//! embedding at session creation), read as fp16 by sqzHalfLinearCpuRows for M < kGEMM_MIN_M, and
+//! converted into fp32 tiles for onnxruntime's Gemm above. onnxruntime itself would fold W into an fp32
+//! copy at session creation: twice the bytes to hold, and to read at every decode step.
+struct DenseKernel : KernelBase
+{
+    DenseKernel()
+        : KernelBase(kDENSE_NAME)
+    {
+    }
+
+    OrtStatus* checkWeight(TensorDesc const& w) const
+    {
+        if (w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 || w.dims.size() != 2 || w.dims[0] < 1 || w.dims[1] < 1
+            || w.dims[0] > INT32_MAX || w.dims[1] > INT32_MAX)
+        {
+            return fail("input 1 (w) must be fp16 [out_features, in_features], both in [1, 2^31 - 1]");
+        }
+        return nullptr;
+    }
+
+    OrtStatus* create(OrtKernelInfo const* info);
+    OrtStatus* compute(OrtKernelContext* context) const;
+};
+
+//! One DenseLinear call's arguments, shared by the parallel parts of the GEMV or of a tile's conversion.
+struct HalfJob
+{
+    cpu::HalfLinearArgs args;
+    cpu::Isa isa;
+    int64_t parts;
+    int64_t n0;  //!< large-M tile: first row of W
+    int64_t rows; //!< large-M tile: rows of W
+    float* tile; //!< large-M tile: [rows, inFeatures]
+};
+
+void halfRowsPart(void* data, size_t part)
+{
+    HalfJob const& job = *static_cast<HalfJob const*>(data);
+    int64_t const n = job.args.outFeatures;
+    int64_t const p = static_cast<int64_t>(part);
+    cpu::sqzHalfLinearCpuRows(job.args, job.isa, n * p / job.parts, n * (p + 1) / job.parts);
+}
+
+void halfTilePart(void* data, size_t part)
+{
+    HalfJob const& job = *static_cast<HalfJob const*>(data);
+    int64_t const k = job.args.inFeatures;
+    int64_t const p = static_cast<int64_t>(part);
+    int64_t const begin = job.rows * p / job.parts;
+    int64_t const end = job.rows * (p + 1) / job.parts;
+    cpu::sqzCpuHalfToFloat(job.args.w + (job.n0 + begin) * k, job.tile + begin * k, (end - begin) * k);
+}
+
+OrtStatus* DenseKernel::create(OrtKernelInfo const* info)
+{
+    SQZ_ORT_RETURN_IF_ERROR(readName(info));
+    std::string weight = "w not constant: checked per call";
+    int isConstant = 0;
+    OrtValue const* w = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelInfoGetConstantInput_tensor(info, kDENSE_W, &isConstant, &w));
+    if (isConstant && w != nullptr)
+    {
+        TensorDesc desc;
+        SQZ_ORT_RETURN_IF_ERROR(describeValue(w, desc));
+        SQZ_ORT_RETURN_IF_ERROR(checkWeight(desc));
+        weight = "K=" + std::to_string(desc.dims[1]) + ", N=" + std::to_string(desc.dims[0]);
+    }
+    isa = cpu::sqzCpuBestIsa();
+    OrtStatus* gemmStatus = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(createResources(info, &gemmStatus));
+    logCreation(*this, info,
+        std::string("CPU fp16 GEMV for M < ") + std::to_string(kGEMM_MIN_M)
+            + ", fp32 tiles + onnxruntime's Gemm above, isa=" + cpu::sqzCpuIsaName(isa) + " (" + weight + ")",
+        gemmStatus);
+    return nullptr;
+}
+
+OrtStatus* DenseKernel::compute(OrtKernelContext* context) const
+{
+    OrtValue const* xValue = nullptr;
+    OrtValue const* wValue = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetInput(context, kDENSE_X, &xValue));
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetInput(context, kDENSE_W, &wValue));
+    if (xValue == nullptr || wValue == nullptr)
+    {
+        return fail("inputs 0 (x) and 1 (w) are both required");
+    }
+    TensorDesc x;
+    TensorDesc w;
+    SQZ_ORT_RETURN_IF_ERROR(describeValue(xValue, x));
+    SQZ_ORT_RETURN_IF_ERROR(describeValue(wValue, w));
+    SQZ_ORT_RETURN_IF_ERROR(checkWeight(w));
+    int64_t const n = w.dims[0];
+    int64_t const k = w.dims[1];
+    if (!isActivationType(x.type, false))
+    {
+        return fail("input 0 (x) must be fp16, bf16 or fp32");
+    }
+    if (x.dims.empty() || x.dims.back() != k)
+    {
+        return fail("input 0 (x) must be [..., in_features=" + std::to_string(k) + "] for w [" + std::to_string(n) + ", "
+            + std::to_string(k) + "]");
+    }
+    int64_t const m = core::rowsOf(x.dims);
+    if (m > INT32_MAX)
+    {
+        return fail("x has " + std::to_string(m) + " rows; the CPU kernel takes at most 2^31 - 1 per call");
+    }
+    std::vector<int64_t> yDims = x.dims;
+    yDims.back() = n;
+    OrtValue* yValue = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->KernelContext_GetOutput(context, 0, yDims.data(), yDims.size(), &yValue));
+    void* yData = nullptr;
+    void* xData = nullptr;
+    void* wData = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(yValue, &yData));
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(const_cast<OrtValue*>(xValue), &xData));
+    SQZ_ORT_RETURN_IF_ERROR(gApi->GetTensorMutableData(const_cast<OrtValue*>(wValue), &wData));
+    if (m == 0)
+    {
+        return nullptr;
+    }
+    Fp32Io io;
+    SQZ_ORT_RETURN_IF_ERROR(io.begin(context, cpuMemory, x.type, xData, yData, m, k, n));
+    HalfJob job{};
+    job.args = {static_cast<int32_t>(m), static_cast<int32_t>(k), static_cast<int32_t>(n), io.x,
+        static_cast<uint16_t const*>(wData), io.y};
+    job.isa = isa;
+    if (m >= kGEMM_MIN_M && gemm != nullptr)
+    {
+        cpu::CpuShape tileShape{};
+        tileShape.inFeatures = static_cast<int32_t>(k);
+        tileShape.outFeatures = static_cast<int32_t>(n);
+        int64_t const tileRows = cpu::sqzDequantTileRows(tileShape);
+        logGemmOnce(context,
+            std::to_string(m) + " rows of x: W converted to fp32 in tiles of " + std::to_string(tileRows)
+                + " rows into onnxruntime's Gemm",
+            "DenseLinear::compute");
+        SQZ_ORT_RETURN_IF_ERROR(tiledGemm(context, io.x, io.y, m, k, n, tileRows,
+            [&](int64_t n0, int64_t rows, float* tile)
+            {
+                job.n0 = n0;
+                job.rows = rows;
+                job.parts = partsFor(rows);
+                job.tile = tile;
+                return parallelFor(context, halfTilePart, job.parts, &job);
+            }));
+    }
+    else
+    {
+        job.parts = partsFor(n);
+        SQZ_ORT_RETURN_IF_ERROR(parallelFor(context, halfRowsPart, job.parts, &job));
+    }
+    io.finish();
     return nullptr;
 }
 
@@ -786,13 +1057,14 @@ OrtStatus* Kernel::runCuda(OrtKernelContext* context, OrtValue const* xValue, Te
 
 // --- OrtCustomOp callbacks ---------------------------------------------------------------------
 
+template <class K>
 OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const* op, OrtApi const*, OrtKernelInfo const* info, void** out)
 {
     *out = nullptr;
-    auto* kernel = new (std::nothrow) Kernel();
+    auto* kernel = new (std::nothrow) K();
     if (kernel == nullptr)
     {
-        return error(ORT_FAIL, "SqzLinear: out of memory creating a kernel");
+        return error(ORT_FAIL, std::string(op->GetName(op)) + ": out of memory creating a kernel");
     }
     kernel->cuda = std::strcmp(op->GetExecutionProviderType(op), kCUDA_PROVIDER) == 0;
     try
@@ -806,31 +1078,33 @@ OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const* op, OrtApi const*, OrtKe
     catch (std::exception const& e)
     {
         delete kernel;
-        return error(ORT_FAIL, std::string("SqzLinear: ") + e.what());
+        return error(ORT_FAIL, std::string(op->GetName(op)) + ": " + e.what());
     }
     *out = kernel;
     return nullptr;
 }
 
+template <class K>
 OrtStatus* ORT_API_CALL computeKernel(void* kernel, OrtKernelContext* context)
 {
     try
     {
-        return static_cast<Kernel const*>(kernel)->compute(context);
+        return static_cast<K const*>(kernel)->compute(context);
     }
     catch (std::exception const& e)
     {
-        return error(ORT_FAIL, static_cast<Kernel const*>(kernel)->prefix() + e.what());
+        return error(ORT_FAIL, static_cast<K const*>(kernel)->prefix() + e.what());
     }
 }
 
+template <class K>
 void ORT_API_CALL destroyKernel(void* kernel)
 {
-    delete static_cast<Kernel*>(kernel);
+    delete static_cast<K*>(kernel);
 }
 
-//! y = x's shape with the last extent replaced by out_features, x's element type.
-OrtStatus* ORT_API_CALL inferOutputShape(OrtCustomOp const*, OrtShapeInferContext* context)
+//! y = x's shape (its symbols kept) with the last extent replaced by `outFeatures`, x's element type.
+OrtStatus* setOutputLikeX(OrtShapeInferContext* context, int64_t outFeatures, char const* opName)
 {
     OrtTensorTypeAndShapeInfo* xInfo = nullptr;
     SQZ_ORT_RETURN_IF_ERROR(gApi->ShapeInferContext_GetInputTypeShape(context, 0, &xInfo));
@@ -841,24 +1115,9 @@ OrtStatus* ORT_API_CALL inferOutputShape(OrtCustomOp const*, OrtShapeInferContex
     {
         status = gApi->GetSymbolicDimensions(xInfo, symbols.data(), symbols.size());
     }
-    OrtOpAttr const* attr = nullptr;
-    int64_t outFeatures = 0;
-    size_t read = 0;
-    if (status == nullptr)
-    {
-        status = gApi->ShapeInferContext_GetAttribute(context, "out_features", &attr);
-    }
-    if (status == nullptr && attr == nullptr)
-    {
-        status = error(ORT_INVALID_GRAPH, "SqzLinear: missing required attribute 'out_features'");
-    }
-    if (status == nullptr)
-    {
-        status = gApi->ReadOpAttr(attr, ORT_OP_ATTR_INT, &outFeatures, sizeof(outFeatures), &read);
-    }
     if (status == nullptr && x.dims.empty())
     {
-        status = error(ORT_INVALID_GRAPH, "SqzLinear: input 0 (x) is a scalar; expected [..., in_features]");
+        status = error(ORT_INVALID_GRAPH, std::string(opName) + ": input 0 (x) is a scalar; expected [..., in_features]");
     }
     if (status == nullptr)
     {
@@ -888,6 +1147,35 @@ OrtStatus* ORT_API_CALL inferOutputShape(OrtCustomOp const*, OrtShapeInferContex
         }
     }
     return status; // xInfo belongs to the context (onnxruntime frees it; releasing it here is a double free)
+}
+
+//! SqzLinear: N is the out_features attribute.
+OrtStatus* ORT_API_CALL inferOutputShape(OrtCustomOp const*, OrtShapeInferContext* context)
+{
+    OrtOpAttr const* attr = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->ShapeInferContext_GetAttribute(context, "out_features", &attr));
+    if (attr == nullptr)
+    {
+        return error(ORT_INVALID_GRAPH, "SqzLinear: missing required attribute 'out_features'");
+    }
+    int64_t outFeatures = 0;
+    size_t read = 0;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->ReadOpAttr(attr, ORT_OP_ATTR_INT, &outFeatures, sizeof(outFeatures), &read));
+    return setOutputLikeX(context, outFeatures, core::kPLUGIN_NAME);
+}
+
+//! DenseLinear: N is w's first extent (-1 where unknown).
+OrtStatus* ORT_API_CALL inferDenseOutputShape(OrtCustomOp const*, OrtShapeInferContext* context)
+{
+    OrtTensorTypeAndShapeInfo* wInfo = nullptr;
+    SQZ_ORT_RETURN_IF_ERROR(gApi->ShapeInferContext_GetInputTypeShape(context, kDENSE_W, &wInfo));
+    TensorDesc w;
+    SQZ_ORT_RETURN_IF_ERROR(describe(wInfo, w));
+    if (w.dims.size() != 2)
+    {
+        return error(ORT_INVALID_GRAPH, "DenseLinear: input 1 (w) must be 2-D [out_features, in_features]");
+    }
+    return setOutputLikeX(context, w.dims[0], kDENSE_NAME);
 }
 
 char const* ORT_API_CALL opName(OrtCustomOp const*)
@@ -939,11 +1227,6 @@ OrtCustomOpInputOutputCharacteristic ORT_API_CALL inputCharacteristic(OrtCustomO
     return index < static_cast<size_t>(core::kNB_INPUTS_DENSE) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
 }
 
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL outputCharacteristic(OrtCustomOp const*, size_t)
-{
-    return INPUT_OUTPUT_REQUIRED;
-}
-
 OrtMemType ORT_API_CALL inputMemoryType(OrtCustomOp const*, size_t)
 {
     return OrtMemTypeDefault;
@@ -969,7 +1252,28 @@ int ORT_API_CALL endVersion(OrtCustomOp const*)
     return kOPSET;
 }
 
-//! The op for one execution provider, filled for OrtCustomOp version 17: onnxruntime reads no field
+char const* ORT_API_CALL denseName(OrtCustomOp const*)
+{
+    return kDENSE_NAME;
+}
+
+//! x is any of fp16/bf16/fp32 (checked by the kernel); w is fp16.
+ONNXTensorElementDataType ORT_API_CALL denseInputType(OrtCustomOp const*, size_t index)
+{
+    return index == kDENSE_X ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+size_t ORT_API_CALL denseInputCount(OrtCustomOp const*)
+{
+    return 2;
+}
+
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL requiredCharacteristic(OrtCustomOp const*, size_t)
+{
+    return INPUT_OUTPUT_REQUIRED;
+}
+
+//! SqzLinear for one execution provider, filled for OrtCustomOp version 17: onnxruntime reads no field
 //! added after that version.
 OrtCustomOp makeOp(char const*(ORT_API_CALL* provider)(OrtCustomOp const*))
 {
@@ -982,25 +1286,42 @@ OrtCustomOp makeOp(char const*(ORT_API_CALL* provider)(OrtCustomOp const*))
     op.GetInputTypeCount = inputCount;
     op.GetOutputType = outputType;
     op.GetOutputTypeCount = outputCount;
-    op.KernelDestroy = destroyKernel;
+    op.KernelDestroy = destroyKernel<Kernel>;
     op.GetInputCharacteristic = inputCharacteristic;
-    op.GetOutputCharacteristic = outputCharacteristic;
+    op.GetOutputCharacteristic = requiredCharacteristic;
     op.GetInputMemoryType = inputMemoryType;
     op.GetVariadicInputMinArity = variadicMinArity;
     op.GetVariadicInputHomogeneity = variadicHomogeneity;
     op.GetVariadicOutputMinArity = variadicMinArity;
     op.GetVariadicOutputHomogeneity = variadicHomogeneity;
-    op.CreateKernelV2 = createKernel;
-    op.KernelComputeV2 = computeKernel;
+    op.CreateKernelV2 = createKernel<Kernel>;
+    op.KernelComputeV2 = computeKernel<Kernel>;
     op.InferOutputShapeFn = inferOutputShape;
     op.GetStartVersion = startVersion;
     op.GetEndVersion = endVersion;
     return op;
 }
 
-//! Every op of the library, one per execution provider (inputs of the CUDA one live on the device).
+//! DenseLinear (CPU only): SqzLinear's op with its own name, two required inputs and its kernel.
+OrtCustomOp makeDenseOp()
+{
+    OrtCustomOp op = makeOp(cpuProvider);
+    op.GetName = denseName;
+    op.GetInputType = denseInputType;
+    op.GetInputTypeCount = denseInputCount;
+    op.GetInputCharacteristic = requiredCharacteristic;
+    op.KernelDestroy = destroyKernel<DenseKernel>;
+    op.CreateKernelV2 = createKernel<DenseKernel>;
+    op.KernelComputeV2 = computeKernel<DenseKernel>;
+    op.InferOutputShapeFn = inferDenseOutputShape;
+    return op;
+}
+
+//! Every op of the library: SqzLinear once per execution provider (inputs of the CUDA one live on the
+//! device), DenseLinear on the CPU.
 std::vector<OrtCustomOp> const gOps{
     makeOp(cpuProvider),
+    makeDenseOp(),
 #if defined(SQZ_ORT_CUDA)
     makeOp(cudaProvider),
 #endif
@@ -1010,7 +1331,7 @@ std::vector<OrtCustomOp> const gOps{
 
 /*!
  * The entry point of SessionOptions.register_custom_ops_library / RegisterCustomOpsLibrary_V2: adds
- * the "sqz" domain with SqzLinear to `options`. The domain is created once per process and shared by
+ * the "sqz" domain with SqzLinear and DenseLinear to `options`. The domain is created once per process and shared by
  * every session options object (onnxruntime keeps a pointer to it), so it is never released.
  */
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(
