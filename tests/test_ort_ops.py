@@ -390,6 +390,19 @@ def test_dense_linear_of_the_identity_is_its_weight(library: Path) -> None:
         assert np.array_equal(y[0], weight.astype(np.float32).T[:rows])
 
 
+def test_dense_linear_logs_its_kernels_and_first_large_m_call(library: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    weight = np.ones((300, 4224), np.float16)
+    options = ort_ops.session_options(library)
+    options.log_severity_level = 1
+    model = dense_linear_model(weight, np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for rows in (gemm_min_m() - 1, gemm_min_m(), gemm_min_m() + 5):
+        session.run(None, {"x": np.ones((1, rows, 4224), np.float32)})
+    log = capfd.readouterr().err
+    assert f"DenseLinear node '/lm_head/DenseLinear': CPU fp16 GEMV for M < {gemm_min_m()}" in log
+    assert log.count("W converted to fp32 in tiles of 256 rows into onnxruntime's Gemm") == 1
+
+
 def test_dense_linear_refuses_a_weight_that_is_not_a_matrix(library: Path) -> None:
     model = dense_linear_model(np.ones((4, 8), np.float16), np.float32)
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((2, 4, 8), np.float16), "w"))

@@ -187,6 +187,8 @@ std::string checkCsr(core::SqzLinearParams const& p, int32_t const* rowPtr, int3
     return "";
 }
 
+struct TileSlot;
+
 //! What a node of either op keeps beside its own fields: its name for messages, the CPU memory info of
 //! its scratch, and onnxruntime's Gemm for the large-M path.
 struct KernelBase
@@ -228,14 +230,12 @@ struct KernelBase
     //! caller, for logCreation) says why there is no Gemm.
     OrtStatus* createResources(OrtKernelInfo const* info, OrtStatus** gemmStatus);
 
-    //! Logs `message` at the first large-M call of the node only (INFO).
-    void logGemmOnce(OrtKernelContext* context, std::string const& message, char const* function) const;
-
-    //! y [M, N] = x [M, K] W^T through onnxruntime's Gemm, W made in fp32 tiles of `tileRows` rows by
-    //! fill(n0, rows, tile) (rows [n0, n0 + rows) of W into tile [rows, K]); see the callers.
-    template <class Fill>
+    //! y [M, N] = x [M, K] W^T through onnxruntime's Gemm (the large-M path of both ops), W made in fp32
+    //! tiles of `tileRows` rows by `fill` on the session's threads: for each tile, tiledGemm sets `slot`
+    //! (a base of `job`) and runs fill(job, part) for its parts. `made` names how W becomes fp32 in the
+    //! log line of the node's first such call.
     OrtStatus* tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k, int64_t n,
-        int64_t tileRows, Fill&& fill) const;
+        int64_t tileRows, TileSlot& slot, void (*fill)(void*, size_t), void* job, char const* made) const;
 };
 
 //! One SqzLinear node of a session.
@@ -506,15 +506,22 @@ void runPart(void* data, size_t part)
 }
 
 //! One tile of the large-M path, its rows [n0, n0 + rows) cut into `parts` equal ranges.
-struct DequantJob
+//! The tile of W that one large-M fill makes: rows [n0, n0 + rows) into tile [rows, K], in `parts`
+//! equal ranges. Set by tiledGemm; the base of both ops' jobs.
+struct TileSlot
 {
-    cpu::CpuShape shape;
-    cpu::CpuArgs args;
-    cpu::Isa isa;
-    int64_t n0;
-    int64_t rows;
-    int64_t parts;
-    float* tile; //!< [rows, inFeatures]
+    int64_t n0{0};
+    int64_t rows{0};
+    int64_t parts{1};
+    float* tile{nullptr};
+};
+
+//! A SqzLinear tile: W = LUT[idx] + S dequantized by sqzDequantCpuRows.
+struct DequantJob : TileSlot
+{
+    cpu::CpuShape shape{};
+    cpu::CpuArgs args{};
+    cpu::Isa isa{cpu::Isa::kScalar};
 };
 
 void dequantPart(void* data, size_t part)
@@ -767,75 +774,61 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
     return nullptr;
 }
 
-void KernelBase::logGemmOnce(OrtKernelContext* context, std::string const& message, char const* function) const
-{
-    if (gemmLogged.exchange(true))
-    {
-        return;
-    }
-    OrtLogger const* logger = nullptr;
-    if (gApi->KernelContext_GetLogger(context, &logger) == nullptr && logger != nullptr)
-    {
-        logMessage(logger, ORT_LOGGING_LEVEL_INFO, prefix() + message, function);
-    }
-}
-
 //! The large-M path of both ops: W in tiles of output rows, each made fp32 by `fill` (on the session's
 //! threads) and multiplied by onnxruntime's Gemm, so the weight is decoded once per call and the multiply
 //! runs at the graph's own GEMM speed. Scratch: one fp32 tile, plus an [M, tile rows] output tile when W
 //! takes more than one.
-template <class Fill>
-OrtStatus* KernelBase::tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k, int64_t n,
-    int64_t tileRows, Fill&& fill) const
+OrtStatus* KernelBase::tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k,
+    int64_t n, int64_t tileRows, TileSlot& slot, void (*fill)(void*, size_t), void* job, char const* made) const
 {
+    OrtLogger const* logger = nullptr;
+    if (!gemmLogged.exchange(true) && gApi->KernelContext_GetLogger(context, &logger) == nullptr && logger != nullptr)
+    {
+        logMessage(logger, ORT_LOGGING_LEVEL_INFO,
+            prefix() + std::to_string(m) + " rows of x: W " + made + " in tiles of " + std::to_string(tileRows)
+                + " rows into onnxruntime's Gemm",
+            "tiledGemm");
+    }
     bool const tiled = tileRows < n;
     Scratch scratch;
     SQZ_ORT_RETURN_IF_ERROR(scratch.allocate(
         context, cpuMemory, static_cast<size_t>(tileRows * k + (tiled ? m * tileRows : 0)) * sizeof(float)));
-    float* const tile = static_cast<float*>(scratch.data);
-    float* const out = tiled ? tile + tileRows * k : y;
+    slot.tile = static_cast<float*>(scratch.data);
+    float* const out = tiled ? slot.tile + tileRows * k : y;
     FloatView xView;
     SQZ_ORT_RETURN_IF_ERROR(xView.wrap(cpuMemory, x, m, k));
     for (int64_t n0 = 0; n0 < n; n0 += tileRows)
     {
-        int64_t const rows = std::min(tileRows, n - n0);
-        SQZ_ORT_RETURN_IF_ERROR(fill(n0, rows, tile));
+        slot.n0 = n0;
+        slot.rows = std::min(tileRows, n - n0);
+        slot.parts = partsFor(slot.rows);
+        SQZ_ORT_RETURN_IF_ERROR(parallelFor(context, fill, slot.parts, job));
         FloatView w;
         FloatView yView;
-        SQZ_ORT_RETURN_IF_ERROR(w.wrap(cpuMemory, tile, rows, k));
-        SQZ_ORT_RETURN_IF_ERROR(yView.wrap(cpuMemory, out, m, rows));
+        SQZ_ORT_RETURN_IF_ERROR(w.wrap(cpuMemory, slot.tile, slot.rows, k));
+        SQZ_ORT_RETURN_IF_ERROR(yView.wrap(cpuMemory, out, m, slot.rows));
         OrtValue const* inputs[2] = {xView.value, w.value};
         SQZ_ORT_RETURN_IF_ERROR(gApi->InvokeOp(context, gemm, inputs, 2, &yView.value, 1));
         if (tiled)
         {
             for (int64_t i = 0; i < m; ++i)
             {
-                std::memcpy(y + i * n + n0, out + i * rows, static_cast<size_t>(rows) * sizeof(float));
+                std::memcpy(y + i * n + n0, out + i * slot.rows, static_cast<size_t>(slot.rows) * sizeof(float));
             }
         }
     }
     return nullptr;
 }
 
-//! SqzLinear's large-M path: tiles of sqzDequantTileRows rows (1M weights, at least 256 rows), W =
-//! LUT[idx] + S dequantized by sqzDequantCpuRows.
+//! SqzLinear's large-M path: tiles of sqzDequantTileRows rows (1M weights, at least 256 rows).
 OrtStatus* Kernel::runGemm(OrtKernelContext* context, cpu::CpuShape const& shape, cpu::CpuArgs const& args) const
 {
-    int64_t const tileRows = cpu::sqzDequantTileRows(shape);
-    logGemmOnce(context,
-        std::to_string(shape.m) + " rows of x: W dequantized in tiles of " + std::to_string(tileRows)
-            + " rows into onnxruntime's Gemm",
-        "SqzLinear::runGemm");
-    DequantJob job{shape, args, isa, 0, 0, 1, nullptr};
-    return tiledGemm(context, args.x, args.y, shape.m, shape.inFeatures, shape.outFeatures, tileRows,
-        [&](int64_t n0, int64_t rows, float* tile)
-        {
-            job.n0 = n0;
-            job.rows = rows;
-            job.parts = partsFor(rows);
-            job.tile = tile;
-            return parallelFor(context, dequantPart, job.parts, &job);
-        });
+    DequantJob job;
+    job.shape = shape;
+    job.args = args;
+    job.isa = isa;
+    return tiledGemm(context, args.x, args.y, shape.m, shape.inFeatures, shape.outFeatures,
+        cpu::sqzDequantTileRows(shape), job, dequantPart, &job, "dequantized");
 }
 
 
@@ -870,15 +863,12 @@ struct DenseKernel : KernelBase
     OrtStatus* compute(OrtKernelContext* context) const;
 };
 
-//! One DenseLinear call's arguments, shared by the parallel parts of the GEMV or of a tile's conversion.
-struct HalfJob
+//! One DenseLinear call's arguments, shared by the parallel parts of the GEMV (`parts` of N) or of a
+//! large-M tile's conversion (the TileSlot).
+struct HalfJob : TileSlot
 {
-    cpu::HalfLinearArgs args;
-    cpu::Isa isa;
-    int64_t parts;
-    int64_t n0;  //!< large-M tile: first row of W
-    int64_t rows; //!< large-M tile: rows of W
-    float* tile; //!< large-M tile: [rows, inFeatures]
+    cpu::HalfLinearArgs args{};
+    cpu::Isa isa{cpu::Isa::kScalar};
 };
 
 void halfRowsPart(void* data, size_t part)
@@ -970,7 +960,7 @@ OrtStatus* DenseKernel::compute(OrtKernelContext* context) const
     }
     Fp32Io io;
     SQZ_ORT_RETURN_IF_ERROR(io.begin(context, cpuMemory, x.type, xData, yData, m, k, n));
-    HalfJob job{};
+    HalfJob job;
     job.args = {static_cast<int32_t>(m), static_cast<int32_t>(k), static_cast<int32_t>(n), io.x,
         static_cast<uint16_t const*>(wData), io.y};
     job.isa = isa;
@@ -979,20 +969,8 @@ OrtStatus* DenseKernel::compute(OrtKernelContext* context) const
         cpu::CpuShape tileShape{};
         tileShape.inFeatures = static_cast<int32_t>(k);
         tileShape.outFeatures = static_cast<int32_t>(n);
-        int64_t const tileRows = cpu::sqzDequantTileRows(tileShape);
-        logGemmOnce(context,
-            std::to_string(m) + " rows of x: W converted to fp32 in tiles of " + std::to_string(tileRows)
-                + " rows into onnxruntime's Gemm",
-            "DenseLinear::compute");
-        SQZ_ORT_RETURN_IF_ERROR(tiledGemm(context, io.x, io.y, m, k, n, tileRows,
-            [&](int64_t n0, int64_t rows, float* tile)
-            {
-                job.n0 = n0;
-                job.rows = rows;
-                job.parts = partsFor(rows);
-                job.tile = tile;
-                return parallelFor(context, halfTilePart, job.parts, &job);
-            }));
+        SQZ_ORT_RETURN_IF_ERROR(tiledGemm(context, io.x, io.y, m, k, n, cpu::sqzDequantTileRows(tileShape), job,
+            halfTilePart, &job, "converted to fp32"));
     }
     else
     {
