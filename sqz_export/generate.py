@@ -7,10 +7,13 @@ a deterministic function of the graph, which is what tests compare against the t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,27 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         steps = max(len(self.new_ids) - 1, 0)
         return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """argmax of one position's logits, the first index on ties. numpy's argmax over fp16 is not
+    vectorized (215 us for 49152 logits on the dev machine, against 87 us through an exact fp32 copy),
+    and it runs once per decode step."""
+    return int(np.argmax(logits.astype(np.float32, copy=False)))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a decode loop (reference counting still frees every step's
+    arrays; the loop makes no cycles). With transformers imported the collector tracks ~400k objects, and
+    its full passes landed inside decode steps: about 0.5 ms a token on SmolLM2 in onnxruntime."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class OnnxGenerator:
@@ -66,15 +90,17 @@ class OnnxGenerator:
         """Greedy continuation of one prompt; stops early at ``eos_token_id``."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty; greedy decoding needs at least one prompt token")
-        start = time.perf_counter()
-        logits, past = self.step(np.asarray([prompt_ids]), None)
-        prefill = time.perf_counter() - start
-        new_ids: list[int] = []
-        start = time.perf_counter()
-        for index in range(max_new_tokens):
-            token = int(np.argmax(logits[0, -1]))
-            new_ids.append(token)
-            if token == eos_token_id or index == max_new_tokens - 1:
-                break
-            logits, past = self.step(np.asarray([[token]]), past)
-        return GenerationResult(list(prompt_ids), new_ids, prefill, time.perf_counter() - start)
+        with _collector_paused():
+            start = time.perf_counter()
+            logits, past = self.step(np.asarray([prompt_ids]), None)
+            prefill = time.perf_counter() - start
+            new_ids: list[int] = []
+            start = time.perf_counter()
+            for index in range(max_new_tokens):
+                token = greedy_token(logits[0, -1])
+                new_ids.append(token)
+                if token == eos_token_id or index == max_new_tokens - 1:
+                    break
+                logits, past = self.step(np.asarray([[token]]), past)
+            decode = time.perf_counter() - start
+        return GenerationResult(list(prompt_ids), new_ids, prefill, decode)

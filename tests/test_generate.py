@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import gc
+
+import numpy as np
 import pytest
 import torch
 
 from sqz_export.checkpoint import load_quantized_model
 from sqz_export.cli import main
 from sqz_export.export.sqz_model import MODEL_FILE
-from sqz_export.generate import OnnxGenerator
+from sqz_export.generate import OnnxGenerator, greedy_token
 
 STEPS = 16
 PROMPT = [5, 17, 42, 9, 33, 71]
@@ -76,3 +79,23 @@ def test_cli_generate(
 def test_cli_generate_rejects_a_non_export_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--onnx", str(tmp_path), "--prompt", "x"]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_greedy_token_is_numpys_argmax_first_index_on_ties(dtype: type) -> None:
+    logits = np.random.default_rng(0).standard_normal(49152).astype(dtype)
+    assert greedy_token(logits) == int(np.argmax(logits))
+    logits[[7, 300]] = logits.max() + 1  # a tie: the first index wins, as np.argmax's
+    assert greedy_token(logits) == 7
+
+
+def test_greedy_decoding_restores_the_garbage_collector(tiny_export: Callable[[str, str], Path]) -> None:
+    """The loop pauses Python's cyclic collector and gives it back as it was, on or off."""
+    generator = OnnxGenerator(tiny_export("llama", "fp32") / MODEL_FILE)
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            generator.greedy([5, 17, 42], 3)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
