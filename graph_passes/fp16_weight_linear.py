@@ -99,4 +99,3 @@ class Fp16WeightLinearPass(GraphPass[Fp16Weight]):
     def finish(self, model: onnx.ModelProto, result: PassResult) -> None:
         if result.count and not any(opset.domain == DOMAIN for opset in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-

@@ -174,12 +174,29 @@ def create_session(
         ) from exc
 
 
+EXTERNAL_DATA_FOLDER_ORT = (1, 21)
+"""onnxruntime from which a model given as bytes finds its external data through the session option
+``session.model_external_initializers_file_folder_path`` (microsoft/onnxruntime#23557)."""
+
+
 def _with_fp16_weight_linears(path: Path, options: ort.SessionOptions) -> str | bytes:
     """The graph for onnxruntime with its MatMuls on fp16 weights as sqz::DenseLinear (serialized, its
-    external data read from ``path``'s folder), or ``path`` itself when it has none."""
+    external data read from ``path``'s folder), or ``path`` itself when it has none or this onnxruntime
+    cannot read external data for a graph given as bytes."""
+    import onnxruntime as ort
+
     from graph_passes import CleanupPass, Fp16WeightLinearPass
     from sqz_export.export.signature import load_graph
 
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+    if version < EXTERNAL_DATA_FOLDER_ORT:
+        logger.info(
+            "%s: onnxruntime %s runs the fp16 lm_head itself (sqz::DenseLinear needs onnxruntime >= %d.%d)",
+            path,
+            ort.__version__,
+            *EXTERNAL_DATA_FOLDER_ORT,
+        )
+        return str(path)
     graph = load_graph(path)
     rewritten = Fp16WeightLinearPass().run(graph)
     if not rewritten.count:

@@ -479,3 +479,12 @@ def test_session_holds_the_fp16_head_once(library: Path, tiny_export: Callable[[
     assert head.data_type == TensorProto.FLOAT16
     assert not [t.name for t in optimized.initializer if list(t.dims) == [k, n]]
     assert not [t.name for t in optimized.initializer if t.data_type == TensorProto.FLOAT and sorted(t.dims) == sorted([n, k])]
+
+
+def test_an_older_onnxruntime_keeps_the_graph_as_it_is(
+    library: Path, tiny_export: Callable[[str, str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 1.21 onnxruntime cannot find the external data of a graph handed over as bytes: no rewrite."""
+    monkeypatch.setattr(ort, "__version__", "1.20.1")
+    path = tiny_export("llama", "fp16") / MODEL_FILE
+    assert ort_session._with_fp16_weight_linears(path, ort_ops.session_options(library)) == str(path)
