@@ -505,7 +505,6 @@ void runPart(void* data, size_t part)
     cpu::sqzLinearCpuRows(job.shape, job.args, job.isa, job.bounds[part], job.bounds[part + 1]);
 }
 
-//! One tile of the large-M path, its rows [n0, n0 + rows) cut into `parts` equal ranges.
 //! The tile of W that one large-M fill makes: rows [n0, n0 + rows) into tile [rows, K], in `parts`
 //! equal ranges. Set by tiledGemm; the base of both ops' jobs.
 struct TileSlot
