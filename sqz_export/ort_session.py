@@ -45,9 +45,11 @@ Hence three ways to run the fallback (``UNPACK_MODES``):
 The onnxruntime custom-op library (``--ort-ops``, :mod:`sqz_export.ort_ops`), where it is built,
 runs SqzLinear's C++ kernel on the packed weights and needs neither: with it the SqzLinear nodes are
 no function to fold, so ``unpack`` changes nothing for them and ``create_session`` ignores it. On the
-CPU provider the library also runs the graph's MatMuls on fp16 weights (the lm_head) as its
-``sqz::DenseLinear`` (``graph_passes/fp16_weight_linear.py``): ``create_session`` rewrites the graph it
-hands onnxruntime, in memory (the file is untouched; the weights are read from its folder as before).
+CPU provider ``create_session`` also rewrites the graph it hands onnxruntime, in memory (the file is
+untouched; its weights are read from its folder as before): MatMuls on fp16 weights (the lm_head) run as
+the library's ``sqz::DenseLinear`` (``graph_passes/fp16_weight_linear.py``), and SqzLinear nodes on one x
+(q/k/v, gate/up) as one merged node and a Split (``graph_passes/merged_sqz_linear.py``; the merged
+weights are arrays the session is handed through ``SessionOptions.add_external_initializers`` and keeps).
 ``create_session`` is the one session factory: generate, compare and the benchmarks all use it.
 """
 
@@ -158,14 +160,17 @@ def create_session(
     options = session_options(ort_ops, threads)
     providers = providers or ["CPUExecutionProvider"]
     source: str | bytes = str(path)
+    merged: list[ort.OrtValue] = []
     if ort_ops is not None and providers == ["CPUExecutionProvider"]:
-        source = _with_fp16_weight_linears(path, options)
+        source, merged = _cpu_custom_op_graph(path, options)
     if weights and ort_ops is None and unpack == UNPACK_STREAM:
         logger.info("%s: unpacking %d quantized weights layer by layer for onnxruntime (--unpack stream)", path, weights)
         with unpacked_graph(path) as dense_path:
             return ort.InferenceSession(str(dense_path), options, providers=providers)
     try:
-        return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled or None)
+        session = ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled or None)
+        session.sqz_merged_weights = merged  # onnxruntime reads them in place for the session's lifetime
+        return session
     except Exception as exc:  # onnxruntime raises its own exception types
         if ort_ops is None:
             raise
@@ -179,29 +184,42 @@ EXTERNAL_DATA_FOLDER_ORT = (1, 21)
 ``session.model_external_initializers_file_folder_path`` (microsoft/onnxruntime#23557)."""
 
 
-def _with_fp16_weight_linears(path: Path, options: ort.SessionOptions) -> str | bytes:
-    """The graph for onnxruntime with its MatMuls on fp16 weights as sqz::DenseLinear (serialized, its
-    external data read from ``path``'s folder), or ``path`` itself when it has none or this onnxruntime
-    cannot read external data for a graph given as bytes."""
+def _cpu_custom_op_graph(path: Path, options: ort.SessionOptions) -> tuple[str | bytes, list[ort.OrtValue]]:
+    """The graph for onnxruntime with the library's CPU rewrites (serialized, its external data read from
+    ``path``'s folder) and the merged weights added to ``options``; or ``path`` itself and no weights when
+    nothing applies or this onnxruntime cannot read external data for a graph given as bytes."""
     import onnxruntime as ort
+    from onnx import numpy_helper
 
-    from graph_passes import CleanupPass, Fp16WeightLinearPass
+    from graph_passes import CleanupPass, Fp16WeightLinearPass, SqzLinearMergePass
     from sqz_export.export.signature import load_graph
 
     version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
     if version < EXTERNAL_DATA_FOLDER_ORT:
         logger.info(
-            "%s: onnxruntime %s runs the fp16 lm_head itself (sqz::DenseLinear needs onnxruntime >= %d.%d)",
+            "%s: onnxruntime %s gets the graph as it is (the DenseLinear and merge rewrites need onnxruntime >= %d.%d)",
             path,
             ort.__version__,
             *EXTERNAL_DATA_FOLDER_ORT,
         )
-        return str(path)
-    graph = load_graph(path)
-    rewritten = Fp16WeightLinearPass().run(graph)
-    if not rewritten.count:
-        return str(path)
-    CleanupPass(infer_shapes=False).run(graph)
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.resolve().parent))
-    logger.info("%s: %d MatMuls on fp16 weights run as sqz::DenseLinear (read as fp16)", path, rewritten.count)
-    return graph.SerializeToString()
+        return str(path), []
+    model = load_graph(path)
+    folder = str(path.resolve().parent)
+    initializers = {init.name: init for init in model.graph.initializer}
+    dense = Fp16WeightLinearPass().run(model)
+    merge = SqzLinearMergePass(lambda name: numpy_helper.to_array(initializers[name], folder))
+    merged = merge.run(model)
+    if not dense.count and not merged.count:
+        return str(path), []
+    CleanupPass(infer_shapes=False).run(model)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in merge.tensors.values()]
+    if values:
+        options.add_external_initializers(list(merge.tensors), values)
+    logger.info(
+        "%s: %d MatMuls on fp16 weights run as sqz::DenseLinear (read as fp16), %d groups of SqzLinear nodes on one x merged",
+        path,
+        dense.count,
+        merged.count,
+    )
+    return model.SerializeToString(), values

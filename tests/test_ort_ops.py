@@ -468,7 +468,7 @@ def test_session_holds_the_fp16_head_once(library: Path, tiny_export: Callable[[
     no fp32 copy of it (what onnxruntime alone folds), and no [K, N] original left beside it."""
     path = tiny_export("llama", "fp16") / MODEL_FILE
     options = ort_ops.session_options(library)
-    source = ort_session._with_fp16_weight_linears(path, options)
+    source, _ = ort_session._cpu_custom_op_graph(path, options)
     assert isinstance(source, bytes)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -487,4 +487,67 @@ def test_an_older_onnxruntime_keeps_the_graph_as_it_is(
     """Before 1.21 onnxruntime cannot find the external data of a graph handed over as bytes: no rewrite."""
     monkeypatch.setattr(ort, "__version__", "1.20.1")
     path = tiny_export("llama", "fp16") / MODEL_FILE
-    assert ort_session._with_fp16_weight_linears(path, ort_ops.session_options(library)) == str(path)
+    assert ort_session._cpu_custom_op_graph(path, ort_ops.session_options(library)) == (str(path), [])
+
+
+def _shared_x_model(layers: dict[str, tuple[PackedLinear, str]], tmp_path: Path) -> Path:
+    """SqzLinear nodes named after ``layers`` ({name: (layer, x input)}), one output each, saved with
+    external data as an export is."""
+    from graph_passes import sqz_linear_node
+
+    nodes, tensors, outputs = [], [], []
+    for name, (layer, x) in layers.items():
+        node, weights = sqz_linear_node(name, layer, x, f"y_{name}")
+        node.name = name
+        nodes.append(node)
+        tensors += weights
+        outputs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT16, None))
+    k = next(iter(layers.values()))[0].in_features
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT16, ["rows", k]) for x in sorted({x for _, x in layers.values()})]
+    model = helper.make_model(
+        helper.make_graph(nodes, "shared", inputs, outputs, tensors),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("sqz", 1)],
+    )
+    path = tmp_path / "shared.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="shared.onnx.data", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("rows", [1, gemm_min_m() + 3])
+def test_sqz_linears_on_one_x_merge_into_one_node_with_the_same_outputs(library: Path, tmp_path: Path, rows: int) -> None:
+    """q/k/v-like nodes (sparse, one x) merge into one node + Split, a dense node on the same x and a node on
+    another x stay; every output is bit for bit what the unmerged graph gives (the same rows, the same kernel)."""
+    layers = {
+        "q": (random_packed(40, 96, 3, 0.03, seed=1), "x"),
+        "k": (random_packed(16, 96, 3, 0.05, seed=2), "x"),
+        "v": (random_packed(24, 96, 3, 0.02, seed=3), "x"),
+        "dense": (random_packed(8, 96, 3, 0.0, seed=4), "x"),
+        "other": (random_packed(8, 96, 3, 0.03, seed=5), "x2"),
+    }
+    path = _shared_x_model(layers, tmp_path)
+    feed = {x: np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float16) for x in ("x", "x2")}
+    plain = ort.InferenceSession(str(path), ort_ops.session_options(library), providers=["CPUExecutionProvider"])
+    options = ort_ops.session_options(library)
+    source, weights = ort_session._cpu_custom_op_graph(path, options)
+    graph = onnx.load_from_string(source).graph
+    sqz_nodes = [n.name for n in graph.node if n.op_type == "SqzLinear"]
+    assert sqz_nodes == ["q/merged", "dense", "other"] and len(weights) == 6
+    (split,) = [n for n in graph.node if n.op_type == "Split"]
+    assert list(split.output) == ["y_q", "y_k", "y_v"]
+    merged = ort_session.create_session(path, ort_ops=library)
+    for got, expected in zip(merged.run(None, feed), plain.run(None, feed), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_merged_weights_are_checked_at_creation(library: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The merged tensors reach the kernel as constants (checked once, CSR included), not per call."""
+    layers = {name: (random_packed(16, 64, 4, 0.05, seed=i), "x") for i, name in enumerate(("gate", "up"))}
+    path = _shared_x_model(layers, tmp_path)
+    options = ort_ops.session_options(library)
+    options.log_severity_level = 1
+    source, weights = ort_session._cpu_custom_op_graph(path, options)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones((1, 64), np.float16)})
+    log = capfd.readouterr().err
+    assert "SqzLinear node 'gate/merged'" in log and "N=32, sparse, weights checked at creation" in log
+    assert len(weights) == 6
