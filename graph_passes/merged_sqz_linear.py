@@ -92,10 +92,10 @@ class SqzLinearMergePass(GraphPass[SharedInput]):
         merged = [np.concatenate([w[0] for w in weights]), np.concatenate([w[1] for w in weights])]
         if len(first.input) == 1 + WEIGHT_INPUTS:
             starts = np.cumsum([0] + [int(w[2][-1]) for w in weights[:-1]])
-            row_ptr = np.concatenate([weights[0][2][:1]] + [w[2][1:] + start for w, start in zip(weights, starts, strict=True)])
-            chunk_nnz = int(_attributes(first)["chunk_nnz"])
-            chunk_row = balanced_partition(torch.from_numpy(row_ptr.astype(np.int32)), chunk_nnz).numpy()
-            merged += [row_ptr.astype(np.int32), np.concatenate([w[3] for w in weights]), np.concatenate([w[4] for w in weights]), chunk_row]
+            pieces = [weights[0][2][:1]] + [w[2][1:] + start for w, start in zip(weights, starts, strict=True)]
+            row_ptr = np.concatenate(pieces).astype(np.int32)
+            chunk_row = balanced_partition(torch.from_numpy(row_ptr), int(_attributes(first)["chunk_nnz"])).numpy()
+            merged += [row_ptr, np.concatenate([w[3] for w in weights]), np.concatenate([w[4] for w in weights]), chunk_row]
         suffixes = ("qweight", "lut", "row_ptr", "col", "val", "chunk_row")
         inputs = [first.input[0]]
         for suffix, array in zip(suffixes, merged, strict=False):

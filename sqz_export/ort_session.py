@@ -137,7 +137,8 @@ def create_session(
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack={unpack!r}; expected one of {UNPACK_MODES}")
     path = Path(onnx_path)
-    weights = quantized_weights(load_graph(path))
+    graph = load_graph(path)
+    weights = quantized_weights(graph)
     disabled: list[str] = []
     if weights and ort_ops is not None:
         if unpack == UNPACK_CALL:
@@ -162,7 +163,7 @@ def create_session(
     source: str | bytes = str(path)
     merged: list[ort.OrtValue] = []
     if ort_ops is not None and providers == ["CPUExecutionProvider"]:
-        source, merged = _cpu_custom_op_graph(path, options)
+        source, merged = _cpu_custom_op_graph(path, graph, options)
     if weights and ort_ops is None and unpack == UNPACK_STREAM:
         logger.info("%s: unpacking %d quantized weights layer by layer for onnxruntime (--unpack stream)", path, weights)
         with unpacked_graph(path) as dense_path:
@@ -184,15 +185,17 @@ EXTERNAL_DATA_FOLDER_ORT = (1, 21)
 ``session.model_external_initializers_file_folder_path`` (microsoft/onnxruntime#23557)."""
 
 
-def _cpu_custom_op_graph(path: Path, options: ort.SessionOptions) -> tuple[str | bytes, list[ort.OrtValue]]:
-    """The graph for onnxruntime with the library's CPU rewrites (serialized, its external data read from
-    ``path``'s folder) and the merged weights added to ``options``; or ``path`` itself and no weights when
-    nothing applies or this onnxruntime cannot read external data for a graph given as bytes."""
+def _cpu_custom_op_graph(
+    path: Path, model: onnx.ModelProto, options: ort.SessionOptions
+) -> tuple[str | bytes, list[ort.OrtValue]]:
+    """``model`` (path's graph, without tensor data; rewritten in place) with the library's CPU rewrites,
+    serialized (its external data read from ``path``'s folder), and the merged weights added to
+    ``options``; or ``path`` itself and no weights when nothing applies or this onnxruntime cannot read
+    external data for a graph given as bytes."""
     import onnxruntime as ort
     from onnx import numpy_helper
 
     from graph_passes import CleanupPass, Fp16WeightLinearPass, SqzLinearMergePass
-    from sqz_export.export.signature import load_graph
 
     version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
     if version < EXTERNAL_DATA_FOLDER_ORT:
@@ -203,7 +206,6 @@ def _cpu_custom_op_graph(path: Path, options: ort.SessionOptions) -> tuple[str |
             *EXTERNAL_DATA_FOLDER_ORT,
         )
         return str(path), []
-    model = load_graph(path)
     folder = str(path.resolve().parent)
     initializers = {init.name: init for init in model.graph.initializer}
     dense = Fp16WeightLinearPass().run(model)

@@ -468,7 +468,7 @@ def test_session_holds_the_fp16_head_once(library: Path, tiny_export: Callable[[
     no fp32 copy of it (what onnxruntime alone folds), and no [K, N] original left beside it."""
     path = tiny_export("llama", "fp16") / MODEL_FILE
     options = ort_ops.session_options(library)
-    source, _ = ort_session._cpu_custom_op_graph(path, options)
+    source, _ = ort_session._cpu_custom_op_graph(path, onnx.load(str(path), load_external_data=False), options)
     assert isinstance(source, bytes)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -487,7 +487,8 @@ def test_an_older_onnxruntime_keeps_the_graph_as_it_is(
     """Before 1.21 onnxruntime cannot find the external data of a graph handed over as bytes: no rewrite."""
     monkeypatch.setattr(ort, "__version__", "1.20.1")
     path = tiny_export("llama", "fp16") / MODEL_FILE
-    assert ort_session._cpu_custom_op_graph(path, ort_ops.session_options(library)) == (str(path), [])
+    graph = onnx.load(str(path), load_external_data=False)
+    assert ort_session._cpu_custom_op_graph(path, graph, ort_ops.session_options(library)) == (str(path), [])
 
 
 def _shared_x_model(layers: dict[str, tuple[PackedLinear, str]], tmp_path: Path) -> Path:
@@ -528,7 +529,7 @@ def test_sqz_linears_on_one_x_merge_into_one_node_with_the_same_outputs(library:
     feed = {x: np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float16) for x in ("x", "x2")}
     plain = ort.InferenceSession(str(path), ort_ops.session_options(library), providers=["CPUExecutionProvider"])
     options = ort_ops.session_options(library)
-    source, weights = ort_session._cpu_custom_op_graph(path, options)
+    source, weights = ort_session._cpu_custom_op_graph(path, onnx.load(str(path), load_external_data=False), options)
     graph = onnx.load_from_string(source).graph
     sqz_nodes = [n.name for n in graph.node if n.op_type == "SqzLinear"]
     assert sqz_nodes == ["q/merged", "dense", "other"] and len(weights) == 6
@@ -545,7 +546,7 @@ def test_merged_weights_are_checked_at_creation(library: Path, tmp_path: Path, c
     path = _shared_x_model(layers, tmp_path)
     options = ort_ops.session_options(library)
     options.log_severity_level = 1
-    source, weights = ort_session._cpu_custom_op_graph(path, options)
+    source, weights = ort_session._cpu_custom_op_graph(path, onnx.load(str(path), load_external_data=False), options)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     session.run(None, {"x": np.ones((1, 64), np.float16)})
     log = capfd.readouterr().err

@@ -107,12 +107,13 @@ constexpr int64_t kDEQUANT_TILE_WEIGHTS = int64_t{1} << 20;
 //! M = 128 in 160 ms, on 256-row tiles in 114 ms (FP32 matmul 94-109 ms in those runs).
 constexpr int64_t kDEQUANT_TILE_MIN_ROWS = 256;
 
-//! Output rows per dequantized tile of the large-M path for `shape` (all N when it fits one tile).
-inline int64_t sqzDequantTileRows(CpuShape const& shape) noexcept
+//! Output rows per dequantized (or converted) tile of the large-M path of a K x N weight (all N when it
+//! fits one tile).
+inline int64_t sqzDequantTileRows(int64_t inFeatures, int64_t outFeatures) noexcept
 {
-    int64_t const byWeights = kDEQUANT_TILE_WEIGHTS / shape.inFeatures;
+    int64_t const byWeights = kDEQUANT_TILE_WEIGHTS / inFeatures;
     int64_t const rows = byWeights > kDEQUANT_TILE_MIN_ROWS ? byWeights : kDEQUANT_TILE_MIN_ROWS;
-    return rows < shape.outFeatures ? rows : shape.outFeatures;
+    return rows < outFeatures ? rows : outFeatures;
 }
 
 //! dst[i] = src[i] for fp16 bit patterns src, with F16C where the CPU has it (the portable bit

@@ -231,11 +231,11 @@ struct KernelBase
     OrtStatus* createResources(OrtKernelInfo const* info, OrtStatus** gemmStatus);
 
     //! y [M, N] = x [M, K] W^T through onnxruntime's Gemm (the large-M path of both ops), W made in fp32
-    //! tiles of `tileRows` rows by `fill` on the session's threads: for each tile, tiledGemm sets `slot`
+    //! tiles of sqzDequantTileRows rows by `fill` on the session's threads: for each tile, tiledGemm sets `slot`
     //! (a base of `job`) and runs fill(job, part) for its parts. `made` names how W becomes fp32 in the
     //! log line of the node's first such call.
     OrtStatus* tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k, int64_t n,
-        int64_t tileRows, TileSlot& slot, void (*fill)(void*, size_t), void* job, char const* made) const;
+        TileSlot& slot, void (*fill)(void*, size_t), void* job, char const* made) const;
 };
 
 //! One SqzLinear node of a session.
@@ -778,8 +778,9 @@ OrtStatus* Kernel::runCpu(OrtKernelContext* context, TensorDesc const& x, std::v
 //! runs at the graph's own GEMM speed. Scratch: one fp32 tile, plus an [M, tile rows] output tile when W
 //! takes more than one.
 OrtStatus* KernelBase::tiledGemm(OrtKernelContext* context, float const* x, float* y, int64_t m, int64_t k,
-    int64_t n, int64_t tileRows, TileSlot& slot, void (*fill)(void*, size_t), void* job, char const* made) const
+    int64_t n, TileSlot& slot, void (*fill)(void*, size_t), void* job, char const* made) const
 {
+    int64_t const tileRows = cpu::sqzDequantTileRows(k, n);
     OrtLogger const* logger = nullptr;
     if (!gemmLogged.exchange(true) && gApi->KernelContext_GetLogger(context, &logger) == nullptr && logger != nullptr)
     {
@@ -826,8 +827,8 @@ OrtStatus* Kernel::runGemm(OrtKernelContext* context, cpu::CpuShape const& shape
     job.shape = shape;
     job.args = args;
     job.isa = isa;
-    return tiledGemm(context, args.x, args.y, shape.m, shape.inFeatures, shape.outFeatures,
-        cpu::sqzDequantTileRows(shape), job, dequantPart, &job, "dequantized");
+    return tiledGemm(
+        context, args.x, args.y, shape.m, shape.inFeatures, shape.outFeatures, job, dequantPart, &job, "dequantized");
 }
 
 
@@ -965,11 +966,7 @@ OrtStatus* DenseKernel::compute(OrtKernelContext* context) const
     job.isa = isa;
     if (m >= kGEMM_MIN_M && gemm != nullptr)
     {
-        cpu::CpuShape tileShape{};
-        tileShape.inFeatures = static_cast<int32_t>(k);
-        tileShape.outFeatures = static_cast<int32_t>(n);
-        SQZ_ORT_RETURN_IF_ERROR(tiledGemm(context, io.x, io.y, m, k, n, cpu::sqzDequantTileRows(tileShape), job,
-            halfTilePart, &job, "converted to fp32"));
+        SQZ_ORT_RETURN_IF_ERROR(tiledGemm(context, io.x, io.y, m, k, n, job, halfTilePart, &job, "converted to fp32"));
     }
     else
     {

@@ -33,7 +33,7 @@ void dequantGemm(sqz::cpu::CpuShape const& shape, sqz::cpu::CpuArgs const& args,
 {
     int64_t const N = shape.outFeatures;
     int64_t const K = shape.inFeatures;
-    int64_t const tileRows = sqz::cpu::sqzDequantTileRows(shape);
+    int64_t const tileRows = sqz::cpu::sqzDequantTileRows(K, N);
     torch::Tensor w = torch::empty({tileRows, K}, x.options());
     float* const wp = w.data_ptr<float>();
     for (int64_t n0 = 0; n0 < N; n0 += tileRows)

@@ -1,7 +1,7 @@
 /*
  * sqzHalfLinearTest.cpp: sqzHalfLinearCpuRows (the dense fp16 GEMV) on every ISA this CPU has, against
- * a double-precision reference: K with and without a lane tail, M = 0..11, row ranges that start and
- * end inside a 4-row block, weights and x that are never zero. Prints "<cases> cases, <bad> differ".
+ * a double-precision reference: K with and without a lane tail, M = 0..11, row ranges that leave the
+ * first and last rows unwritten, weights and x that are never zero. Prints "<cases> cases, <bad> differ".
  */
 #include "sqzFormat.h"
 #include "sqzLinearCpu.h"
