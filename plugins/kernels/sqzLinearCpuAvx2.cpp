@@ -33,6 +33,7 @@ struct Avx2
     using V = __m256;
     static constexpr int kLanes = 8;
     static constexpr int kMaxTile = 8; // 16 ymm registers: 8 accumulators + LUT + decode temporaries
+    static constexpr int kRowsAtM1 = 2; // output rows a step at M = 1: 2 LUTs (4 ymm at 4 bits) + 4 chains
 
     struct Lut
     {

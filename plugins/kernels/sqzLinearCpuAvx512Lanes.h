@@ -18,6 +18,7 @@ struct Avx512Lanes
     using V = __m512;
     static constexpr int kLanes = 16;
     static constexpr int kMaxTile = 16; // 32 zmm registers: 16 accumulators + LUT + decode temporaries
+    static constexpr int kRowsAtM1 = 4; // output rows a step at M = 1: 4 LUTs + 4 chains
 
     struct Lut
     {

@@ -4,11 +4,13 @@
  * so, and sqzLinearCpuAvx512.cpp elsewhere. Same weights in the same lanes, so the same FMAs and bits.
  *
  * 16 indices per step from one 64-bit window of the row's bit stream (4-bit: words 2h, 2h+1; 3-bit:
- * group bits 48h..48h+47, read inside the group's 12 bytes): vpmultishiftqb picks each index's byte
- * (8 bits from its bit offset), vpmovzxbd widens them to 16 lanes, and vpermps looks them up in the
- * 16-entry LUT, which it indexes with the low 4 bits only. A 3-bit index's fourth bit is the next
- * index's lowest, so the 3-bit LUT holds its 8 entries twice. About half the decode instructions of the
- * broadcast + shift + mask decode of sqzLinearCpuAvx512.cpp.
+ * group bits 48h..48h+47, read inside the group's 12 bytes), broadcast to the 8 qwords by the load
+ * itself; vpmultishiftqb puts index i's 8 bits (from its bit offset) in the low byte of dword lane i, and
+ * vpermps looks the lanes up in the 16-entry LUT, which it indexes with their low 4 bits only (the
+ * other bytes are never read). A 3-bit index's fourth bit is the next index's lowest, so the 3-bit LUT
+ * holds its 8 entries twice. Two vector operations per 16 weights besides the FMA, against six in
+ * sqzLinearCpuAvx512.cpp (two broadcasts from general registers, blend, shift, mask, permute); the first
+ * version of this file, which widened 16 bytes with vpmovzxbd, had four.
  */
 // Every header with inline functions of external linkage comes before the target pragma (see
 // sqzLinearCpuAvx512.cpp).
@@ -37,26 +39,28 @@ namespace
 
 struct Avx512Vbmi : Avx512Lanes
 {
+    //! vpmultishiftqb control: dword lane i (qword i / 2, byte 4 (i % 2)) takes the 8 window bits from
+    //! bit `base + BITS * i`; the other bytes are never read, since vpermps indexes with the low 4 bits.
+    template <int BITS, int BASE>
+    static __m512i laneOffsets()
+    {
+        auto o = [](int i) { return static_cast<long long>((BASE + BITS * i) & 63); };
+        auto q = [&](int i) { return o(2 * i) | (o(2 * i + 1) << 32); };
+        return _mm512_setr_epi64(q(0), q(1), q(2), q(3), q(4), q(5), q(6), q(7));
+    }
+
     template <int BITS>
     static V weights(uint32_t const* group, int step, Lut const& l)
     {
         static_assert(BITS == 3 || BITS == 4, "the SIMD paths decode 3- and 4-bit rows");
-        uint64_t window;
-        if constexpr (BITS == 4)
-        {
-            std::memcpy(&window, group + 2 * step, sizeof(window));
-        }
-        else
-        {
-            // Step 0: bytes 0-7 of the 12-byte group; step 1: bytes 4-11, whose bits 16.. are group bits 48..
-            std::memcpy(&window, reinterpret_cast<unsigned char const*>(group) + 4 * step, sizeof(window));
-            window >>= 16 * step;
-        }
-        __m128i const offsets = BITS == 4
-            ? _mm_setr_epi8(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60)
-            : _mm_setr_epi8(0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45);
-        __m128i const bytes = _mm_multishift_epi64_epi8(offsets, _mm_set1_epi64x(static_cast<long long>(window)));
-        return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), l.all);
+        // 4-bit: step s reads words 2s, 2s+1. 3-bit: step 0 reads bytes 0-7 of the 12-byte group, step 1
+        // bytes 4-11, whose bits 16.. are group bits 48.. (the compiler makes the copy and the broadcast
+        // one vpbroadcastq load, no shuffle).
+        long long bits;
+        std::memcpy(&bits, reinterpret_cast<unsigned char const*>(group) + (BITS == 4 ? 8 : 4) * step, sizeof(bits));
+        __m512i const window = _mm512_set1_epi64(bits);
+        __m512i const offsets = BITS == 4 ? laneOffsets<4, 0>() : (step == 0 ? laneOffsets<3, 0>() : laneOffsets<3, 16>());
+        return _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(offsets, window), l.all);
     }
 };
 
