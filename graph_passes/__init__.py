@@ -7,6 +7,8 @@
   (session time, onnxruntime CPU with the custom-op library; never written to a file).
 - :class:`SqzLinearMergePass` (merged_sqz_linear.py): SqzLinear nodes on one x -> one node + Split
   (session time, like the previous one).
+- :class:`Fp32IoPass` (fp32_io.py): the library's nodes on fp16 activations -> on fp32, Casts at their edges
+  (session time, like the previous one).
 - :class:`ShapeSharingPass` (shared_shapes.py): Shape nodes of equal symbolic shape -> one Shape.
 - :class:`CleanupPass` (cleanup.py): dead nodes/initializers, unused functions, topological order, shapes.
 """
@@ -17,8 +19,9 @@ from graph_passes.base import GraphPass, PassResult, Refusal, run_passes
 from graph_passes.cleanup import CleanupPass
 from graph_passes.dense_linear import DenseLinearPass
 from graph_passes.fp16_weight_linear import Fp16WeightLinearPass
+from graph_passes.fp32_io import Fp32IoPass
 from graph_passes.merged_sqz_linear import SqzLinearMergePass
 from graph_passes.shared_shapes import ShapeSharingPass
 from graph_passes.sqz_linear import SqzLinearPass, sqz_linear_node
 
-__all__ = ["CleanupPass", "DenseLinearPass", "Fp16WeightLinearPass", "GraphPass", "PassResult", "Refusal", "ShapeSharingPass", "SqzLinearMergePass", "SqzLinearPass", "run_passes", "sqz_linear_node"]
+__all__ = ["CleanupPass", "DenseLinearPass", "Fp16WeightLinearPass", "Fp32IoPass", "GraphPass", "PassResult", "Refusal", "ShapeSharingPass", "SqzLinearMergePass", "SqzLinearPass", "run_passes", "sqz_linear_node"]

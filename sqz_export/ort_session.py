@@ -195,7 +195,7 @@ def _cpu_custom_op_graph(
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from graph_passes import CleanupPass, Fp16WeightLinearPass, SqzLinearMergePass
+    from graph_passes import CleanupPass, Fp16WeightLinearPass, Fp32IoPass, SqzLinearMergePass
 
     version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
     if version < EXTERNAL_DATA_FOLDER_ORT:
@@ -211,7 +211,8 @@ def _cpu_custom_op_graph(
     dense = Fp16WeightLinearPass().run(model)
     merge = SqzLinearMergePass(lambda name: numpy_helper.to_array(initializers[name], folder))
     merged = merge.run(model)
-    if not dense.count and not merged.count:
+    widened = Fp32IoPass().run(model)
+    if not dense.count and not merged.count and not widened.count:
         return str(path), []
     CleanupPass(infer_shapes=False).run(model)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
@@ -219,9 +220,11 @@ def _cpu_custom_op_graph(
     if values:
         options.add_external_initializers(list(merge.tensors), values)
     logger.info(
-        "%s: %d MatMuls on fp16 weights run as sqz::DenseLinear (read as fp16), %d groups of SqzLinear nodes on one x merged",
+        "%s: %d MatMuls on fp16 weights run as sqz::DenseLinear (read as fp16), %d groups of SqzLinear nodes on one x merged, "
+        "%d sqz nodes on fp32 activations",
         path,
         dense.count,
         merged.count,
+        widened.count,
     )
     return model.SerializeToString(), values

@@ -30,7 +30,7 @@ from sqz_export.checkpoint import load_quantized_model
 from sqz_export.cli import main
 from sqz_export.compare.driver import SQZ, CompareOptions, compare_folder
 from sqz_export.errors import UserError
-from sqz_export.export.sqz_model import MODEL_FILE
+from sqz_export.export.sqz_model import BASELINE_FILE, MODEL_FILE
 from sqz_export.formats import PackedLinear
 from sqz_export.generate import OnnxGenerator
 
@@ -534,10 +534,70 @@ def test_sqz_linears_on_one_x_merge_into_one_node_with_the_same_outputs(library:
     sqz_nodes = [n.name for n in graph.node if n.op_type == "SqzLinear"]
     assert sqz_nodes == ["q/merged", "dense", "other"] and len(weights) == 6
     (split,) = [n for n in graph.node if n.op_type == "Split"]
-    assert list(split.output) == ["y_q", "y_k", "y_v"]
+    casts = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "Cast"}
+    assert [casts[name] for name in split.output] == ["y_q", "y_k", "y_v"]  # the Split runs on fp32 (Fp32IoPass)
     merged = ort_session.create_session(path, ort_ops=library)
     for got, expected in zip(merged.run(None, feed), plain.run(None, feed), strict=True):
         np.testing.assert_array_equal(got, expected)
+
+
+def _casts_onnxruntime_runs(path: Path, library: Path | None, tmp_path: Path, rewrite: bool = True) -> tuple[int, onnx.GraphProto]:
+    """Casts in the graph onnxruntime runs for ``path`` (its optimized model), and the graph it was given:
+    as it is without a library; with one, with the library's CPU rewrites when ``rewrite`` (as
+    create_session does), else only the DenseLinear one."""
+    options = ort_ops.session_options(library)
+    optimized = tmp_path / f"optimized-{path.stem}-{rewrite}.onnx"
+    options.optimized_model_filepath = str(optimized)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{optimized.name}.data")
+    model = onnx.load(str(path), load_external_data=False)
+    if library is None:
+        source, weights = str(path), []
+    elif rewrite:
+        source, weights = ort_session._cpu_custom_op_graph(path, model, options)
+    else:
+        from graph_passes import CleanupPass, Fp16WeightLinearPass
+
+        Fp16WeightLinearPass().run(model)
+        CleanupPass(infer_shapes=False).run(model)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        source, weights = model.SerializeToString(), []
+    ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    del weights  # alive until the session has read them
+    casts = sum(node.op_type == "Cast" for node in onnx.load(str(optimized), load_external_data=False).graph.node)
+    return casts, onnx.load_from_string(source).graph if isinstance(source, bytes) else model.graph
+
+
+def test_sqz_nodes_run_on_fp32_activations_with_no_more_casts_than_the_baseline(
+    library: Path, tiny_export: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """Every sqz node of the fp16 graph reads an fp32 x and its (or its Split's) outputs are cast back
+    to fp16; onnxruntime then runs no more Casts than on the FP16 baseline graph. Without the pass it ran
+    more: its fp16 neighbours' Casts could not cancel against nodes kept on fp16."""
+    folder = tiny_export("llama", "fp16")
+    with_pass, graph = _casts_onnxruntime_runs(folder / MODEL_FILE, library, tmp_path)
+    producers = {output: node for node in graph.node for output in node.output}
+    sqz_nodes = [node for node in graph.node if node.domain == "sqz"]
+    assert {node.op_type for node in sqz_nodes} == {"SqzLinear", "DenseLinear"}
+    for node in sqz_nodes:
+        cast = producers[node.input[0]]
+        assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == TensorProto.FLOAT
+        (user,) = [reader for reader in graph.node if node.output[0] in reader.input]
+        for output in user.output if user.op_type == "Split" else node.output:
+            (cast,) = [reader for reader in graph.node if output in reader.input]
+            assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == TensorProto.FLOAT16
+    baseline, _ = _casts_onnxruntime_runs(folder / BASELINE_FILE, None, tmp_path)
+    without, _ = _casts_onnxruntime_runs(folder / MODEL_FILE, library, tmp_path, rewrite=False)
+    assert with_pass <= baseline < without
+
+
+def test_fp32_io_leaves_fp32_graphs_alone(tiny_export: Callable[[str, str], Path]) -> None:
+    from graph_passes import Fp32IoPass
+
+    model = onnx.load(str(tiny_export("llama", "fp32") / MODEL_FILE), load_external_data=False)
+    before = model.SerializeToString()
+    result = Fp32IoPass().run(model)
+    assert result.count == 0 and result.refusals and {r.reason for r in result.refusals} == {"x is fp32 already"}
+    assert model.SerializeToString() == before
 
 
 def test_merged_weights_are_checked_at_creation(library: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
