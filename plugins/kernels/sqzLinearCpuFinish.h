@@ -19,6 +19,31 @@ namespace
 //! CSR arrays in finishRow).
 constexpr int64_t kPREFETCH_ROWS = 8;
 
+//! acc + the CSR non-zeros [j, nzEnd) of one row times x at their columns: T::kLanes at a time while
+//! that many are left (T::gatherFma, summed into acc once), then one by one.
+template <class T>
+inline __attribute__((always_inline)) float addCsrRow(
+    sqz::cpu::CpuArgs const& a, int32_t j, int32_t nzEnd, float const* x, float acc)
+{
+    if constexpr (T::kLanes > 1)
+    {
+        if (nzEnd - j >= T::kLanes)
+        {
+            typename T::V sparse = T::zero();
+            for (; j + T::kLanes <= nzEnd; j += T::kLanes)
+            {
+                sparse = T::gatherFma(a.val + j, a.col + j, x, sparse);
+            }
+            acc += T::sum(sparse);
+        }
+    }
+    for (; j < nzEnd; ++j)
+    {
+        acc += T::halfToFloat(a.val[j]) * x[a.col[j]];
+    }
+    return acc;
+}
+
 //! y[m0 + i, n] += the k >= kBegin tail of the dense sum + CSR row n, for i < mt; y holds the dense sum
 //! over k < kBegin. T::halfToFloat converts the fp16 LUT entries and values; for T::kLanes > 1 the
 //! non-zeros go T::kLanes at a time (T::gatherFma: x gathered at their columns), the last < kLanes of a
@@ -47,24 +72,7 @@ void finishRow(sqz::cpu::CpuShape const& s, sqz::cpu::CpuArgs const& a, int64_t 
         {
             acc += T::halfToFloat(a.lut[n * entries + sqz::format::rowIndex(row, s.bits, k)]) * x[k];
         }
-        int32_t j = nzBegin;
-        if constexpr (T::kLanes > 1)
-        {
-            if (nzEnd - j >= T::kLanes)
-            {
-                typename T::V sparse = T::zero();
-                for (; j + T::kLanes <= nzEnd; j += T::kLanes)
-                {
-                    sparse = T::gatherFma(a.val + j, a.col + j, x, sparse);
-                }
-                acc += T::sum(sparse);
-            }
-        }
-        for (; j < nzEnd; ++j)
-        {
-            acc += T::halfToFloat(a.val[j]) * x[a.col[j]];
-        }
-        out = acc;
+        out = addCsrRow<T>(a, nzBegin, nzEnd, x, acc);
     }
 }
 
@@ -87,24 +95,8 @@ void finishRowsNoTail(sqz::cpu::CpuShape const& s, sqz::cpu::CpuArgs const& a, i
             __builtin_prefetch(a.col + ahead);
             __builtin_prefetch(a.val + ahead);
         }
-        float acc = y[n];
-        if constexpr (T::kLanes > 1)
-        {
-            if (nzEnd - j >= T::kLanes)
-            {
-                typename T::V sparse = T::zero();
-                for (; j + T::kLanes <= nzEnd; j += T::kLanes)
-                {
-                    sparse = T::gatherFma(a.val + j, a.col + j, x, sparse);
-                }
-                acc += T::sum(sparse);
-            }
-        }
-        for (; j < nzEnd; ++j)
-        {
-            acc += T::halfToFloat(a.val[j]) * x[a.col[j]];
-        }
-        y[n] = acc;
+        y[n] = addCsrRow<T>(a, j, nzEnd, x, y[n]);
+        j = nzEnd;
     }
 }
 
