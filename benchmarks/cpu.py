@@ -25,7 +25,9 @@ model.onnx on its ONNX function fallback (dense weights after folding: several G
 is prefill + decode wall time over the new tokens, as above; peak RSS includes session creation. Each
 onnxruntime row also times the graph's weight-bearing linears alone (the MatMuls on an initializer, or
 the SqzLinear nodes, each fed a [1, 1, K] input; lm_head, tied to the embedding through a Transpose,
-is not among them): their share of a decode step, next to the rest of the exported decoder.
+is not among them): their share of a decode step, next to the rest of the exported decoder. Both
+graphs run their attention as onnxruntime's GroupQueryAttention, as ``sqz-export generate`` does on a CPU
+(``--attention exported``: as exported).
 
     python benchmarks/cpu.py --out runs/cpu.json --checkpoint sqz3s=runs/sqz3s sqz3=runs/sqz3 sqz4=runs/sqz4
     python benchmarks/cpu.py --part decode --onnx sqz3s=runs/sqz3s-onnx --ort-ops build/ort/libsqz_ort_ops.so
@@ -364,7 +366,9 @@ def time_linears(path: Path, ort_ops: str | None, threads: int | None) -> tuple[
         return len(feed), 1e3 * seconds
 
 
-def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, prefill_tokens: int, threads: int | None) -> dict[str, object]:
+def ort_child(
+    variant: str, folder: str, ort_ops: str, new_tokens: int, prefill_tokens: int, threads: int | None, fuse_attention: bool
+) -> dict[str, object]:
     """Runs in the child: one onnxruntime session on an export folder's graph, greedy decode, a long
     prompt's prefill, peak RSS."""
     from transformers import AutoTokenizer
@@ -376,7 +380,7 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, prefill_
     library = ort_ops if variant == ORT_SQZ else None
     rss_before = rss_bytes()
     start = time.perf_counter()
-    generator = OnnxGenerator(path, ort_ops=library, threads=threads)
+    generator = OnnxGenerator(path, ort_ops=library, threads=threads, fuse_attention=fuse_attention)
     session_s = time.perf_counter() - start
     session_peak = peak_rss_bytes()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -393,6 +397,7 @@ def ort_child(variant: str, folder: str, ort_ops: str, new_tokens: int, prefill_
         "source": str(path),
         "ort_ops": library,
         "intra_op_threads": threads,
+        "fused_attention": fuse_attention,
         "ms_per_token": 1e3 * (result.prefill_s + result.decode_s) / len(result.new_ids),
         "decode_ms_per_token": 1e3 / result.tokens_per_s if result.tokens_per_s else None,
         "new_tokens": len(result.new_ids),
@@ -487,7 +492,7 @@ def merge_repeats(runs: list[dict[str, object]]) -> dict[str, object]:
 def decode_child_run(args: argparse.Namespace, variant: str, source: str, library: str) -> dict[str, object]:
     """One decode child process: its JSON row."""
     cmd = [sys.executable, __file__, "--child", variant, "--child-source", source, "--new-tokens", str(args.new_tokens)]
-    cmd += ["--prefill-tokens", str(args.prefill_tokens)]
+    cmd += ["--prefill-tokens", str(args.prefill_tokens), "--attention", args.attention]
     if library:
         cmd += ["--ort-ops", library]
     if args.ort_threads is not None:
@@ -545,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-function", action="store_true", help="also time model.onnx on its ONNX function fallback")
     parser.add_argument("--ort-threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument(
+        "--attention",
+        choices=("fused", "exported"),
+        default="fused",
+        help="the onnxruntime rows' attention: onnxruntime's GroupQueryAttention (default, as sqz-export generate runs it) or as exported",
+    )
+    parser.add_argument(
         "--only", nargs="*", default=[], help=f"decode variants to run, of {', '.join(RESERVED_VARIANTS)}, sqz (the --checkpoint rows)"
     )
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -563,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.child == "llama.cpp":
             row = llama_cpp_child(args.new_tokens)
         elif args.child in (ORT_BASELINE, ORT_SQZ, ORT_FUNCTION):
-            row = ort_child(args.child, args.child_source, args.ort_ops, args.new_tokens, args.prefill_tokens, args.ort_threads)
+            row = ort_child(
+                args.child, args.child_source, args.ort_ops, args.new_tokens, args.prefill_tokens, args.ort_threads, args.attention == "fused"
+            )
         else:
             row = decode_child(args.child, args.child_source, args.new_tokens, args.prefill_tokens)
         print(json.dumps(row))

@@ -9,6 +9,8 @@
   (session time, like the previous one).
 - :class:`Fp32IoPass` (fp32_io.py): the library's nodes on fp16 activations -> on fp32, Casts at their edges
   (session time, like the previous one).
+- :class:`GroupQueryAttentionPass` (group_query_attention.py): each layer's exported attention ->
+  onnxruntime's RotaryEmbedding + GroupQueryAttention (session time, onnxruntime CPU, any graph).
 - :class:`ShapeSharingPass` (shared_shapes.py): Shape nodes of equal symbolic shape -> one Shape.
 - :class:`CleanupPass` (cleanup.py): dead nodes/initializers, unused functions, topological order, shapes.
 """
@@ -20,8 +22,9 @@ from graph_passes.cleanup import CleanupPass
 from graph_passes.dense_linear import DenseLinearPass
 from graph_passes.fp16_weight_linear import Fp16WeightLinearPass
 from graph_passes.fp32_io import Fp32IoPass
+from graph_passes.group_query_attention import GroupQueryAttentionPass
 from graph_passes.merged_sqz_linear import SqzLinearMergePass
 from graph_passes.shared_shapes import ShapeSharingPass
 from graph_passes.sqz_linear import SqzLinearPass, sqz_linear_node
 
-__all__ = ["CleanupPass", "DenseLinearPass", "Fp16WeightLinearPass", "Fp32IoPass", "GraphPass", "PassResult", "Refusal", "ShapeSharingPass", "SqzLinearMergePass", "SqzLinearPass", "run_passes", "sqz_linear_node"]
+__all__ = ["CleanupPass", "DenseLinearPass", "Fp16WeightLinearPass", "Fp32IoPass", "GraphPass", "GroupQueryAttentionPass", "PassResult", "Refusal", "ShapeSharingPass", "SqzLinearMergePass", "SqzLinearPass", "run_passes", "sqz_linear_node"]

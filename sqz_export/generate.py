@@ -64,7 +64,8 @@ class OnnxGenerator:
 
     ``unpack`` says when the SqzLinear function fallback unpacks (``sqz_export.ort_session``);
     ``ort_ops`` is the custom-op library (plugins/ort): with it the SqzLinear nodes run the C++ CPU
-    kernel on the packed weights and ``unpack`` does not matter for them.
+    kernel on the packed weights and ``unpack`` does not matter for them; ``fuse_attention`` runs the
+    attention as onnxruntime's GroupQueryAttention on the CPU provider (``create_session``).
     """
 
     def __init__(
@@ -74,9 +75,10 @@ class OnnxGenerator:
         unpack: str = UNPACK_STREAM,
         ort_ops: str | os.PathLike[str] | None = None,
         threads: int | None = None,
+        fuse_attention: bool = True,
     ) -> None:
         self.signature = DecoderSignature.from_onnx(onnx_path)
-        self.session = create_session(Path(onnx_path), providers, unpack, ort_ops, threads)
+        self.session = create_session(Path(onnx_path), providers, unpack, ort_ops, threads, fuse_attention)
         self._outputs = ["logits"] + self.signature.present_names
 
     def step(

@@ -50,20 +50,29 @@ untouched; its weights are read from its folder as before): MatMuls on fp16 weig
 the library's ``sqz::DenseLinear`` (``graph_passes/fp16_weight_linear.py``), and SqzLinear nodes on one x
 (q/k/v, gate/up) as one merged node and a Split (``graph_passes/merged_sqz_linear.py``; the merged
 weights are arrays the session is handed through ``SessionOptions.add_external_initializers`` and keeps).
+On the CPU provider, with or without the library, ``create_session`` also runs each layer's attention
+as onnxruntime's RotaryEmbedding + GroupQueryAttention contrib ops
+(``graph_passes/group_query_attention.py``; the head counts come from the export's config.json), in
+model.onnx and baseline.onnx alike: the same results, a few nodes per layer instead of about sixty.
+``fuse_attention=False`` (``--attention exported``) keeps the exported attention.
 ``create_session`` is the one session factory: generate, compare and the benchmarks all use it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from graph_passes.group_query_attention import AttentionShape
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +115,7 @@ def create_session(
     unpack: str = UNPACK_STREAM,
     ort_ops: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    fuse_attention: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime InferenceSession over an exported graph: the one factory every caller uses.
 
@@ -121,6 +131,10 @@ def create_session(
         ort_ops: the custom-op library libsqz_ort_ops.so (plugins/ort); None runs the ONNX function.
         threads: onnxruntime's intra-op thread count (None: its default), which the custom op's row
             split runs on too.
+        fuse_attention: on the CPU provider, run each layer's attention as onnxruntime's
+            GroupQueryAttention (``graph_passes/group_query_attention.py``; needs the export's config.json).
+            False keeps the exported attention, which also takes what GroupQueryAttention refuses: more
+            than one new token per sequence with a cache in a batch of several.
 
     Raises:
         ValueError: ``unpack`` is not one of ``UNPACK_MODES``.
@@ -160,14 +174,17 @@ def create_session(
             )
     options = session_options(ort_ops, threads)
     providers = providers or ["CPUExecutionProvider"]
-    source: str | bytes = str(path)
-    merged: list[ort.OrtValue] = []
-    if ort_ops is not None and providers == ["CPUExecutionProvider"]:
-        source, merged = _cpu_custom_op_graph(path, graph, options)
+    on_cpu = providers == ["CPUExecutionProvider"]
+    attention = attention_shape(path) if fuse_attention and on_cpu else None
     if weights and ort_ops is None and unpack == UNPACK_STREAM:
         logger.info("%s: unpacking %d quantized weights layer by layer for onnxruntime (--unpack stream)", path, weights)
         with unpacked_graph(path) as dense_path:
-            return ort.InferenceSession(str(dense_path), options, providers=providers)
+            source, _ = _cpu_graph(dense_path, load_graph(dense_path), options, attention, with_library=False)
+            return ort.InferenceSession(source, options, providers=providers)
+    source: str | bytes = str(path)
+    merged: list[ort.OrtValue] = []
+    if on_cpu:
+        source, merged = _cpu_graph(path, graph, options, attention, with_library=ort_ops is not None)
     try:
         session = ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled or None)
         session.sqz_merged_weights = merged  # onnxruntime reads them in place for the session's lifetime
@@ -180,51 +197,79 @@ def create_session(
         ) from exc
 
 
+def attention_shape(path: Path) -> AttentionShape | None:
+    """The head counts and rotary range of the model whose graph ``path`` is, from the config.json the
+    export writes next to it; None (no attention fusion) where there is none or it is not a
+    LLaMA-style config."""
+    from graph_passes.group_query_attention import AttentionShape
+
+    config_path = path.parent / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+        heads = int(config["num_attention_heads"])
+        shape = AttentionShape(heads, int(config.get("num_key_value_heads") or heads), int(config["max_position_embeddings"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.info("%s: attention stays as exported (no usable %s: %s)", path, config_path, exc)
+        return None
+    return shape
+
+
 EXTERNAL_DATA_FOLDER_ORT = (1, 21)
 """onnxruntime from which a model given as bytes finds its external data through the session option
 ``session.model_external_initializers_file_folder_path`` (microsoft/onnxruntime#23557)."""
 
 
-def _cpu_custom_op_graph(
-    path: Path, model: onnx.ModelProto, options: ort.SessionOptions
+def _cpu_graph(
+    path: Path, model: onnx.ModelProto, options: ort.SessionOptions, attention: AttentionShape | None, with_library: bool
 ) -> tuple[str | bytes, list[ort.OrtValue]]:
-    """``model`` (path's graph, without tensor data; rewritten in place) with the library's CPU rewrites,
-    serialized (its external data read from ``path``'s folder), and the merged weights added to
-    ``options``; or ``path`` itself and no weights when nothing applies or this onnxruntime cannot read
-    external data for a graph given as bytes."""
+    """``model`` (path's graph, without tensor data; rewritten in place) with the CPU rewrites, serialized
+    (its external data read from ``path``'s folder), and the merged weights added to ``options``; or
+    ``path`` itself and no weights when nothing applies or this onnxruntime cannot read external data for
+    a graph given as bytes.
+
+    The rewrites: the attention of each layer as onnxruntime's GroupQueryAttention (``attention``
+    given), and with the custom-op library (``with_library``) MatMuls on fp16 weights as
+    sqz::DenseLinear, SqzLinear nodes on one x merged, and the library's nodes on fp32 activations.
+    """
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from graph_passes import CleanupPass, Fp16WeightLinearPass, Fp32IoPass, SqzLinearMergePass
+    from graph_passes import CleanupPass, Fp16WeightLinearPass, Fp32IoPass, GroupQueryAttentionPass, SqzLinearMergePass
 
     version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
     if version < EXTERNAL_DATA_FOLDER_ORT:
         logger.info(
-            "%s: onnxruntime %s gets the graph as it is (the DenseLinear and merge rewrites need onnxruntime >= %d.%d)",
+            "%s: onnxruntime %s gets the graph as it is (the CPU rewrites need onnxruntime >= %d.%d)",
             path,
             ort.__version__,
             *EXTERNAL_DATA_FOLDER_ORT,
         )
         return str(path), []
     folder = str(path.resolve().parent)
-    initializers = {init.name: init for init in model.graph.initializer}
-    dense = Fp16WeightLinearPass().run(model)
-    merge = SqzLinearMergePass(lambda name: numpy_helper.to_array(initializers[name], folder))
-    merged = merge.run(model)
-    widened = Fp32IoPass().run(model)
-    if not dense.count and not merged.count and not widened.count:
+    fused = GroupQueryAttentionPass(attention).run(model).count if attention is not None else 0
+    dense = merged = widened = 0
+    merge_tensors: dict[str, np.ndarray] = {}
+    if with_library:
+        initializers = {init.name: init for init in model.graph.initializer}
+        dense = Fp16WeightLinearPass().run(model).count
+        merge = SqzLinearMergePass(lambda name: numpy_helper.to_array(initializers[name], folder))
+        merged = merge.run(model).count
+        merge_tensors = merge.tensors
+        widened = Fp32IoPass().run(model).count
+    if not fused and not dense and not merged and not widened:
         return str(path), []
     CleanupPass(infer_shapes=False).run(model)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in merge.tensors.values()]
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in merge_tensors.values()]
     if values:
-        options.add_external_initializers(list(merge.tensors), values)
+        options.add_external_initializers(list(merge_tensors), values)
     logger.info(
-        "%s: %d MatMuls on fp16 weights run as sqz::DenseLinear (read as fp16), %d groups of SqzLinear nodes on one x merged, "
-        "%d sqz nodes on fp32 activations",
+        "%s: %d layers' attention as GroupQueryAttention; %d MatMuls on fp16 weights run as sqz::DenseLinear (read as "
+        "fp16), %d groups of SqzLinear nodes on one x merged, %d sqz nodes on fp32 activations",
         path,
-        dense.count,
-        merged.count,
-        widened.count,
+        fused,
+        dense,
+        merged,
+        widened,
     )
     return model.SerializeToString(), values

@@ -278,16 +278,22 @@ def test_cli_rejects_a_bad_ort_ops_path(
     assert f"--ort-ops {text}: not a shared library" in err and "libsqz_ort_ops.so" in err
 
 
+@pytest.mark.parametrize("fuse_attention", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_greedy_tokens_match_torch_reference(
-    library: Path, arch: str, tiny_export: Callable[[str, str], Path], tiny_checkpoint: Callable[[str], Path]
+    library: Path,
+    arch: str,
+    fuse_attention: bool,
+    tiny_export: Callable[[str, str], Path],
+    tiny_checkpoint: Callable[[str], Path],
 ) -> None:
     model, _ = load_quantized_model(tiny_checkpoint(arch))
     with torch.no_grad():
         expected = model.generate(
             torch.tensor([PROMPT]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0
         )
-    result = OnnxGenerator(tiny_export(arch, "fp32") / MODEL_FILE, ort_ops=library).greedy(PROMPT, STEPS)
+    path = tiny_export(arch, "fp32") / MODEL_FILE
+    result = OnnxGenerator(path, ort_ops=library, fuse_attention=fuse_attention).greedy(PROMPT, STEPS)
     assert result.new_ids == expected[0, len(PROMPT) :].tolist()
 
 
@@ -327,8 +333,11 @@ def test_cli_generate_with_ort_ops(
     argv = ["generate", "--onnx", str(folder), "--prompt", "The quick", "--max-new-tokens", "4", "--json", str(summary)]
     assert main([*argv, "--ort-ops", str(library)]) == 0
     result = json.loads(summary.read_text())
-    assert result["ort_ops"] == str(library) and 1 <= len(result["new_ids"]) <= 4
+    assert result["ort_ops"] == str(library) and 1 <= len(result["new_ids"]) <= 4 and result["attention"] == "fused"
     assert f"custom-op library {library}" in capsys.readouterr().out
+    assert main([*argv, "--ort-ops", str(library), "--attention", "exported"]) == 0
+    exported = json.loads(summary.read_text())
+    assert exported["attention"] == "exported" and exported["new_ids"] == result["new_ids"]
 
 
 def test_compare_with_ort_ops_passes_against_the_reference(
@@ -468,7 +477,7 @@ def test_session_holds_the_fp16_head_once(library: Path, tiny_export: Callable[[
     no fp32 copy of it (what onnxruntime alone folds), and no [K, N] original left beside it."""
     path = tiny_export("llama", "fp16") / MODEL_FILE
     options = ort_ops.session_options(library)
-    source, _ = ort_session._cpu_custom_op_graph(path, onnx.load(str(path), load_external_data=False), options)
+    source, _ = ort_session._cpu_graph(path, onnx.load(str(path), load_external_data=False), options, None, with_library=True)
     assert isinstance(source, bytes)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -488,7 +497,7 @@ def test_an_older_onnxruntime_keeps_the_graph_as_it_is(
     monkeypatch.setattr(ort, "__version__", "1.20.1")
     path = tiny_export("llama", "fp16") / MODEL_FILE
     graph = onnx.load(str(path), load_external_data=False)
-    assert ort_session._cpu_custom_op_graph(path, graph, ort_ops.session_options(library)) == (str(path), [])
+    assert ort_session._cpu_graph(path, graph, ort_ops.session_options(library), None, with_library=True) == (str(path), [])
 
 
 def _shared_x_model(layers: dict[str, tuple[PackedLinear, str]], tmp_path: Path) -> Path:
@@ -529,7 +538,7 @@ def test_sqz_linears_on_one_x_merge_into_one_node_with_the_same_outputs(library:
     feed = {x: np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float16) for x in ("x", "x2")}
     plain = ort.InferenceSession(str(path), ort_ops.session_options(library), providers=["CPUExecutionProvider"])
     options = ort_ops.session_options(library)
-    source, weights = ort_session._cpu_custom_op_graph(path, onnx.load(str(path), load_external_data=False), options)
+    source, weights = ort_session._cpu_graph(path, onnx.load(str(path), load_external_data=False), options, None, with_library=True)
     graph = onnx.load_from_string(source).graph
     sqz_nodes = [n.name for n in graph.node if n.op_type == "SqzLinear"]
     assert sqz_nodes == ["q/merged", "dense", "other"] and len(weights) == 6
@@ -553,7 +562,7 @@ def _casts_onnxruntime_runs(path: Path, library: Path | None, tmp_path: Path, re
     if library is None:
         source, weights = str(path), []
     elif rewrite:
-        source, weights = ort_session._cpu_custom_op_graph(path, model, options)
+        source, weights = ort_session._cpu_graph(path, model, options, None, with_library=True)
     else:
         from graph_passes import CleanupPass, Fp16WeightLinearPass
 
@@ -606,7 +615,7 @@ def test_merged_weights_are_checked_at_creation(library: Path, tmp_path: Path, c
     path = _shared_x_model(layers, tmp_path)
     options = ort_ops.session_options(library)
     options.log_severity_level = 1
-    source, weights = ort_session._cpu_custom_op_graph(path, onnx.load(str(path), load_external_data=False), options)
+    source, weights = ort_session._cpu_graph(path, onnx.load(str(path), load_external_data=False), options, None, with_library=True)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     session.run(None, {"x": np.ones((1, 64), np.float16)})
     log = capfd.readouterr().err

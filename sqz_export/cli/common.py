@@ -44,6 +44,21 @@ def add_unpack_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ATTENTION_CHOICES = ("fused", "exported")
+
+
+def add_attention_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default="fused",
+        help="on the CPU provider, 'fused' (default) runs each layer's attention as onnxruntime's RotaryEmbedding + "
+        "GroupQueryAttention (the same results: the graph's own mask, positions and rotary tables; in memory, the "
+        "file is untouched), in model.onnx and baseline.onnx alike; 'exported' runs the graph's attention as "
+        "exported (needed for several new tokens per sequence after a cache in a batch of more than one)",
+    )
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE ('-' for stdout)")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqz_export.cli.common import (
     add_dataset_argument,
     add_json_argument,
+    add_attention_argument,
     add_unpack_argument,
     check_outputs,
     positive_int,
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write a histogram of logit errors")
     add_unpack_argument(parser)
+    add_attention_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         check_stat=args.check_stat or DEFAULT_CHECK_STAT,
         ort_ops=args.ort_ops,
         unpack=args.unpack,
+        fuse_attention=args.attention == "fused",
     )
     with stage(f"compare {args.folder}"):
         report, errors = compare_folder(args.folder, options)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqz_export.cli.common import (
     add_json_argument,
+    add_attention_argument,
     add_unpack_argument,
     check_outputs,
     positive_int,
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "as --unpack says)",
     )
     add_unpack_argument(parser)
+    add_attention_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(func=run)
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             f"--prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the model's "
             f"{positions} positions; shorten one of them"
         )
-    generator = OnnxGenerator(path, args.provider, args.unpack, args.ort_ops)
+    generator = OnnxGenerator(path, args.provider, args.unpack, args.ort_ops, fuse_attention=args.attention == "fused")
     result = generator.greedy(prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)
     text = tokenizer.decode(result.new_ids, skip_special_tokens=True)
     print(args.prompt + text)
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             "decode_tokens_per_s": result.tokens_per_s,
             "ort_ops": str(args.ort_ops) if args.ort_ops else None,
             "unpack": args.unpack,
+            "attention": args.attention,
         },
     )
     return 0

@@ -72,6 +72,8 @@ class CompareOptions:
     """onnxruntime custom-op library for model.onnx's SqzLinear nodes (None: their ONNX function)."""
     unpack: str = UNPACK_STREAM
     """When model.onnx's SqzLinear function fallback unpacks (``sqz_export.ort_session``); no effect with ``ort_ops``."""
+    fuse_attention: bool = True
+    """Both graphs' attention as onnxruntime's GroupQueryAttention on the CPU provider (``create_session``)."""
 
 
 def _token_windows(folder: Path, options: CompareOptions) -> np.ndarray:
@@ -95,9 +97,11 @@ def _runners(folder: Path, manifest: dict, signature: DecoderSignature, options:
         raise UserError(f"--checkpoint {options.checkpoint} is not a folder")
     else:
         logger.warning("checkpoint %s not found; comparing without the torch reference", checkpoint)
-    runners.append(onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers, options.unpack, options.ort_ops))
+    runners.append(
+        onnxrt_runner(folder / MODEL_FILE, SQZ, options.providers, options.unpack, options.ort_ops, options.fuse_attention)
+    )
     if (folder / BASELINE_FILE).is_file():
-        runners.append(onnxrt_runner(folder / BASELINE_FILE, BASELINE, options.providers))
+        runners.append(onnxrt_runner(folder / BASELINE_FILE, BASELINE, options.providers, fuse_attention=options.fuse_attention))
     if options.engine is not None:
         runners.append(trt_runner(options.engine, options.plugin, TENSORRT))
     return runners
@@ -231,5 +235,6 @@ def compare_folder(folder: str | Path, options: CompareOptions) -> tuple[Compare
         pairs=stats,
         latency=latency,
         ort_ops=str(options.ort_ops) if options.ort_ops else None,
+        fused_attention=options.fuse_attention,
     )
     return report, errors

@@ -50,6 +50,8 @@ class CompareReport:
     latency: list[Latency]
     ort_ops: str | None = None
     """The custom-op library model.onnx's SqzLinear nodes ran with; None: their ONNX function."""
+    fused_attention: bool = True
+    """Whether the onnxruntime sessions ran the attention as GroupQueryAttention (CPU provider)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,7 +60,8 @@ class CompareReport:
         """Terminal table: one row per compared pair, then one per runner's latency."""
         lines = [
             f"reference: {self.reference}; {self.windows} window(s) x {self.seq_len} tokens; pass/fail: {self.check_stat} error within atol={self.atol:g} or rtol={self.rtol:g}",
-            f"SqzLinear in onnxruntime: {f'custom-op library {self.ort_ops}' if self.ort_ops else 'ONNX function (no --ort-ops)'}",
+            f"SqzLinear in onnxruntime: {f'custom-op library {self.ort_ops}' if self.ort_ops else 'ONNX function (no --ort-ops)'}; "
+            f"attention: {'GroupQueryAttention (CPU)' if self.fused_attention else 'as exported'}",
             f"{'runner':<22} {'vs':<22} {'max abs':>10} {'mean abs':>10} {'max rel':>10} {'mean rel':>10} {'top-1':>8}  verdict",
         ]
         for pair in self.pairs:

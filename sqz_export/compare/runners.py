@@ -24,15 +24,17 @@ def onnxrt_runner(
     providers: list[str] | None = None,
     unpack: str = UNPACK_STREAM,
     ort_ops: Path | None = None,
+    fuse_attention: bool = True,
 ) -> OnnxrtRunner:
     """An onnxruntime runner for one exported graph (CPU unless ``providers`` says otherwise).
 
     The session is built by ``sqz_export.ort_session.create_session`` (``unpack``: when the SqzLinear
     function fallback unpacks; ``ort_ops``: the custom-op library of plugins/ort, whose kernel runs
-    SqzLinear on the packed weights instead), on activation and dropped on deactivation, as
+    SqzLinear on the packed weights instead; ``fuse_attention``: the attention as onnxruntime's
+    GroupQueryAttention on the CPU provider), on activation and dropped on deactivation, as
     Polygraphy's ``SessionFromOnnx`` does, so a comparison holds one runner's session at a time.
     """
-    return OwningOnnxrtRunner(functools.partial(create_session, path, providers, unpack, ort_ops), name=name)
+    return OwningOnnxrtRunner(functools.partial(create_session, path, providers, unpack, ort_ops, fuse_attention=fuse_attention), name=name)
 
 
 class OwningOnnxrtRunner(OnnxrtRunner):
