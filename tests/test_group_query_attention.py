@@ -157,3 +157,16 @@ def test_no_config_no_fusion(tiny_export: Callable[[str, str], Path], tmp_path: 
     (tmp_path / "config.json").write_text('{"num_attention_heads": 4}')
     assert ort_session.attention_shape(tmp_path / BASELINE_FILE) is None  # no max_position_embeddings
     assert "GroupQueryAttention" not in _session_ops(tmp_path / BASELINE_FILE)
+
+
+def test_positions_past_the_rotary_tables_fail_loudly(tiny_export: Callable[[str, str], Path]) -> None:
+    """The tables cover the config's max_position_embeddings (256 for the tiny models); the exported
+    graph extrapolates past them, the fused one refuses."""
+    path = tiny_export("llama", "fp32") / BASELINE_FILE
+    signature = DecoderSignature.from_onnx(path)
+    kv_heads, head_dim = signature.past_shape
+    past = {name: np.zeros((1, kv_heads, 300, head_dim), np.float32) for name in signature.past_names}
+    values = signature.feed(np.array([[5, 6, 7]]), past)
+    with pytest.raises(Exception, match="position_ids value 300 .* out of range"):
+        ort_session.create_session(path).run(["logits"], values)
+    assert np.isfinite(ort_session.create_session(path, fuse_attention=False).run(["logits"], values)[0]).all()
