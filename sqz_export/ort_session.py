@@ -53,7 +53,7 @@ weights are arrays the session is handed through ``SessionOptions.add_external_i
 On the CPU provider, with or without the library, ``create_session`` also runs each layer's attention
 as onnxruntime's RotaryEmbedding + GroupQueryAttention contrib ops
 (``graph_passes/group_query_attention.py``; the head counts come from the export's config.json), in
-model.onnx and baseline.onnx alike: the same results, a few nodes per layer instead of about sixty.
+model.onnx and baseline.onnx alike: the same results, three nodes per layer instead of about fifty.
 ``fuse_attention=False`` (``--attention exported``) keeps the exported attention.
 ``create_session`` is the one session factory: generate, compare and the benchmarks all use it.
 """
