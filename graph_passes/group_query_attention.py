@@ -464,10 +464,10 @@ def _evaluate(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndar
     import onnxruntime as ort
 
     graph = model.graph
-    producers = {name: node for node in graph.node for name in node.output}
+    producers = {name: index for index, node in enumerate(graph.node) for name in node.output}
     initializers = {init.name: init for init in graph.initializer}
     graph_inputs = {value.name: value for value in graph.input}
-    needed: list[onnx.NodeProto] = []
+    needed: set[int] = set()
     seen: set[str] = set()
     used_inits: dict[str, onnx.TensorProto] = {}
     stack = list(names)
@@ -485,14 +485,10 @@ def _evaluate(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndar
             continue
         if name in graph_inputs or name not in producers:
             raise ValueError(f"{names} depend on {name!r}, which is not among {sorted(feeds)}")
-        node = producers[name]
-        if node not in needed:
-            needed.append(node)
-        stack.extend(node.input)
-    order = {id(node): index for index, node in enumerate(graph.node)}
-    needed.sort(key=lambda node: order[id(node)])
+        needed.add(producers[name])
+        stack.extend(graph.node[producers[name]].input)
     sub = helper.make_graph(
-        needed,
+        [graph.node[index] for index in sorted(needed)],
         "evaluate",
         [graph_inputs[name] for name in feeds],
         [onnx.ValueInfoProto(name=name) for name in names],
