@@ -103,3 +103,23 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
             for inner in subgraph.node:
                 names.update(name for name in node_inputs(inner) if name not in produced)
     return names
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes by name, as Python values."""
+    return {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node tensors by value name."""
+    values = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    return values
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    """Imports ``domain`` into ``model`` unless it is imported already (for nodes a pass adds)."""
+    if not any(opset.domain == domain for opset in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import onnx
 from onnx import TensorProto, helper
 
-from graph_passes.base import GraphPass, PassResult
+from graph_passes.base import GraphPass, PassResult, ensure_opset
 
 DOMAIN = "sqz"
 OP_TYPE = "DenseLinear"
@@ -97,5 +97,5 @@ class Fp16WeightLinearPass(GraphPass[Fp16Weight]):
         graph.node[match.index].CopyFrom(dense)
 
     def finish(self, model: onnx.ModelProto, result: PassResult) -> None:
-        if result.count and not any(opset.domain == DOMAIN for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        if result.count:
+            ensure_opset(model, DOMAIN)

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_passes.base import GraphPass, PassResult, consumers
+from graph_passes.base import GraphPass, PassResult, attributes, constant_tensors, consumers, ensure_opset
 
 DOMAIN = "com.microsoft"
 OP_TYPE = "GroupQueryAttention"
@@ -113,7 +113,11 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
         self._model = model
         self._producers = {name: node for node in graph.node for name in node.output}
         self._readers = consumers(graph)
-        self._constants = _constant_values(graph)
+        self._constants = {
+            name: numpy_helper.to_array(tensor)
+            for name, tensor in constant_tensors(graph).items()
+            if tensor.data_location != TensorProto.EXTERNAL
+        }
         inputs = {value.name: value for value in graph.input}
         outputs = {value.name for value in graph.output}
         for node in graph.node:
@@ -140,7 +144,7 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
     ) -> None:
         if self.position_ids not in inputs or self.attention_mask not in inputs:
             raise _Refused(f"the graph has no {self.position_ids!r} or {self.attention_mask!r} input")
-        axis = _attribute(softmax, "axis", -1)
+        axis = attributes(softmax).get("axis", -1)
         if axis not in (-1, 3):
             raise _Refused(f"softmax over axis {axis}, not the key axis")
         masked_name = softmax.input[0]
@@ -153,7 +157,7 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
         match.scale = scale if scaled.op_type == "Mul" else 1.0 / scale
         qk = self._node(product, "MatMul", "the scaled scores")
         key_t = self._node(qk.input[1], "Transpose", "QK^T's right operand")
-        if list(_attribute(key_t, "perm", [])) != [0, 1, 3, 2]:
+        if list(attributes(key_t).get("perm", [])) != [0, 1, 3, 2]:
             raise _Refused("k is not transposed (0, 1, 3, 2) for QK^T")
         match.present_key = self._cache_concat(key_t.input[0], outputs, "k")
         match.past_key = match.present_key.input[0]
@@ -164,7 +168,7 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
         match.present_value = self._cache_concat(attended.input[1], outputs, "v")
         match.past_value = match.present_value.input[0]
         back = self._sole_reader(attended.output[0], "Transpose")
-        if list(_attribute(back, "perm", [])) != [0, 2, 1, 3]:
+        if list(attributes(back).get("perm", [])) != [0, 2, 1, 3]:
             raise _Refused("the attention output is not transposed (0, 2, 1, 3) back")
         match.output = self._sole_reader(back.output[0], "Reshape")
 
@@ -257,14 +261,14 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
                 raise _Refused(f"{which} is neither a present {which} output nor its repeat_kv")
             name = node.input[0]
         concat = self._node(name, "Concat", f"present {which}")
-        if len(concat.input) != 2 or _attribute(concat, "axis", 0) not in SEQUENCE_AXES:
+        if len(concat.input) != 2 or attributes(concat).get("axis", 0) not in SEQUENCE_AXES:
             raise _Refused(f"present {which} is not Concat(past, new) on the sequence axis")
         return concat
 
     def _projection(self, name: str, which: str) -> str:
         """The projection output that ``name`` (BNSH) is the reshape and transpose of."""
         transpose = self._node(name, "Transpose", f"the new {which}")
-        if list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]:
+        if list(attributes(transpose).get("perm", [])) != [0, 2, 1, 3]:
             raise _Refused(f"the new {which} is not transposed (0, 2, 1, 3) into heads")
         return self._node(transpose.input[0], "Reshape", f"the new {which}'s heads").input[0]
 
@@ -286,7 +290,7 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
         concat = self._producers.get(name)
         if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
             return False
-        if _attribute(concat, "axis", 0) not in (-1, 3):
+        if attributes(concat).get("axis", 0) not in (-1, 3):
             return False
         negated = self._producers.get(concat.input[0])
         if negated is None or negated.op_type != "Neg":
@@ -361,8 +365,8 @@ class GroupQueryAttentionPass(GraphPass[AttentionMatch]):
         )
 
     def finish(self, model: onnx.ModelProto, result: PassResult) -> None:
-        if result.count and not any(opset.domain == DOMAIN for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        if result.count:
+            ensure_opset(model, DOMAIN)
 
     def _sequence_lengths(self, graph: onnx.GraphProto) -> tuple[str, str]:
         """(seqlens_k, total_sequence_length), built once: every key position is valid (the bias masks)."""
@@ -431,28 +435,9 @@ def _half_tables(values: list[np.ndarray], head_dim: int) -> tuple[np.ndarray, n
     return tables[0], tables[1]
 
 
-def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
-
-
 def _static_dim(value: onnx.ValueInfoProto, axis: int) -> int:
     dims = value.type.tensor_type.shape.dim
     return dims[axis].dim_value if len(dims) > axis and dims[axis].HasField("dim_value") else 0
-
-
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Values of Constant nodes and of initializers stored in the file itself (not external data)."""
-    values: dict[str, np.ndarray] = {}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    for init in graph.initializer:
-        if init.data_location != TensorProto.EXTERNAL:
-            values[init.name] = numpy_helper.to_array(init)
-    return values
 
 
 def _evaluate(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -29,7 +29,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from graph_passes.base import GraphPass, PassResult
+from graph_passes.base import GraphPass, PassResult, attributes
 from sqz_export.export import onnx_function as fn
 from sqz_export.formats import balanced_partition
 
@@ -43,10 +43,6 @@ WEIGHT_INPUTS = 6
 class SharedInput:
     indices: tuple[int, ...]
     """Positions in graph.node of the SqzLinear nodes merged, in graph order."""
-
-
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 class SqzLinearMergePass(GraphPass[SharedInput]):
@@ -65,7 +61,7 @@ class SqzLinearMergePass(GraphPass[SharedInput]):
         for index, node in enumerate(model.graph.node):
             if node.op_type != fn.OP_TYPE or node.domain != fn.DOMAIN:
                 continue
-            a = _attributes(node)
+            a = attributes(node)
             key = (node.input[0], a.get("bits"), a.get("in_features"), a.get("layout"), node.overload, len(node.input), a.get("chunk_nnz"))
             groups[key].append(index)
         for indices in groups.values():
@@ -87,14 +83,14 @@ class SqzLinearMergePass(GraphPass[SharedInput]):
         nodes = [model.graph.node[index] for index in match.indices]
         first = nodes[0]
         name = f"{first.name}/merged"
-        widths = [int(_attributes(node)["out_features"]) for node in nodes]
+        widths = [int(attributes(node)["out_features"]) for node in nodes]
         weights = [[self.read(tensor) for tensor in node.input[1:]] for node in nodes]
         merged = [np.concatenate([w[0] for w in weights]), np.concatenate([w[1] for w in weights])]
         if len(first.input) == 1 + WEIGHT_INPUTS:
             starts = np.cumsum([0] + [int(w[2][-1]) for w in weights[:-1]])
             pieces = [weights[0][2][:1]] + [w[2][1:] + start for w, start in zip(weights, starts, strict=True)]
             row_ptr = np.concatenate(pieces).astype(np.int32)
-            chunk_row = balanced_partition(torch.from_numpy(row_ptr), int(_attributes(first)["chunk_nnz"])).numpy()
+            chunk_row = balanced_partition(torch.from_numpy(row_ptr), int(attributes(first)["chunk_nnz"])).numpy()
             merged += [row_ptr, np.concatenate([w[3] for w in weights]), np.concatenate([w[4] for w in weights]), chunk_row]
         suffixes = ("qweight", "lut", "row_ptr", "col", "val", "chunk_row")
         inputs = [first.input[0]]
@@ -108,8 +104,8 @@ class SqzLinearMergePass(GraphPass[SharedInput]):
                 entry.key, entry.value = key, value
             model.graph.initializer.append(declared)
             inputs.append(tensor)
-        attributes = dict(_attributes(first), out_features=sum(widths))
-        fused = helper.make_node(fn.OP_TYPE, inputs, [f"{name}.y"], name=name, domain=fn.DOMAIN, **attributes)
+        merged_attributes = dict(attributes(first), out_features=sum(widths))
+        fused = helper.make_node(fn.OP_TYPE, inputs, [f"{name}.y"], name=name, domain=fn.DOMAIN, **merged_attributes)
         fused.overload = first.overload
         split = f"{name}.split"
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(widths, np.int64), split))

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import onnx
 from onnx import numpy_helper
 
-from graph_passes.base import GraphPass
+from graph_passes.base import GraphPass, constant_tensors
 from sqz_export.export.external_data import TensorStore, inline_tensor
 from sqz_export.export.placeholders import SUFFIX
 
@@ -34,15 +34,6 @@ class LinearMatch:
     """Module name of the linear (the checkpoint's layer name for a quantized one)."""
     in_features: int
     out_features: int
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant-node tensors by value name."""
-    values = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = node.attribute[0].t
-    return values
 
 
 class LinearPlaceholderPass(GraphPass[LinearMatch], abc.ABC):
@@ -59,7 +50,7 @@ class LinearPlaceholderPass(GraphPass[LinearMatch], abc.ABC):
 
     def pattern(self, model: onnx.ModelProto) -> Iterator[LinearMatch]:
         producers = {out: node for node in model.graph.node for out in node.output}
-        constants = _constants(model)
+        constants = constant_tensors(model.graph)
         for node in model.graph.node:
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue

@@ -60,7 +60,6 @@ model.onnx and baseline.onnx alike: the same results, three nodes per layer inst
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -202,14 +201,15 @@ def attention_shape(path: Path) -> AttentionShape | None:
     export writes next to it; None (no attention fusion) where there is none or it is not a
     LLaMA-style config."""
     from graph_passes.group_query_attention import AttentionShape
+    from sqz_export.errors import UserError
+    from sqz_export.validate import model_config
 
-    config_path = path.parent / "config.json"
     try:
-        config = json.loads(config_path.read_text())
+        config = model_config(path.parent)
         heads = int(config["num_attention_heads"])
         shape = AttentionShape(heads, int(config.get("num_key_value_heads") or heads), int(config["max_position_embeddings"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.info("%s: attention stays as exported (no usable %s: %s)", path, config_path, exc)
+    except (UserError, OSError, ValueError, KeyError, TypeError) as exc:
+        logger.info("%s: attention stays as exported (no usable config.json: %s)", path, exc)
         return None
     return shape
 
