@@ -524,9 +524,15 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     baseline = next((r for r in rows if r["variant"] == ORT_BASELINE), None)
     for row in rows:
         if baseline is not None and row["variant"] == ORT_SQZ:
+            # Repeat i of both ran back to back, so their ratio sees one machine state; the spread of these
+            # ratios, not only the ratio of the medians, says whether a speedup holds on a shared machine.
+            pairs = zip(baseline.get("ms_per_token_runs", []), row.get("ms_per_token_runs", []), strict=False)
+            row["speedup_over_baseline_runs"] = [b / s for b, s in pairs]
+            per_repeat = ", ".join(f"{ratio:.2f}x" for ratio in row["speedup_over_baseline_runs"])
+            repeats = f" (repeat by repeat {per_repeat})" if row["repeats"] > 1 else ""
             print(
                 f"onnxruntime {row['source']} with the custom op vs FP16 baseline.onnx: "
-                f"{baseline['ms_per_token'] / row['ms_per_token']:.2f}x per token, peak RSS "
+                f"{baseline['ms_per_token'] / row['ms_per_token']:.2f}x per token{repeats}, peak RSS "
                 f"{row['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}x; the linears alone "
                 f"{baseline['linears_ms_per_step'] / row['linears_ms_per_step']:.2f}x; prefill of {row['prefill_tokens']} tokens "
                 f"{baseline['prefill_ms'] / row['prefill_ms']:.2f}x (load average {os.getloadavg()[0]:.2f})",

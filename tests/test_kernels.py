@@ -643,6 +643,38 @@ def test_cpu_benchmark_interleaves_decode_repeats_and_reports_medians(monkeypatc
     assert rows[0]["ms_per_token_runs"] == [60.0, 70.0, 50.0]
     assert [row["peak_rss_bytes"] for row in rows] == [300, 300] and rows[1]["repeats"] == 3
 
+def test_cpu_benchmark_reports_the_onnxruntime_speedup_repeat_by_repeat(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Besides the ratio of the medians, the sqz row keeps (and the summary prints) baseline / sqz of each
+    repeat, whose two runs ran back to back: the spread a shared machine puts on the speedup."""
+    import argparse
+
+    bench = _load_benchmark("cpu")
+    times = {bench.ORT_BASELINE: [24.0, 22.0, 26.0], bench.ORT_SQZ: [12.0, 11.5, 10.0]}
+    calls: dict[str, int] = {}
+
+    def fake_child(args: argparse.Namespace, variant: str, source: str, library: str) -> dict[str, object]:
+        calls[variant] = calls.get(variant, 0) + 1
+        return {
+            "variant": variant,
+            "source": source,
+            "ms_per_token": times[variant][calls[variant] - 1],
+            "linears_ms_per_step": 1.0,
+            "linear_nodes": 2,
+            "prefill_ms": 1.0,
+            "prefill_tokens": 8,
+            "peak_rss_bytes": 1,
+        }
+
+    monkeypatch.setattr(bench, "decode_child_run", fake_child)
+    variants = [(bench.ORT_BASELINE, "b.onnx", ""), (bench.ORT_SQZ, "m.onnx", "lib.so")]
+    monkeypatch.setattr(bench, "decode_variants", lambda args: variants)
+    rows = bench.decode_rows(argparse.Namespace(decode_repeats=3))
+    assert rows[1]["speedup_over_baseline_runs"] == pytest.approx([2.0, 22.0 / 11.5, 2.6])
+    assert "2.09x per token (repeat by repeat 2.00x, 1.91x, 2.60x)" in capsys.readouterr().out
+
+
 
 def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
     import json
