@@ -643,6 +643,7 @@ def test_cpu_benchmark_interleaves_decode_repeats_and_reports_medians(monkeypatc
     assert rows[0]["ms_per_token_runs"] == [60.0, 70.0, 50.0]
     assert [row["peak_rss_bytes"] for row in rows] == [300, 300] and rows[1]["repeats"] == 3
 
+
 def test_cpu_benchmark_reports_the_onnxruntime_speedup_repeat_by_repeat(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -673,7 +674,6 @@ def test_cpu_benchmark_reports_the_onnxruntime_speedup_repeat_by_repeat(
     rows = bench.decode_rows(argparse.Namespace(decode_repeats=3))
     assert rows[1]["speedup_over_baseline_runs"] == pytest.approx([2.0, 22.0 / 11.5, 2.6])
     assert "2.09x per token (repeat by repeat 2.00x, 1.91x, 2.60x)" in capsys.readouterr().out
-
 
 
 def test_decode_benchmark_dry_run(tmp_path: Path) -> None:
