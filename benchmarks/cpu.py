@@ -526,7 +526,7 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         if baseline is not None and row["variant"] == ORT_SQZ:
             # Repeat i of both ran back to back, so their ratio sees one machine state; the spread of these
             # ratios, not only the ratio of the medians, says whether a speedup holds on a shared machine.
-            pairs = zip(baseline.get("ms_per_token_runs", []), row.get("ms_per_token_runs", []), strict=False)
+            pairs = zip(baseline["ms_per_token_runs"], row["ms_per_token_runs"], strict=True)
             row["speedup_over_baseline_runs"] = [b / s for b, s in pairs]
             per_repeat = ", ".join(f"{ratio:.2f}x" for ratio in row["speedup_over_baseline_runs"])
             repeats = f" (repeat by repeat {per_repeat})" if row["repeats"] > 1 else ""
